@@ -1,0 +1,90 @@
+// Python bindings: pointers travel as integers (tensor.data_ptr()), so this module never links torch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+
+#include "cpu/fv_accumulate_cpu.h"
+#ifdef FVK_WITH_CUDA
+#include "cuda/fv_accumulate_cuda.h"
+#endif
+
+namespace py = pybind11;
+using fvk::FVAccumulateArgs;
+
+namespace {
+
+template <typename Ptr>
+void def_pointer(py::class_<FVAccumulateArgs>& cls, const char* name, Ptr FVAccumulateArgs::*field) {
+  cls.def_property(
+      name, [field](const FVAccumulateArgs& a) { return reinterpret_cast<std::uintptr_t>(a.*field); },
+      [field](FVAccumulateArgs& a, std::uintptr_t address) { a.*field = reinterpret_cast<Ptr>(address); });
+}
+
+template <std::size_t Rank>
+void def_strides(py::class_<FVAccumulateArgs>& cls, const char* name, int64_t (FVAccumulateArgs::*field)[Rank]) {
+  cls.def_property(
+      name,
+      [field](const FVAccumulateArgs& a) {
+        std::array<int64_t, Rank> s;
+        for (std::size_t i = 0; i < Rank; ++i) s[i] = (a.*field)[i];
+        return s;
+      },
+      [field](FVAccumulateArgs& a, const std::array<int64_t, Rank>& s) {
+        for (std::size_t i = 0; i < Rank; ++i) (a.*field)[i] = s[i];
+      });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fvkernels compiled kernels (framework-agnostic: raw pointers and strides)";
+
+  py::enum_<fvk::DType>(m, "DType")
+      .value("float32", fvk::DType::Float32)
+      .value("float64", fvk::DType::Float64)
+      .value("bfloat16", fvk::DType::BFloat16)
+      .value("float16", fvk::DType::Float16);
+
+  py::class_<FVAccumulateArgs> args(m, "FVAccumulateArgs");
+  args.def(py::init<>())
+      .def_readwrite("num_sets", &FVAccumulateArgs::num_sets)
+      .def_readwrite("set_size", &FVAccumulateArgs::set_size)
+      .def_readwrite("channels", &FVAccumulateArgs::channels)
+      .def_readwrite("latent", &FVAccumulateArgs::latent)
+      .def_readwrite("dtype", &FVAccumulateArgs::dtype)
+      .def_readwrite("out_stride_n", &FVAccumulateArgs::out_stride_n)
+      .def_readwrite("signed_sqrt", &FVAccumulateArgs::signed_sqrt);
+  def_pointer(args, "z", &FVAccumulateArgs::z);
+  def_pointer(args, "x", &FVAccumulateArgs::x);
+  def_pointer(args, "x_scale", &FVAccumulateArgs::x_scale);
+  def_pointer(args, "dec_weight", &FVAccumulateArgs::dec_weight);
+  def_pointer(args, "dec_bias", &FVAccumulateArgs::dec_bias);
+  def_pointer(args, "inv_sigma2", &FVAccumulateArgs::inv_sigma2);
+  def_pointer(args, "fisher_rsqrt", &FVAccumulateArgs::fisher_rsqrt);
+  def_pointer(args, "lengths", &FVAccumulateArgs::lengths);
+  def_pointer(args, "out", &FVAccumulateArgs::out);
+  def_pointer(args, "row_sumsq", &FVAccumulateArgs::row_sumsq);
+  def_strides(args, "z_stride", &FVAccumulateArgs::z_stride);
+  def_strides(args, "x_stride", &FVAccumulateArgs::x_stride);
+  def_strides(args, "x_scale_stride", &FVAccumulateArgs::x_scale_stride);
+  def_strides(args, "w_stride", &FVAccumulateArgs::w_stride);
+
+  // The GIL is released: the kernels only touch the memory the pointers name.
+  m.def("fv_accumulate_cpu", &fvk::fv_accumulate_cpu, py::arg("args"), py::arg("num_threads") = 0,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_kernel_isa", &fvk::cpu_kernel_isa);
+
+#ifdef FVK_WITH_CUDA
+  m.def(
+      "fv_accumulate_cuda",
+      [](const FVAccumulateArgs& a, std::uintptr_t stream) {
+        fvk::fv_accumulate_cuda(a, reinterpret_cast<void*>(stream));
+      },
+      py::arg("args"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}

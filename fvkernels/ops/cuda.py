@@ -1,0 +1,14 @@
+"""The "cuda" backend: the fused CUDA kernel of csrc/cuda, enqueued on torch's current stream."""
+from __future__ import annotations
+
+import torch
+
+from fvkernels.ops._extension import extension, kernel_args
+
+
+def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *, x_scale=None,
+           signed_sqrt=False, row_sumsq=None) -> None:
+    args = kernel_args(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, x_scale=x_scale,
+                       signed_sqrt=signed_sqrt, row_sumsq=row_sumsq)
+    with torch.cuda.device(z.device):
+        extension().fv_accumulate_cuda(args, torch.cuda.current_stream(z.device).cuda_stream)

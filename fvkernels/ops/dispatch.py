@@ -1,0 +1,92 @@
+"""The one place that decides which backend runs: availability, "auto" resolution and launch."""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from fvkernels.ops import _extension
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+_LAUNCHER_MODULES = {"triton": "fvkernels.ops.triton_fv", "cuda": "fvkernels.ops.cuda",
+                     "cpp": "fvkernels.ops.cpp", "torch": "fvkernels.ops.reference"}
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_import_error() -> Optional[str]:
+    try:
+        importlib.import_module("triton")
+    except ImportError as error:
+        return f"triton is not installed ({error}); `pip install 'triton>=3.4'` (Linux)"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run on tensors of `device`, or None when it can."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} or 'auto'"
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        if _extension.IMPORT_ERROR is not None:
+            return f"the C++ extension is not built ({_extension.IMPORT_ERROR}); {_extension.BUILD_HINT}"
+        if device.type != "cpu":
+            return f"the 'cpp' backend runs on CPU tensors, got {device}; use 'cuda' or 'triton' there"
+        return None
+    if backend == "cuda":
+        if _extension.IMPORT_ERROR is not None:
+            return f"the C++/CUDA extension is not built ({_extension.IMPORT_ERROR}); {_extension.BUILD_HINT}"
+        if not _extension.extension().built_with_cuda:
+            return f"the extension was built without the CUDA kernel; {_extension.BUILD_HINT}"
+        if device.type != "cuda":
+            return f"the 'cuda' backend runs on CUDA tensors, got {device}; use 'cpp' on the CPU"
+        return None
+    # triton
+    reason = _triton_import_error()
+    if reason is not None:
+        return reason
+    if device.type == "cpu" and not triton_interpreted():
+        return ("the 'triton' backend runs on CUDA tensors; on CPU tensors only under the interpreter "
+                "(set TRITON_INTERPRET=1 before importing fvkernels, for tests)")
+    if device.type not in ("cpu", "cuda"):
+        return f"the 'triton' backend runs on CUDA tensors, got {device}"
+    return None
+
+
+def available_backends() -> list:
+    """Backends usable on this machine for some device, fastest first."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS if any(unavailable_reason(b, d) is None for d in devices)]
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turns "auto" into a concrete backend for `device`; checks an explicit choice (never falls back)."""
+    if backend == "auto":
+        candidates = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
+        for candidate in candidates:
+            if unavailable_reason(candidate, device) is None and supports_dtype(candidate, device, dtype):
+                return candidate
+        return "torch"
+    reason = unavailable_reason(backend, device)
+    if reason is None and not supports_dtype(backend, device, dtype):
+        reason = f"the {backend!r} backend does not support {dtype}; use backend='torch' for it"
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    return backend
+
+
+def supports_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    if backend in ("triton", "cuda"):
+        return dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return True
+
+
+def launch(backend: str, *args, **kwargs) -> None:
+    """Runs a resolved backend's launcher: (z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths,
+    out, *, x_scale=None, signed_sqrt=False, row_sumsq=None), inputs already validated."""
+    importlib.import_module(_LAUNCHER_MODULES[backend]).launch(*args, **kwargs)

@@ -1,0 +1,151 @@
+"""`fvkernels::fv_accumulate`: the fused FV-VAE accumulation as a torch.library custom op.
+
+The forward runs the chosen backend's kernel (dispatch.launch); the backward is GEMM-shaped torch code
+shared by all backends (reference.fv_accumulate_backward). register_fake makes the op traceable by
+torch.compile and checkable by torch.library.opcheck.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fvkernels.ops import dispatch
+from fvkernels.ops.reference import fv_accumulate_backward
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ---- input checks (DESIGN §2: errors name the argument and the shapes seen) ---------------------------
+
+def check_tensor(name: str, value, ndim: int, dims: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have shape {dims} ({ndim} dims), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_float_dtypes(named: dict) -> torch.dtype:
+    dtypes = {}
+    for name, value in named.items():
+        if value is None:
+            continue
+        if value.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float32/float64/float16/bfloat16), got {value.dtype}")
+        dtypes.setdefault(value.dtype, []).append(name)
+    if len(dtypes) > 1:
+        seen = "; ".join(f"{dtype}: {', '.join(names)}" for dtype, names in dtypes.items())
+        raise TypeError(f"all floating inputs must share one dtype, got {seen}; convert them with .to(dtype)")
+    return next(iter(dtypes))
+
+
+def check_same_device(named: dict) -> torch.device:
+    devices = {}
+    for name, value in named.items():
+        if value is not None:
+            devices.setdefault(value.device, []).append(name)
+    if len(devices) > 1:
+        seen = "; ".join(f"{device}: {', '.join(names)}" for device, names in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {seen}; move them with .to(device)")
+    return next(iter(devices))
+
+
+def check_lengths(lengths, num_sets: int, set_size: int, device: torch.device) -> Optional[Tensor]:
+    """Validates `lengths` ((N,) integers in [0, T]) and returns it as an int64 tensor on `device`."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(lengths, device=device)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    if lengths.shape != (num_sets,):
+        raise ValueError(f"lengths must have shape (N,) = ({num_sets},), got {tuple(lengths.shape)}")
+    if lengths.device != device:
+        raise ValueError(f"lengths is on {lengths.device} but the descriptors are on {device}; "
+                         f"move it with lengths.to({str(device)!r})")
+    if num_sets and not torch.compiler.is_compiling():
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > set_size:
+            raise ValueError(f"lengths must lie in [0, T] = [0, {set_size}], got values in [{low}, {high}]")
+    return lengths.to(torch.int64).contiguous()
+
+
+def check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths):
+    """Validates fv_accumulate's arguments (DESIGN §2); returns lengths as int64 or None."""
+    check_tensor("z", z, 3, "(N, T, d)")
+    check_tensor("x", x, 3, "(N, T, C)")
+    check_tensor("dec_weight", dec_weight, 2, "(C, d)")
+    check_tensor("dec_bias", dec_bias, 1, "(C,)")
+    check_tensor("inv_sigma2", inv_sigma2, 1, "(C,)")
+    if fisher_rsqrt is not None:
+        check_tensor("fisher_rsqrt", fisher_rsqrt, 2, "(C, d+1)")
+    num_sets, set_size, latent = z.shape
+    channels = x.shape[2]
+    if x.shape[:2] != z.shape[:2]:
+        raise ValueError(f"x (N, T, C) and z (N, T, d) must agree on N and T, got x {tuple(x.shape)} "
+                         f"and z {tuple(z.shape)}")
+    if dec_weight.shape != (channels, latent):
+        raise ValueError(f"dec_weight must have shape (C, d) = ({channels}, {latent}) to match x {tuple(x.shape)} "
+                         f"and z {tuple(z.shape)}, got {tuple(dec_weight.shape)}")
+    for name, value in (("dec_bias", dec_bias), ("inv_sigma2", inv_sigma2)):
+        if value.shape != (channels,):
+            raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(value.shape)}")
+    if fisher_rsqrt is not None and fisher_rsqrt.shape != (channels, latent + 1):
+        raise ValueError(f"fisher_rsqrt must have shape (C, d+1) = ({channels}, {latent + 1}), "
+                         f"got {tuple(fisher_rsqrt.shape)}")
+    floats = dict(z=z, x=x, dec_weight=dec_weight, dec_bias=dec_bias, inv_sigma2=inv_sigma2,
+                  fisher_rsqrt=fisher_rsqrt)
+    check_float_dtypes(floats)
+    device = check_same_device(floats)
+    return check_lengths(lengths, num_sets, set_size, device)
+
+
+def empty_output(z: Tensor, channels: int) -> Tensor:
+    return z.new_empty((z.shape[0], channels, z.shape[2] + 1))
+
+
+# ---- the custom op -------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fvkernels::fv_accumulate", mutates_args=())
+def _fv_accumulate_op(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
+                      fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor], backend: str) -> Tensor:
+    out = empty_output(z, x.shape[2])
+    dispatch.launch(backend, z, x, dec_weight, dec_bias.contiguous(), inv_sigma2.contiguous(),
+                    None if fisher_rsqrt is None else fisher_rsqrt.contiguous(), lengths, out)
+    return out
+
+
+@_fv_accumulate_op.register_fake
+def _(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, backend):
+    return empty_output(z, x.shape[2])
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+
+
+def _backward(ctx, grad_out):
+    z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths = ctx.saved_tensors
+    grads = fv_accumulate_backward(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths,
+                                   ctx.needs_input_grad[:6])
+    return (*grads, None, None)
+
+
+_fv_accumulate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fv_accumulate(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
+                  fisher_rsqrt: Optional[Tensor] = None, lengths: Union[Tensor, Sequence[int], None] = None,
+                  *, backend: str = "auto") -> Tensor:
+    """Raw FV-VAE Fisher vectors of N descriptor sets (DESIGN §1.5–6), (N, C, d+1), bias column last.
+
+    z (N, T, d) latent means, x (N, T, C) pre-normalised descriptors, dec_weight (C, d), dec_bias (C,),
+    inv_sigma2 (C,) = 1/σx², fisher_rsqrt (C, d+1) or None, lengths (N,) valid descriptors per set
+    (or None: all T). backend: "auto", "triton", "cuda", "cpp" or "torch" (see available_backends()).
+    Differentiable w.r.t. every floating input.
+    """
+    lengths = check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths)
+    backend = dispatch.resolve(backend, z.device, z.dtype)
+    return _fv_accumulate_op(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, backend)
