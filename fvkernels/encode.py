@@ -1,0 +1,225 @@
+"""`fv_vae_encode`: CNN activations → normalised FV-VAE Fisher vectors (DESIGN §1, steps 1–8).
+
+Inference (no autograd) runs in chunks of sets so that no N×T×C or N×T×hidden intermediate is alive at
+once: the pre-normalisation is folded into the kernel as a per-descriptor scale, the encoder runs on
+row blocks, and the fused kernel applies the Fisher scaling and signed square root at its store and
+hands back per-row sums of squares for the L2 norm. When autograd is recording (training, fine-tuning
+a backbone through the layer) the same steps run unchunked through the differentiable custom op.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fvkernels.ops import dispatch
+from fvkernels.ops.fv_accumulate import check_lengths, fv_accumulate
+from fvkernels.params import FVVAEParams
+
+NORM_FLOOR = 1e-12
+SPP_LEVELS = ((2, 1), (3, 2), (4, 3), (7, 6))  # (kernel, stride) of the official 50-cell pyramid on 7×7 maps
+SPP_CELLS = sum(((7 - k) // s + 1) ** 2 for k, s in SPP_LEVELS)
+# Intermediates (latents, encoder activations) may take this fraction of the output's size, but at
+# least MIN_WORKSPACE_BYTES: large enough for efficient GEMMs, small next to the Fisher vectors.
+WORKSPACE_FRACTION = 0.2
+MIN_WORKSPACE_BYTES = 1 << 20
+
+
+def official_spp(maps: Tensor) -> Tensor:
+    """The official release's spatial pyramid: (N, C, 7, 7) → (N, 50, C) max-pooled cells, in the
+    release's cell order (finest level first, the column index fastest within a level)."""
+    cells = [F.max_pool2d(maps, kernel, stride).flatten(2) for kernel, stride in SPP_LEVELS]
+    return torch.cat(cells, 2).transpose(1, 2)
+
+
+def signed_sqrt_safe(v: Tensor) -> Tensor:
+    """sign(v)·sqrt(|v|) with a finite derivative at 0 (linear below NORM_FLOOR), for training."""
+    return v * v.abs().clamp_min(NORM_FLOOR).rsqrt()
+
+
+# ---- validation ------------------------------------------------------------------------------------------
+
+def _check_inputs(acts, params: FVVAEParams, lengths):
+    if not isinstance(params, FVVAEParams):
+        raise TypeError(f"params must be fvkernels.FVVAEParams, got {type(params).__name__}")
+    if not isinstance(acts, Tensor):
+        raise TypeError(f"acts must be a torch.Tensor (N, C, H, W) or (N, T, C), got {type(acts).__name__}")
+    if not acts.dtype.is_floating_point:
+        raise TypeError(f"acts must be a floating tensor, got {acts.dtype}")
+    if acts.dtype != params.dtype:
+        raise TypeError(f"acts is {acts.dtype} but params are {params.dtype}; convert one side, "
+                        f"e.g. params.to({acts.dtype})")
+    if acts.device != params.device:
+        raise ValueError(f"acts is on {acts.device} but params are on {params.device}; "
+                         f"move one side, e.g. params.to({str(acts.device)!r})")
+    channels = params.channels
+    if acts.dim() == 4:
+        if acts.shape[1] != channels:
+            raise ValueError(f"acts (N, C, H, W) = {tuple(acts.shape)} has C = {acts.shape[1]} but params "
+                             f"expect C = {channels}")
+        if lengths is not None:
+            raise ValueError("lengths applies to (N, T, C) descriptor sets; a (N, C, H, W) map uses all H·W positions")
+        if params.spp == "official" and acts.shape[2:] != (7, 7):
+            raise ValueError(f"spp='official' pools 7×7 maps, got acts of shape {tuple(acts.shape)}")
+        num_sets, set_size = acts.shape[0], SPP_CELLS if params.spp else acts.shape[2] * acts.shape[3]
+    elif acts.dim() == 3:
+        if acts.shape[2] != channels:
+            raise ValueError(f"acts (N, T, C) = {tuple(acts.shape)} has C = {acts.shape[2]} but params "
+                             f"expect C = {channels}")
+        if params.spp is not None:
+            raise ValueError("spp='official' needs (N, C, 7, 7) feature maps, got (N, T, C) descriptor sets "
+                             f"of shape {tuple(acts.shape)}")
+        num_sets, set_size = acts.shape[:2]
+    else:
+        raise ValueError(f"acts must be (N, C, H, W) feature maps or (N, T, C) descriptor sets, "
+                         f"got shape {tuple(acts.shape)}")
+    return num_sets, set_size, check_lengths(lengths, num_sets, set_size, acts.device)
+
+
+def _check_finite(acts: Tensor, first_set: int) -> None:
+    finite = torch.isfinite(acts).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()[:10].add(first_set).tolist()
+        raise ValueError(f"acts holds NaN or Inf in set(s) {bad} (index along N); clean or drop those samples")
+
+
+# ---- the steps -------------------------------------------------------------------------------------------
+
+def _descriptor_sets(acts: Tensor, params: FVVAEParams) -> Tensor:
+    """(N, T, C) descriptors as the encoder sees them (a view of NCHW maps when there is no SPP)."""
+    if acts.dim() == 3:
+        return acts
+    if params.spp == "official":
+        return official_spp(acts).contiguous()
+    return acts.flatten(2).transpose(1, 2)
+
+
+def _prenorm_scale(acts: Tensor, descriptors: Tensor, params: FVVAEParams, lengths: Optional[Tensor]) -> Optional[Tensor]:
+    """x̂ = scale ⊙ x: (N, T) per-descriptor factors of DESIGN §1.1, or None for prenorm=None.
+
+    "map" takes the norm of the whole map before SPP (as the release does) or of the valid descriptors.
+    """
+    if params.prenorm is None:
+        return None
+    if params.prenorm == "descriptor":
+        norms = torch.linalg.vector_norm(descriptors, dim=2)
+    else:
+        if acts.dim() == 4:
+            squares = acts.flatten(1).square().sum(1)
+        else:
+            per_descriptor = descriptors.square().sum(2)
+            if lengths is not None:
+                valid = torch.arange(descriptors.shape[1], device=acts.device) < lengths[:, None]
+                per_descriptor = per_descriptor * valid
+            squares = per_descriptor.sum(1)
+        norms = squares.sqrt()[:, None].expand(descriptors.shape[:2])
+    return params.norm_scale / norms.clamp_min(NORM_FLOOR)
+
+
+def _encoder_rows(rows: Tensor, row_scale: Optional[Tensor], params: FVVAEParams) -> Tensor:
+    """The inference MLP on (M, C) rows; the prenorm scale is applied after the first GEMM (linear)."""
+    hidden = rows
+    for index, (weight, bias, relu) in enumerate(params.encoder):
+        hidden = hidden @ weight.t()
+        if index == 0 and row_scale is not None:
+            hidden.mul_(row_scale[:, None])
+        hidden.add_(bias)
+        if relu:
+            hidden.relu_()
+    return hidden
+
+
+def _row_blocks(num_sets: int, set_size: int, max_rows: int) -> Iterator[Tuple[slice, slice]]:
+    """Blocks of whole sets of at most max_rows descriptors, or row ranges of one set when a set is larger."""
+    sets_per_block = max(1, max_rows // max(set_size, 1))
+    if sets_per_block > 1 or set_size <= max_rows:
+        for start in range(0, num_sets, sets_per_block):
+            yield slice(start, start + sets_per_block), slice(None)
+    else:
+        for index in range(num_sets):
+            for start in range(0, set_size, max_rows):
+                yield slice(index, index + 1), slice(start, start + max_rows)
+
+
+def _latents(descriptors: Tensor, scale: Optional[Tensor], params: FVVAEParams, max_rows: int) -> Tensor:
+    """µ_z (n, T, d) of a chunk of sets, computed in row blocks of at most max_rows descriptors."""
+    num_sets, set_size, channels = descriptors.shape
+    latents = descriptors.new_empty((num_sets, set_size, params.latent_dim))
+    for sets, rows in _row_blocks(num_sets, set_size, max_rows):
+        block = descriptors[sets, rows]
+        flat = block.reshape(-1, channels)  # a view for contiguous sets; a bounded copy for NCHW views
+        flat_scale = None if scale is None else scale[sets, rows].reshape(-1)
+        latents[sets, rows] = _encoder_rows(flat, flat_scale, params).view(*block.shape[:2], -1)
+    return latents
+
+
+def _normalise(fv: Tensor) -> Tensor:
+    """Improved-FV normalisation (signed √, then L2), differentiable everywhere."""
+    fv = signed_sqrt_safe(fv)
+    return fv / torch.linalg.vector_norm(fv, dim=1, keepdim=True).clamp_min(NORM_FLOOR)
+
+
+def _encode_differentiable(acts, params, lengths, normalize, backend, num_sets):
+    _check_finite(acts, 0)
+    descriptors = _descriptor_sets(acts, params)
+    scale = _prenorm_scale(acts, descriptors, params, lengths)
+    x_hat = descriptors if scale is None else descriptors * scale.unsqueeze(-1)
+    latents = x_hat
+    for weight, bias, relu in params.encoder:
+        latents = F.linear(latents, weight, bias)
+        latents = latents.relu() if relu else latents
+    fv = fv_accumulate(latents, x_hat, params.dec_weight, params.dec_bias, params.inv_sigma2, params.fisher_rsqrt,
+                       lengths, backend=backend).reshape(num_sets, -1)
+    return _normalise(fv) if normalize else fv
+
+
+@torch.no_grad()
+def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size):
+    channels, latent = params.channels, params.latent_dim
+    out = acts.new_empty((num_sets, params.dim))
+    out_sets = out.view(num_sets, channels, latent + 1)
+    # The kernels' per-row sums of squares are float32: enough for a float32 (or lower) output, not for float64.
+    fused_norm = normalize and acts.dtype != torch.float64
+    row_sumsq = torch.empty((num_sets, channels), dtype=torch.float32, device=acts.device) if fused_norm else None
+    element = acts.element_size()
+    workspace = max(WORKSPACE_FRACTION * out.numel() * element, MIN_WORKSPACE_BYTES)
+    widest_pair = max(a + b for a, b in zip([channels] + [w.shape[0] for w, _, _ in params.encoder],
+                                            [w.shape[0] for w, _, _ in params.encoder]))
+    sets_per_chunk = int(max(1, min(num_sets, workspace / 2 // max(set_size * latent * element, 1))))
+    max_rows = int(max(16, workspace / 2 // (widest_pair * element)))
+    inv_sigma2 = params.inv_sigma2.contiguous()
+    fisher_rsqrt = None if params.fisher_rsqrt is None else params.fisher_rsqrt.contiguous()
+    for start in range(0, num_sets, sets_per_chunk):
+        chunk = slice(start, start + sets_per_chunk)
+        acts_chunk = acts[chunk]
+        _check_finite(acts_chunk, start)
+        chunk_lengths = None if lengths is None else lengths[chunk]
+        descriptors = _descriptor_sets(acts_chunk, params)
+        scale = _prenorm_scale(acts_chunk, descriptors, params, chunk_lengths)
+        latents = _latents(descriptors, scale, params, max_rows)
+        dispatch.launch(backend, latents, descriptors, params.dec_weight, params.dec_bias.contiguous(), inv_sigma2,
+                        fisher_rsqrt, chunk_lengths, out_sets[chunk], x_scale=scale, signed_sqrt=normalize,
+                        row_sumsq=None if row_sumsq is None else row_sumsq[chunk])
+    if normalize:
+        squares = row_sumsq.sum(1) if fused_norm else out.square().sum(1)
+        out.div_(squares.sqrt_().clamp_min_(NORM_FLOOR).to(out.dtype)[:, None])
+    return out
+
+
+def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize: bool = True,
+                  backend: str = "auto") -> Tensor:
+    """FV-VAE Fisher vectors (N, C·(d+1)) of CNN activations (DESIGN §1 steps 1–8).
+
+    acts: (N, C, H, W) feature maps (each map one set of H·W descriptors, or 50 SPP cells with
+    params.spp="official") or (N, T, C) descriptor sets with optional lengths (N,). normalize: signed
+    square root then L2 (the "improved" FV); an empty set gives the zero vector. backend as in
+    fv_accumulate. Differentiable w.r.t. acts and the params' tensors when autograd is recording.
+    """
+    num_sets, set_size, lengths = _check_inputs(acts, params, lengths)
+    backend = dispatch.resolve(backend, acts.device, acts.dtype)
+    needs_grad = torch.is_grad_enabled() and (acts.requires_grad or any(t.requires_grad for t in params.tensors()))
+    if needs_grad:
+        return _encode_differentiable(acts, params, lengths, normalize, backend, num_sets)
+    return _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size)

@@ -1,0 +1,210 @@
+"""fv_vae_encode against a plain transcription of DESIGN §1, and the official release's format (§3)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fvkernels
+from fvkernels import encode, fv_vae_encode, load_official_weights, to_official_layout
+
+from conftest import cpu_backends, relative_error
+from helpers import random_params
+
+BACKENDS = cpu_backends()
+
+
+def encode_by_the_book(acts, params, lengths=None, normalize=True):
+    """DESIGN §1 steps 1–8 one set at a time, in float64, no shortcuts."""
+    params = params.to(torch.float64)
+    acts = acts.double()
+    results = []
+    for n in range(acts.shape[0]):
+        sample = acts[n]
+        if sample.dim() == 3:  # (C, H, W) map
+            if params.prenorm == "map":
+                sample = params.norm_scale * sample / sample.norm().clamp_min(1e-12)
+            if params.spp == "official":
+                cells = [F.max_pool2d(sample[None], k, s)[0].flatten(1) for k, s in ((2, 1), (3, 2), (4, 3), (7, 6))]
+                x = torch.cat(cells, 1).t()
+            else:
+                x = sample.flatten(1).t()
+        else:
+            x = sample[: (lengths[n] if lengths is not None else sample.shape[0])]
+            if params.prenorm == "map":
+                x = params.norm_scale * x / x.norm().clamp_min(1e-12)
+        if params.prenorm == "descriptor":
+            x = params.norm_scale * x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        z = x
+        for weight, bias, relu in params.encoder:
+            z = z @ weight.t() + bias
+            z = z.relu() if relu else z
+        pre = z @ params.dec_weight.t() + params.dec_bias
+        residual = (pre.relu() - x) / params.sigma_x ** 2 * (pre > 0)
+        g = residual.t() @ torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+        if params.fisher is not None:
+            g = g / params.fisher.clamp_min(1e-12).sqrt()
+        v = g.flatten()
+        if normalize:
+            v = v.sign() * v.abs().sqrt()
+            v = v / v.norm().clamp_min(1e-12)
+        results.append(v)
+    return torch.stack(results)
+
+
+CASES = [  # (acts shape, prenorm, spp, ragged)
+    ((3, 17, 7, 7), "map", "official", False),
+    ((3, 17, 7, 7), "descriptor", "official", False),
+    ((3, 17, 5, 6), "descriptor", None, False),
+    ((3, 17, 5, 6), "map", None, False),
+    ((3, 17, 5, 6), None, None, False),
+    ((4, 23, 17), "descriptor", None, True),
+    ((4, 23, 17), "map", None, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,prenorm,spp,ragged", CASES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_matches_design_transcription(backend, shape, prenorm, spp, ragged, normalize):
+    params = random_params(17, 7, hidden=(13,), prenorm=prenorm, spp=spp, norm_scale=3.0)
+    acts = torch.rand(shape, dtype=torch.float64)
+    lengths = torch.tensor([23, 0, 5, 11]) if ragged else None
+    expected = encode_by_the_book(acts, params, lengths, normalize)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    out = fv_vae_encode(acts.to(dtype), params.to(dtype), lengths=lengths, normalize=normalize, backend=backend)
+    assert out.shape == (shape[0], 17 * 8) and out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-9
+    if normalize:  # √ turns a rounding error ε near 0 into √ε: compare sign(v)·v², the L1-normalised raw FV
+        assert relative_error(out * out.abs(), expected * expected.abs()) <= tolerance
+        norms = out.double().norm(dim=1)
+        assert torch.allclose(norms, (expected.norm(dim=1) > 0).double(), atol=1e-5)
+    else:
+        assert relative_error(out, expected) <= tolerance
+
+
+@pytest.mark.parametrize("shape,prenorm,spp,ragged", CASES)
+def test_chunked_inference_equals_one_chunk(monkeypatch, shape, prenorm, spp, ragged):
+    """Tiny workspace → many chunks and row blocks; the result must not change."""
+    params = random_params(17, 7, hidden=(13,), prenorm=prenorm, spp=spp).to(torch.float32)
+    acts = torch.rand(shape)
+    lengths = torch.tensor([23, 0, 5, 11]) if ragged else None
+    whole = fv_vae_encode(acts, params, lengths=lengths)
+    monkeypatch.setattr(encode, "MIN_WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(encode, "WORKSPACE_FRACTION", 1e-4)
+    chunked = fv_vae_encode(acts, params, lengths=lengths)
+    assert relative_error(chunked * chunked.abs(), whole * whole.abs()) <= 1e-6
+
+
+def test_empty_sets_give_zero_vectors():
+    params = random_params(6, 3).to(torch.float32)
+    out = fv_vae_encode(torch.rand(3, 4, 6), params, lengths=[0, 4, 0])
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], out[0])
+    assert torch.isclose(out[1].norm(), torch.tensor(1.0))
+    assert fv_vae_encode(torch.rand(0, 4, 6), params).shape == (0, 6 * 4)
+
+
+def test_differentiable_wrt_acts_and_params():
+    params = random_params(5, 3, hidden=(4,), prenorm="map", norm_scale=2.0)
+    for weight, bias, _ in params.encoder:
+        weight.requires_grad_()
+    params.dec_weight.requires_grad_()
+    acts = torch.rand(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    check = lambda a, w: fv_vae_encode(a, params, normalize=False)  # noqa: E731
+    assert torch.autograd.gradcheck(check, (acts, params.encoder[0][0]))
+    fv = fv_vae_encode(acts, params)
+    fv.square().sum().backward()
+    assert acts.grad is not None and torch.isfinite(acts.grad).all()
+    assert params.dec_weight.grad is not None and params.dec_weight.grad.abs().sum() > 0
+
+
+# ---- the official release -------------------------------------------------------------------------------
+
+def write_official_mat(path, channels, hidden, latent, rng):
+    """A weight file laid out like caffe_vae_weights_*.mat (DESIGN §3), via scipy."""
+    from scipy.io import savemat
+
+    layer_type = [("w", object), ("b", object), ("act", object)]
+    widths = [channels, *hidden, latent]
+    encoder = np.empty((1, len(widths) - 1), dtype=layer_type)
+    for i, (inp, out) in enumerate(zip(widths[:-1], widths[1:])):
+        encoder[0, i] = ((rng.standard_normal((1, 1, inp, out)) / np.sqrt(inp)).astype(np.float32),
+                         (rng.standard_normal((out, 1)) * 0.1).astype(np.float32),
+                         "ReLU" if i < len(hidden) else "Linear")
+    decoder = np.empty((1, 1), dtype=layer_type)
+    decoder[0, 0] = ((rng.standard_normal((1, 1, channels, latent)) / np.sqrt(latent)).astype(np.float32),
+                     (rng.standard_normal((channels, 1)) * 0.1 + 0.05).astype(np.float32), "ReLU")
+    root = np.empty((1, 1), dtype=[("norm_scale", object), ("encoder", object), ("decoder", object),
+                                   ("decoder_sigma", object)])
+    root[0, 0] = (np.array([[158.0]]), encoder, decoder, (rng.random((channels, 1)) + 0.5).astype(np.float32))
+    savemat(path, {"caffe_vae_weights": root})
+
+
+def official_extraction(frames, mat_path):
+    """extract_fv_vae_frame_sequence.m transcribed to numpy, MATLAB order kept: frames (F, C, 7, 7) → raw FV."""
+    from scipy.io import loadmat
+
+    weights = loadmat(mat_path)["caffe_vae_weights"][0, 0]
+    raw = 0
+    for frame in frames.astype(np.float64):
+        activations = frame.transpose(2, 1, 0)  # Caffe MATLAB blobs are (W, H, C)
+        activations = activations / np.sqrt((activations ** 2).sum()) * float(weights["norm_scale"][0, 0])
+        pooled = []
+        for size, step, cells in ((2, 1, 6), (3, 2, 3), (4, 3, 2), (7, 6, 1)):
+            level = np.zeros((cells, cells, frame.shape[0]))
+            for w in range(cells):
+                for h in range(cells):
+                    level[w, h] = activations[w * step: w * step + size, h * step: h * step + size].max((0, 1))
+            pooled.append(level.reshape(cells * cells, -1, order="F"))
+        xt = np.concatenate(pooled)
+        top = xt
+        for layer in weights["encoder"][0]:
+            top = top @ layer["w"][0, 0] + layer["b"].reshape(1, -1)
+            top = top * (top > 0) if str(layer["act"][0]) == "ReLU" else top
+        decoder = weights["decoder"][0, 0]
+        uxt = top @ decoder["w"][0, 0].T + decoder["b"].reshape(1, -1)
+        uxt = uxt * (uxt > 0)
+        sig = weights["decoder_sigma"].reshape(-1).astype(np.float64)
+        fv_mat = (((uxt - xt) / (sig * sig)) * (uxt > 0)).T @ np.hstack([top, np.ones((len(top), 1))])
+        raw = raw + fv_mat.reshape(-1, order="F") / len(frames)
+    return raw
+
+
+@pytest.mark.parametrize("hidden", [(), (9,)])
+def test_official_weights_reproduce_the_release(tmp_path, hidden):
+    rng = np.random.default_rng(0)
+    mat_path = tmp_path / "caffe_vae_weights_test.mat"
+    write_official_mat(mat_path, 12, hidden, 5, rng)
+    params = load_official_weights(mat_path)
+    assert (params.prenorm, params.spp, params.norm_scale) == ("map", "official", 158.0)
+    assert [relu for _, _, relu in params.encoder] == [True] * len(hidden) + [False]
+    frames = rng.random((4, 12, 7, 7)).astype(np.float32)
+    expected = official_extraction(frames, mat_path)
+    raw = fv_vae_encode(torch.from_numpy(frames).double(), params.to(torch.float64), normalize=False)
+    video = to_official_layout(raw.mean(0), 12)
+    assert relative_error(video, torch.from_numpy(expected)) <= 1e-10
+
+
+def test_official_weights_errors(tmp_path):
+    from scipy.io import savemat
+
+    with pytest.raises(FileNotFoundError, match="no official FV-VAE weight file"):
+        load_official_weights(tmp_path / "missing.mat")
+    savemat(tmp_path / "other.mat", {"weights": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"holds no 'caffe_vae_weights' struct \(variables: \['weights'\]\)"):
+        load_official_weights(tmp_path / "other.mat")
+
+
+def test_to_official_layout_is_column_major():
+    channels, width = 3, 4
+    fv = torch.arange(channels * width, dtype=torch.float32)[None]
+    official = to_official_layout(fv, channels)
+    grid = fv.view(channels, width)
+    assert torch.equal(official[0], grid.t().reshape(-1))  # index j·C + c holds G[c, j]
+    with pytest.raises(ValueError, match="multiple of C = 5"):
+        to_official_layout(fv, 5)
+
+
+def test_public_api_names():
+    for name in ("fv_accumulate", "FVVAEParams", "fv_vae_encode", "load_official_weights", "to_official_layout",
+                 "available_backends"):
+        assert callable(getattr(fvkernels, name))

@@ -1,0 +1,174 @@
+"""fv_accumulate: every available backend against the float64 reference, autograd, opcheck, compile."""
+import pytest
+import torch
+
+import fvkernels
+from fvkernels.ops import dispatch, reference
+from fvkernels.ops.fv_accumulate import _fv_accumulate_op
+
+from conftest import cpu_backends, gpu_backends, relative_error
+from helpers import random_problem
+
+CPU_BACKENDS = cpu_backends()
+KERNEL_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
+# The Triton interpreter simulates every program in numpy: keep its problems small.
+INTERPRETER_LIMIT = 17 * 256 * 130
+
+
+def skip_slow_for_interpreter(backend, channels, latent, set_size):
+    if backend == "triton" and channels * latent * set_size > INTERPRETER_LIMIT:
+        pytest.skip("too large for the Triton interpreter (covered on a GPU)")
+
+
+def poisoned_output(z, channels, stride_pad=0):
+    """An (N, C, d+1) output view with padding between sets, filled with NaN so unwritten entries show."""
+    num_sets, _, latent = z.shape
+    storage = torch.full((num_sets, channels * (latent + 1) + stride_pad), float("nan"), dtype=z.dtype)
+    return storage[:, : channels * (latent + 1)].view(num_sets, channels, latent + 1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("channels", [3, 17, 512])
+@pytest.mark.parametrize("latent", [1, 7, 256])
+@pytest.mark.parametrize("set_size", [1, 5, 50, 130])
+def test_matches_float64_reference(backend, channels, latent, set_size):
+    skip_slow_for_interpreter(backend, channels, latent, set_size)
+    problem = random_problem(3, set_size, channels, latent)
+    expected = reference.fv_accumulate_reference(*problem)
+    dtype = torch.float64 if dispatch.supports_dtype(backend, torch.device("cpu"), torch.float64) else torch.float32
+    inputs = [None if t is None or not t.is_floating_point() else t.to(dtype) for t in problem]
+    out = poisoned_output(inputs[0], channels, stride_pad=5)
+    dispatch.launch(backend, *inputs[:5], inputs[5], problem[6], out)
+    assert not out.isnan().any()
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert relative_error(out, expected) <= tolerance
+    if dtype == torch.float64:  # the fp32 contract: inputs rounded to float32, fp32 accumulation
+        out32 = poisoned_output(inputs[0].float(), channels)
+        dispatch.launch(backend, *[t.float() for t in inputs[:6]], problem[6], out32)
+        assert relative_error(out32, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("signed_sqrt", [False, True])
+def test_epilogue_options(backend, signed_sqrt):
+    """x_scale (folded prenorm), NCHW-strided x, signed sqrt and per-row sums of squares."""
+    z, x, w, b, s, f, lengths = random_problem(4, 13, 17, 7)
+    maps = torch.rand(4, 17, 13, dtype=torch.float64)
+    x_view = maps.transpose(1, 2)  # (N, T, C) view of channel-major maps, as a CNN gives them
+    x_scale = torch.rand(4, 13, dtype=torch.float64) + 0.5
+    expected = reference.fv_accumulate_reference(z, x_view, w, b, s, f, lengths, x_scale)
+    if signed_sqrt:
+        expected = reference.apply_signed_sqrt(expected)
+    dtype = torch.float64 if dispatch.supports_dtype(backend, torch.device("cpu"), torch.float64) else torch.float32
+    cast = [t.to(dtype) for t in (z, x_view, w, b, s, f, x_scale)]
+    out = poisoned_output(cast[0], 17, stride_pad=3)
+    row_sumsq = torch.full((4, 17), float("nan"))
+    dispatch.launch(backend, *cast[:6], lengths, out, x_scale=cast[6], signed_sqrt=signed_sqrt, row_sumsq=row_sumsq)
+    assert relative_error(out, expected) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    assert relative_error(row_sumsq, expected.square().sum(-1)) <= 1e-5
+    assert (out[1] == 0).all(), "an empty set must give exactly zero"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_public_op_fp32(backend):
+    problem = random_problem(5, 50, 17, 7)
+    expected = reference.fv_accumulate_reference(*problem)
+    inputs = [t.float() if t is not None and t.is_floating_point() else t for t in problem]
+    out = fvkernels.fv_accumulate(*inputs, backend=backend)
+    assert out.shape == (5, 17, 8) and out.dtype == torch.float32
+    assert relative_error(out, expected) <= 1e-5
+
+
+def test_auto_backend_on_cpu():
+    expected = "cpp" if "cpp" in CPU_BACKENDS else "torch"
+    assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) == expected
+    assert set(fvkernels.available_backends()) >= {"torch"}
+
+
+def test_g_is_gradient_of_reconstruction_loss():
+    """DESIGN §1.5: G = ∇_[W, b] Σ_t L_rec(x̂_t), L_rec = ‖(x̂ − ReLU(Wz + b))/σx‖²/2."""
+    z, x, w, b, s, _, lengths = random_problem(3, 20, 9, 5)
+    weight, bias = w.clone().requires_grad_(), b.clone().requires_grad_()
+    valid = reference.valid_mask(lengths, 3, 20, "cpu")
+    residual = (x - torch.relu(z @ weight.t() + bias)) * valid
+    loss = (residual.square() * s).sum() / 2
+    grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
+    for backend in CPU_BACKENDS:
+        dtype = torch.float64 if backend != "triton" else torch.float32
+        fv = fvkernels.fv_accumulate(*[t.to(dtype) for t in (z, x, w, b, s)], lengths=lengths, backend=backend).sum(0)
+        tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+        assert relative_error(fv[:, :-1], grad_w) <= tolerance
+        assert relative_error(fv[:, -1], grad_b) <= tolerance
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("with_fisher", [False, True])
+def test_gradcheck(backend, with_fisher):
+    z, x, w, b, s, f, lengths = random_problem(3, 6, 5, 3)
+    inputs = [t.clone().requires_grad_() for t in (z, x, w, b, s)]
+    if with_fisher:
+        inputs.append(f.clone().requires_grad_())
+    def op(*args):
+        fisher = args[5] if with_fisher else None
+        return fvkernels.fv_accumulate(*args[:5], fisher, lengths, backend=backend)
+    assert torch.autograd.gradcheck(op, inputs)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_gradients_match_reference(backend):
+    """The backward is shared; this checks the forward each backend saves for it is consistent."""
+    problem = random_problem(3, 30, 17, 7)
+    grad_out = torch.randn(3, 17, 8, dtype=torch.float64)
+    def grads(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in problem[:6]]
+        out = fn(*inputs, problem[6])
+        return torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    expected = grads(reference.fv_accumulate_reference, torch.float64)
+    actual = grads(lambda *a: fvkernels.fv_accumulate(*a, backend=backend), torch.float32)
+    for got, want in zip(actual, expected):
+        assert relative_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_opcheck(backend):
+    z, x, w, b, s, f, lengths = random_problem(3, 7, 5, 3)
+    args = [t.clone().requires_grad_() for t in (z, x, w, b, s, f)] + [lengths, backend]
+    torch.library.opcheck(_fv_accumulate_op, args)
+    args_without_optionals = [t.clone().requires_grad_() for t in (z, x, w, b, s)] + [None, None, backend]
+    torch.library.opcheck(_fv_accumulate_op, args_without_optionals)
+
+
+def test_torch_compile_fullgraph():
+    z, x, w, b, s, f, lengths = [t if t is None or not t.is_floating_point() else t.float()
+                                 for t in random_problem(3, 9, 5, 4)]
+    backend = "cpp" if "cpp" in CPU_BACKENDS else "torch"
+
+    def encode(z, x):
+        fv = fvkernels.fv_accumulate(torch.tanh(z), x, w, b, s, f, lengths, backend=backend)
+        return fv.flatten(1).sign() * fv.flatten(1).abs().sqrt()
+
+    compiled = torch.compile(encode, fullgraph=True, backend="aot_eager")
+    expected = encode(z, x)
+    assert torch.allclose(compiled(z, x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_backends(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels,latent,set_size", [(3, 1, 1), (17, 7, 50), (512, 256, 130), (512, 256, 1250)])
+def test_gpu_backends(backend, dtype, channels, latent, set_size):
+    if backend not in gpu_backends():
+        pytest.skip(f"{backend} not available on this GPU machine")
+    problem = random_problem(4, set_size, channels, latent, device="cuda")
+    expected = reference.fv_accumulate_reference(*problem)
+    inputs = [t.to(dtype) for t in problem[:6]]
+    out = torch.full((4, channels, latent + 1), float("nan"), dtype=dtype, device="cuda")
+    dispatch.launch(backend, *inputs, problem[6], out)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    if dtype == torch.float32:
+        assert relative_error(out, expected) <= 1e-5
+    else:  # judged against torch's own error at this precision (flash-attention's rule)
+        torch_error = relative_error(reference.fv_accumulate_reference(*inputs, problem[6]), expected)
+        assert relative_error(out, expected) <= 2 * torch_error + 1e-3
