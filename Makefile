@@ -1,0 +1,37 @@
+# Two commands on a fresh machine (see README): `make demo` and `make test`.
+# Each creates .venv if missing, installs torch (the CPU wheel when none is present) and the package with
+# its compiled extension (editable), then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.fvkernels-installed
+SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+# A CUDA torch from PyPI is several GB; the CPU wheel is what this project needs without a GPU.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: install demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) $(SOURCES)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --no-index torch==2.13.0 \
+		|| $(PIP) install torch --index-url $(TORCH_CPU_INDEX)
+	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fvkernels demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests bench -q
+
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark
+
+clean:
+	rm -rf build $(VENV) fvkernels/_C*.so *.egg-info
