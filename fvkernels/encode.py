@@ -161,11 +161,23 @@ def _normalise(fv: Tensor) -> Tensor:
     return fv / torch.linalg.vector_norm(fv, dim=1, keepdim=True).clamp_min(NORM_FLOOR)
 
 
-def _encode_differentiable(acts, params, lengths, normalize, backend, num_sets):
-    _check_finite(acts, 0)
+def _prenormalised(acts: Tensor, params: FVVAEParams, lengths: Optional[Tensor]) -> Tensor:
     descriptors = _descriptor_sets(acts, params)
     scale = _prenorm_scale(acts, descriptors, params, lengths)
-    x_hat = descriptors if scale is None else descriptors * scale.unsqueeze(-1)
+    return descriptors if scale is None else descriptors * scale.unsqueeze(-1)
+
+
+def prenormalised_sets(acts: Tensor, params: FVVAEParams, lengths=None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Validated steps 1–2 of DESIGN §1 (prenorm, SPP), materialised and differentiable: (x̂ (N, T, C),
+    lengths as int64 or None). For training; inference folds the prenorm into the kernel instead."""
+    _, _, lengths = _check_inputs(acts, params, lengths)
+    _check_finite(acts, 0)
+    return _prenormalised(acts, params, lengths), lengths
+
+
+def _encode_differentiable(acts, params, lengths, normalize, backend, num_sets):
+    _check_finite(acts, 0)
+    x_hat = _prenormalised(acts, params, lengths)
     latents = x_hat
     for weight, bias, relu in params.encoder:
         latents = F.linear(latents, weight, bias)

@@ -23,8 +23,8 @@ def gpu_backends():
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected| (norm-wise: entries near zero do not blow it up)."""
-    scale = expected.abs().max().clamp_min(1e-30)
-    return float((actual.double() - expected.double()).abs().max() / scale)
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,184 @@
+"""`FVVAE`: the FV-VAE layer as an nn.Module to put after any CNN layer (DESIGN §4, Algorithm 1)."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fvkernels import encode
+from fvkernels.params import FVVAEParams, load_official_weights
+
+
+OFFICIAL_LAMBDA_CLS = 1e3
+
+
+class FVVAE(nn.Module):
+    """FV-VAE over the local activations of a CNN layer.
+
+    forward(acts) → normalised Fisher vectors (N, C·(d+1)), differentiable w.r.t. this module and acts;
+    loss(acts, labels) → the terms of Algorithm 1; fit_fisher(batches) → the diagonal Fisher buffer.
+
+    The encoder is `hidden` ReLU layers and a linear layer to the latent size (the official training
+    network: 512 → 512 → 256); σx (per channel) and σz (per latent unit) are learned in log space and
+    shared over descriptors. σx is bounded below by sigma_floor × the RMS of the pre-normalised
+    descriptors of the first training batch: without it σx collapses on near-constant channels and
+    1/σx² explodes (DESIGN §5).
+    """
+
+    def __init__(self, in_channels: int, latent_dim: int = 256, hidden: Sequence[int] = (512,),
+                 num_classes: Optional[int] = None, prenorm: Optional[str] = "descriptor", norm_scale: float = 1.0,
+                 spp: Optional[str] = None, dropout: float = 0.5, lambda_rec: float = 1.0, lambda_reg: float = 1.0,
+                 lambda_cls: Optional[float] = None, sigma_floor: float = 0.05, backend: str = "auto") -> None:
+        super().__init__()
+        if lambda_cls is None:  # the official prototxt's weight when there are labels, else FV-VAE⁻
+            lambda_cls = OFFICIAL_LAMBDA_CLS if num_classes else 0.0
+        # The constructor's arguments: FVVAE(**model.config) rebuilds the architecture (checkpoints).
+        self.config = dict(in_channels=in_channels, latent_dim=latent_dim, hidden=tuple(hidden),
+                           num_classes=num_classes, prenorm=prenorm, norm_scale=norm_scale, spp=spp, dropout=dropout,
+                           lambda_rec=lambda_rec, lambda_reg=lambda_reg, lambda_cls=lambda_cls,
+                           sigma_floor=sigma_floor, backend=backend)
+        if in_channels < 1 or latent_dim < 1:
+            raise ValueError(f"in_channels and latent_dim must be positive, got {in_channels} and {latent_dim}")
+        if lambda_cls and not num_classes:
+            raise ValueError(f"lambda_cls = {lambda_cls} needs num_classes; pass num_classes, or lambda_cls=0 "
+                             "for FV-VAE⁻ (no classification loss)")
+        widths = [in_channels, *hidden, latent_dim]
+        self.encoder = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.decoder = nn.Linear(latent_dim, in_channels)
+        self.classifier = nn.Linear(latent_dim, num_classes) if num_classes else None
+        self.log_sigma_x = nn.Parameter(torch.zeros(in_channels))
+        self.log_sigma_z = nn.Parameter(torch.zeros(latent_dim))
+        for layer in [*self.encoder, self.decoder] + ([self.classifier] if self.classifier else []):
+            nn.init.xavier_uniform_(layer.weight)  # as the official prototxt
+            nn.init.zeros_(layer.bias)
+        self.register_buffer("sigma_x_min", torch.zeros(()))
+        self.register_buffer("fisher", torch.zeros(in_channels, latent_dim + 1))
+        self.register_buffer("fisher_sets", torch.zeros((), dtype=torch.int64))
+        self.prenorm, self.norm_scale, self.spp = prenorm, float(norm_scale), spp
+        self.dropout, self.sigma_floor, self.backend = dropout, sigma_floor, backend
+        self.lambda_rec, self.lambda_reg, self.lambda_cls = lambda_rec, lambda_reg, lambda_cls
+        self.to_params()  # validates prenorm/spp now rather than at the first forward
+
+    # ---- parameters ------------------------------------------------------------------------------------
+
+    @property
+    def in_channels(self) -> int:
+        return self.decoder.out_features
+
+    @property
+    def latent_dim(self) -> int:
+        return self.decoder.in_features
+
+    @property
+    def dim(self) -> int:
+        return self.in_channels * (self.latent_dim + 1)
+
+    def sigma_x(self) -> Tensor:
+        return self.log_sigma_x.exp().clamp_min(self.sigma_x_min)
+
+    def to_params(self) -> FVVAEParams:
+        """The layer as FVVAEParams (tensors shared, so gradients flow); fisher only once fitted."""
+        last = len(self.encoder) - 1
+        return FVVAEParams(
+            encoder=[(layer.weight, layer.bias, index < last) for index, layer in enumerate(self.encoder)],
+            dec_weight=self.decoder.weight, dec_bias=self.decoder.bias, sigma_x=self.sigma_x(),
+            fisher=self.fisher if int(self.fisher_sets) > 0 else None,
+            prenorm=self.prenorm, norm_scale=self.norm_scale, spp=self.spp)
+
+    @classmethod
+    def from_official(cls, path, **kwargs) -> "FVVAE":
+        """The layer with the weights of the official release's caffe_vae_weights_*.mat (DESIGN §3)."""
+        params = load_official_weights(path)
+        relus = [relu for _, _, relu in params.encoder]
+        if any(relus[-1:]) or not all(relus[:-1]):
+            raise ValueError(f"{path}: encoder activations {relus} are not ReLU…ReLU then Linear, "
+                             "which is the only encoder shape FVVAE builds")
+        hidden = [weight.shape[0] for weight, _, _ in params.encoder[:-1]]
+        options = dict(prenorm=params.prenorm, norm_scale=params.norm_scale, spp=params.spp, lambda_cls=0.0)
+        options.update(kwargs)
+        model = cls(params.channels, params.latent_dim, hidden, **options)
+        with torch.no_grad():
+            for layer, (weight, bias, _) in zip(model.encoder, params.encoder):
+                layer.weight.copy_(weight)
+                layer.bias.copy_(bias)
+            model.decoder.weight.copy_(params.dec_weight)
+            model.decoder.bias.copy_(params.dec_bias)
+            model.log_sigma_x.copy_(params.sigma_x.log())
+        return model
+
+    # ---- encoding --------------------------------------------------------------------------------------
+
+    def forward(self, acts: Tensor, lengths=None) -> Tensor:
+        return encode.fv_vae_encode(acts, self.to_params(), lengths=lengths, backend=self.backend)
+
+    @torch.no_grad()
+    def fit_fisher(self, batches: Iterable) -> Tensor:
+        """Sets the diagonal Fisher F = mean over sets of G² (DESIGN §1.6) from a stream of batches.
+
+        batches yields acts, or (acts, lengths) pairs; only running sums are kept, never the FVs.
+        Empty sets (length 0) carry no information and are not counted.
+        """
+        params = self.to_params()
+        params.fisher, params.fisher_rsqrt = None, None
+        total = torch.zeros_like(self.fisher, dtype=torch.float64)
+        count = 0
+        for batch in batches:
+            acts, lengths = batch if isinstance(batch, (tuple, list)) else (batch, None)
+            raw = encode.fv_vae_encode(acts, params, lengths=lengths, normalize=False, backend=self.backend)
+            total += raw.double().square().sum(0).view_as(total)
+            count += raw.shape[0] if lengths is None else int((torch.as_tensor(lengths) > 0).sum())
+        total, count = self.reduce_fisher_statistics(total, count)
+        if count == 0:
+            raise ValueError("fit_fisher saw no non-empty set; pass batches of training activations")
+        self.fisher.copy_(total / count)
+        self.fisher_sets.fill_(count)
+        return self.fisher
+
+    def reduce_fisher_statistics(self, total: Tensor, count: int):
+        """Hook for data-parallel fitting: combine (Σ G², #sets) over processes. Identity here."""
+        return total, count
+
+    # ---- training --------------------------------------------------------------------------------------
+
+    def loss(self, acts: Tensor, labels: Optional[Tensor] = None, lengths=None) -> Dict[str, Tensor]:
+        """Algorithm 1's losses, each averaged over the sets of the batch (sums over descriptors inside).
+
+        rec = Σ_t ‖(x̂_t − µx_t)/σx‖²/2 + Σ log σx,  reg = Σ_t KL(N(µz_t, σz²) ‖ N(0, I)),
+        cls = cross-entropy of the per-descriptor class scores of z_t max-pooled over the set;
+        total = λ_rec·rec + λ_reg·reg + λ_cls·cls. Uses input dropout and one reparameterised sample.
+        """
+        x_hat, lengths = encode.prenormalised_sets(acts, self.to_params(), lengths)
+        num_sets, set_size, _ = x_hat.shape
+        valid = torch.ones(num_sets, set_size, 1, dtype=torch.bool, device=acts.device) if lengths is None else \
+            (torch.arange(set_size, device=acts.device) < lengths[:, None]).unsqueeze(-1)
+        if self.training and float(self.sigma_x_min) == 0:
+            rms = x_hat.detach().square().masked_select(valid).mean().sqrt()
+            self.sigma_x_min.fill_(self.sigma_floor * float(rms))
+
+        hidden = F.dropout(x_hat, self.dropout, self.training)
+        for index, layer in enumerate(self.encoder):
+            hidden = layer(hidden)
+            hidden = F.relu(hidden) if index < len(self.encoder) - 1 else hidden
+        mu_z = hidden
+        sigma_z = self.log_sigma_z.exp()
+        z = mu_z + torch.randn_like(mu_z) * sigma_z if self.training else mu_z
+        mu_x = F.relu(self.decoder(z))
+        sigma_x = self.sigma_x()
+
+        mask = valid.to(x_hat.dtype)
+        descriptors_per_set = mask.sum((1, 2))
+        rec = ((x_hat - mu_x) / sigma_x).square().mul(mask).sum((1, 2)) / 2 + descriptors_per_set * sigma_x.log().sum()
+        kl = (mu_z.square() + sigma_z.square() - 1).sum(-1) / 2 - self.log_sigma_z.sum()
+        reg = kl.mul(mask.squeeze(-1)).sum(1)
+        losses = {"rec": rec.mean(), "reg": reg.mean()}
+        if self.classifier is not None and labels is not None:
+            scores = self.classifier(z).masked_fill(~valid, -math.inf).amax(1)
+            nonempty = valid.any(1).squeeze(-1)  # an empty set has no scores to pool
+            losses["cls"] = F.cross_entropy(scores[nonempty], labels.to(acts.device)[nonempty])
+        else:
+            losses["cls"] = rec.new_zeros(())
+        losses["total"] = self.lambda_rec * losses["rec"] + self.lambda_reg * losses["reg"] + self.lambda_cls * losses["cls"]
+        return losses

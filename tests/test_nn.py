@@ -1,0 +1,123 @@
+"""The FVVAE layer: forward/backbone gradients, losses of Algorithm 1, Fisher buffer, official weights."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fvkernels import fv_vae_encode, load_official_weights
+from fvkernels.nn import FVVAE
+
+from conftest import relative_error
+from test_encode import write_official_mat
+
+
+def small_layer(**kwargs):
+    options = dict(latent_dim=4, hidden=(8,), num_classes=3)
+    options.update(kwargs)
+    return FVVAE(6, **options)
+
+
+def test_forward_matches_fv_vae_encode_and_trains_the_backbone():
+    backbone = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+    layer = small_layer().eval()
+    images = torch.rand(4, 3, 5, 5)
+    fv = layer(backbone(images))
+    assert fv.shape == (4, 6 * 5)
+    with torch.no_grad():
+        assert relative_error(fv, fv_vae_encode(backbone(images), layer.to_params())) <= 1e-5
+    fv.sum().backward()
+    assert backbone[0].weight.grad is not None and backbone[0].weight.grad.abs().sum() > 0
+    assert layer.decoder.weight.grad is not None and layer.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_loss_terms_follow_algorithm_1():
+    layer = small_layer(prenorm=None, dropout=0.0)
+    acts = torch.rand(3, 7, 6)
+    lengths = torch.tensor([7, 2, 5])
+    labels = torch.tensor([0, 2, 1])
+    torch.manual_seed(5)
+    losses = layer.loss(acts, labels, lengths)
+    torch.manual_seed(5)
+    eps = torch.randn(3, 7, 4)  # the draw the layer makes for z = µz + ε ⊙ σz
+    expected = {"rec": 0.0, "reg": 0.0, "cls": 0.0}
+    sigma_x, sigma_z = layer.sigma_x(), layer.log_sigma_z.exp()
+    for n in range(3):
+        x = acts[n, : lengths[n]]
+        mu_z = layer.encoder[1](F.relu(layer.encoder[0](x)))
+        z = mu_z + eps[n, : lengths[n]] * sigma_z
+        mu_x = F.relu(layer.decoder(z))
+        expected["rec"] += (((x - mu_x) / sigma_x) ** 2).sum() / 2 + len(x) * sigma_x.log().sum()
+        expected["reg"] += 0.5 * (mu_z ** 2 + sigma_z ** 2 - 1 - 2 * layer.log_sigma_z).sum()
+        scores = layer.classifier(z).max(0).values
+        expected["cls"] += F.cross_entropy(scores[None], labels[n: n + 1])
+    for name in expected:
+        assert torch.isclose(losses[name], expected[name] / 3, rtol=1e-5), name
+    assert torch.isclose(losses["total"], losses["rec"] + losses["reg"] + 1e3 * losses["cls"], rtol=1e-6)
+
+
+def test_fv_vae_minus_has_no_classification_term():
+    layer = FVVAE(6, 4, (8,))
+    assert layer.classifier is None and layer.lambda_cls == 0
+    losses = layer.loss(torch.rand(2, 6, 3, 3))
+    assert losses["cls"] == 0 and torch.isclose(losses["total"], losses["rec"] + losses["reg"])
+    with pytest.raises(ValueError, match="lambda_cls = 10.0 needs num_classes"):
+        FVVAE(6, 4, lambda_cls=10.0)
+
+
+def test_sigma_x_is_bounded_below_by_the_data_scale():
+    layer = small_layer(prenorm="descriptor", norm_scale=2.0)
+    with torch.no_grad():
+        layer.log_sigma_x.fill_(-30.0)
+    layer.loss(torch.rand(4, 6, 3, 3), torch.tensor([0, 1, 2, 0]))
+    rms = 2.0 / math.sqrt(6)  # every descriptor has norm 2 over 6 channels
+    assert torch.allclose(layer.sigma_x(), torch.full((6,), 0.05 * rms), rtol=1e-5)
+
+
+def test_fisher_buffer_streams_and_round_trips(tmp_path):
+    layer = small_layer().eval()
+    batches = [torch.rand(5, 6, 3, 3) for _ in range(3)]
+    fisher = layer.fit_fisher(batches)
+    raw = torch.cat([fv_vae_encode(b, _without_fisher(layer), normalize=False) for b in batches])
+    assert relative_error(fisher.flatten(), raw.square().mean(0)) <= 1e-5
+    assert int(layer.fisher_sets) == 15
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    restored = small_layer().eval()
+    restored.load_state_dict(torch.load(path))
+    assert torch.equal(restored.fisher, layer.fisher)
+    images = torch.rand(2, 6, 3, 3)
+    with torch.no_grad():
+        assert torch.equal(restored(images), layer(images))
+        scaled = fv_vae_encode(images, layer.to_params(), normalize=False)
+        assert relative_error(scaled, fv_vae_encode(images, _without_fisher(layer), normalize=False)
+                              / fisher.flatten().clamp_min(1e-12).sqrt()) <= 1e-5
+
+
+def _without_fisher(layer):
+    params = layer.to_params()
+    params.fisher = params.fisher_rsqrt = None
+    return params
+
+
+def test_fit_fisher_skips_empty_sets():
+    layer = small_layer(prenorm=None).eval()
+    acts, lengths = torch.rand(4, 5, 6), torch.tensor([5, 0, 3, 0])
+    layer.fit_fisher([(acts, lengths)])
+    assert int(layer.fisher_sets) == 2
+    with pytest.raises(ValueError, match="no non-empty set"):
+        layer.fit_fisher([(acts[:1], torch.tensor([0]))])
+
+
+@pytest.mark.parametrize("hidden", [(), (9,)])
+def test_from_official_reproduces_the_weight_file(tmp_path, hidden):
+    path = tmp_path / "weights.mat"
+    write_official_mat(path, 12, hidden, 5, np.random.default_rng(1))
+    layer = FVVAE.from_official(path).eval()
+    params = load_official_weights(path)
+    maps = torch.rand(3, 12, 7, 7)
+    with torch.no_grad():
+        assert relative_error(layer(maps), fv_vae_encode(maps, params)) <= 1e-5
+    assert (layer.prenorm, layer.spp, layer.norm_scale) == ("map", "official", 158.0)

@@ -1,0 +1,83 @@
+"""Training loop: the loss goes down, runs are deterministic, checkpoints resume exactly and refuse mismatches."""
+import pytest
+import torch
+
+from fvkernels.nn import FVVAE
+from fvkernels.train import SetData, atomic_save, load_checkpoint, save_checkpoint, train
+
+
+def toy_data(num_sets=48):
+    """Two classes whose descriptors live on different channels: learnable in a few steps."""
+    labels = torch.arange(num_sets) % 2
+    acts = torch.rand(num_sets, 6, 3, 3) * 0.2
+    acts[labels == 0, :3] += 1.0
+    acts[labels == 1, 3:] += 1.0
+    return SetData(acts, labels)
+
+
+def new_layer():
+    torch.manual_seed(0)
+    return FVVAE(6, 4, (8,), num_classes=2, lambda_cls=10.0)
+
+
+def test_training_reduces_the_loss():
+    history = train(new_layer(), toy_data(), iterations=60, batch_size=16, progress=False)
+    first, last = history[0], history[-1]
+    assert last["total"] < first["total"] and last["cls"] < first["cls"]
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    data = toy_data()
+    straight = new_layer()
+    history = train(straight, data, iterations=12, batch_size=16, seed=3, progress=False)
+    path = tmp_path / "run" / "fvvae.pt"
+    interrupted = new_layer()
+    train(interrupted, data, iterations=5, batch_size=16, seed=3, checkpoint=path, checkpoint_every=5, progress=False)
+    resumed = new_layer()
+    resumed_history = train(resumed, data, iterations=12, batch_size=16, seed=3, checkpoint=path,
+                            checkpoint_every=5, progress=False)
+    assert resumed_history == history
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in path.parent.iterdir()) == ["fvvae.pt"], "no temporary files left behind"
+
+
+def test_checkpoint_refuses_other_architecture_or_options(tmp_path):
+    path = tmp_path / "fvvae.pt"
+    save_checkpoint(path, new_layer())
+    assert isinstance(load_checkpoint(path), FVVAE)
+    with pytest.raises(ValueError, match="latent_dim: checkpoint 4, model 5"):
+        load_checkpoint(path, FVVAE(6, 5, (8,), num_classes=2, lambda_cls=10.0))
+    with pytest.raises(ValueError, match="prenorm: checkpoint 'descriptor', model 'map'"):
+        train(FVVAE(6, 4, (8,), num_classes=2, lambda_cls=10.0, prenorm="map"), toy_data(), iterations=1,
+              checkpoint=path, progress=False)
+
+
+def test_checkpoint_refuses_unknown_files_and_versions(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not an fvkernels FVVAE checkpoint"):
+        load_checkpoint(other)
+    future = tmp_path / "future.pt"
+    save_checkpoint(future, new_layer())
+    state = torch.load(future)
+    state["version"] = 99
+    torch.save(state, future)
+    with pytest.raises(ValueError, match="checkpoint version 99; this fvkernels reads version 1"):
+        load_checkpoint(future)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "state.pt"
+    atomic_save({"a": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("simulated crash while writing")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        atomic_save({"a": Unpicklable()}, path)
+    assert torch.load(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
