@@ -1,0 +1,63 @@
+"""The video path on generated UCF101-style frame folders: splits, frames, per-video averaging."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fvkernels import fv_vae_encode
+from fvkernels.video import (frame_batches, load_images, read_class_index, read_split, sample_frames,
+                             video_fisher_vectors, video_frame_paths)
+
+from conftest import relative_error
+from helpers import random_params
+
+Image = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture
+def ucf_like(tmp_path):
+    """Two classes, three videos with 3–5 frames each, split and class-index files."""
+    rng = np.random.default_rng(0)
+    videos = {"Jump/v_Jump_g01_c01": 3, "Jump/v_Jump_g02_c01": 5, "Swim/v_Swim_g01_c02": 4}
+    for video, frames in videos.items():
+        folder = tmp_path / "frames" / video
+        folder.mkdir(parents=True)
+        for index in range(frames):
+            pixels = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"frame_{index + 1:04d}.png")
+    (tmp_path / "classInd.txt").write_text("1 Jump\n2 Swim\n")
+    (tmp_path / "trainlist01.txt").write_text("Jump/v_Jump_g01_c01.avi 1\nSwim/v_Swim_g01_c02.avi 2\n")
+    (tmp_path / "testlist01.txt").write_text("Jump/v_Jump_g02_c01.avi\n")
+    return tmp_path
+
+
+def test_splits_and_frames(ucf_like):
+    classes = read_class_index(ucf_like / "classInd.txt")
+    assert classes == {"Jump": 0, "Swim": 1}
+    assert read_split(ucf_like / "trainlist01.txt") == [("Jump/v_Jump_g01_c01", 0), ("Swim/v_Swim_g01_c02", 1)]
+    assert read_split(ucf_like / "testlist01.txt", classes) == [("Jump/v_Jump_g02_c01", 0)]
+    with pytest.raises(ValueError, match="no label on the line"):
+        read_split(ucf_like / "testlist01.txt")
+    frames = video_frame_paths(ucf_like / "frames", "Jump/v_Jump_g02_c01")
+    assert [p.name for p in frames] == [f"frame_{i:04d}.png" for i in range(1, 6)]
+    assert [p.name for p in sample_frames(frames, 2)] == ["frame_0002.png", "frame_0004.png"]
+    with pytest.raises(FileNotFoundError, match="no frame folder"):
+        video_frame_paths(ucf_like / "frames", "Jump/v_missing")
+
+
+def test_video_fv_is_mean_of_frame_fvs(ucf_like):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(7))  # 7×7 maps like VGG pool5
+    params = random_params(6, 3, prenorm="map", spp="official", norm_scale=5.0).to(torch.float32)
+    videos = [video_frame_paths(ucf_like / "frames", v) for v, _ in read_split(ucf_like / "trainlist01.txt")]
+    videos.append([])  # a video whose frames were all unreadable
+    load = lambda paths: load_images(paths, (20, 24))  # noqa: E731
+    fv = video_fisher_vectors(frame_batches(videos, load, backbone, frames_per_batch=2), len(videos), params)
+    assert fv.shape == (3, params.dim)
+    for index, frames in enumerate(videos[:2]):
+        with torch.no_grad():
+            raw = fv_vae_encode(backbone(load(frames)), params, normalize=False).mean(0)
+        expected = raw.sign() * raw.abs().sqrt()
+        expected = expected / expected.norm()
+        assert relative_error(fv[index] * fv[index].abs(), expected * expected.abs()) <= 1e-5
+    assert torch.equal(fv[2], torch.zeros(params.dim))
