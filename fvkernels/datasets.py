@@ -1,0 +1,70 @@
+"""Fashion-MNIST from IDX files (Debian's dataset-fashion-mnist, or any folder holding the four files)."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path) -> np.ndarray:
+    """An IDX file (optionally gzipped), the MNIST family's format: magic, dims (big-endian), data."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{str(path)!r} is not an IDX file (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    values = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"{str(path)!r} is truncated: header says {shape}, found {values.size} values")
+    return values.reshape(shape)
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"{stem}[.gz] not found in {str(folder)!r}")
+
+
+def load_fashion_mnist(split: str, data_dir: Optional[Path] = None) -> Tuple[Tensor, Tensor]:
+    """(images (N, 28, 28) uint8, labels (N,) int64) of split "train" (60k) or "test" (10k)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = Path(data_dir) if data_dir is not None else DEBIAN_FASHION_MNIST
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found at {str(folder)!r}: install Debian's package "
+            "(`apt-get install dataset-fashion-mnist`) or pass --data DIR holding the four IDX files")
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{split} split has {images.shape[0]} images but {labels.shape[0]} labels in {folder}")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def stratified_subset(labels: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Indices of `size` samples with the classes as balanced as the data allows, in random order."""
+    if size >= len(labels):
+        return torch.randperm(len(labels), generator=generator)
+    classes = labels.unique()
+    per_class = [(labels == c).nonzero().flatten() for c in classes]
+    shuffled = [idx[torch.randperm(len(idx), generator=generator)] for idx in per_class]
+    interleaved = torch.stack([s[: min(map(len, shuffled))] for s in shuffled], 1).flatten()
+    chosen = interleaved[:size]
+    if len(chosen) < size:  # unbalanced data: fill from the remaining samples
+        rest = torch.tensor(sorted(set(range(len(labels))) - set(chosen.tolist())))
+        chosen = torch.cat([chosen, rest[torch.randperm(len(rest), generator=generator)[: size - len(chosen)]]])
+    return chosen[torch.randperm(size, generator=generator)]
