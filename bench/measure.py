@@ -1,0 +1,94 @@
+"""What the benchmarks measure besides pytest-benchmark's timings: the machine's ceilings, peak extra memory,
+and agreement with the baseline."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
+
+CEILING_REPEATS = 7
+
+
+def synchronized(fn: Callable[[], Tensor], device: str) -> Callable[[], Tensor]:
+    """fn followed by a device synchronisation, so that wall-clock time covers the GPU work it queued."""
+    if device != "cuda":
+        return fn
+
+    def run() -> Tensor:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def median_seconds(fn: Callable[[], object], device: str, repeats: int = CEILING_REPEATS) -> float:
+    run = synchronized(fn, device)
+    run()  # warm-up: thread pools, cuBLAS handles, first-touch of the outputs
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bf16_gemm_supported(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # oneDNN's bf16 GEMM needs AVX512-BF16 or AMX; without them torch emulates bf16, which is no ceiling.
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def measure_ceilings(device: str, full: bool) -> dict:
+    """GEMM rates (GFLOP/s) of a square n³ product in fp32 and bf16, and copy bandwidth (GB/s read + write)."""
+    size = 2048 if full else 256
+    copy_bytes = (256 if full else 8) << 20
+    ceilings = {"gemm_size": size, "copy_bytes": copy_bytes}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        if dtype == torch.bfloat16 and not bf16_gemm_supported(device):
+            continue
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        product = torch.empty_like(a)
+        seconds = median_seconds(lambda: torch.mm(a, b, out=product), device)
+        ceilings[f"gemm_gflops_{name}"] = 2 * size ** 3 / seconds / 1e9
+    source = torch.ones(copy_bytes // 4, device=device)
+    target = torch.empty_like(source)
+    ceilings["copy_gbps"] = 2 * copy_bytes / median_seconds(lambda: target.copy_(source), device) / 1e9
+    return ceilings
+
+
+def peak_extra_bytes(fn: Callable[[], Tensor], device: str) -> Optional[int]:
+    """Peak memory fn allocates beyond its inputs (allocated before) and its output, in bytes.
+
+    On CPU: the peak of the running sum of the allocations and frees torch.profiler records; on GPU: the CUDA
+    caching allocator's peak. Memory that bypasses torch's allocators (a library's own malloc) is not seen.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    # Each allocation and free is a "[memory]" event with a signed byte count; the public FunctionEvent list
+    # folds those inside an operator into the operator's net usage, which hides peaks within it.
+    changes = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                     if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in changes:
+        running += nbytes
+        peak = max(peak, running)
+    return peak - out.numel() * out.element_size()
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """max |actual − expected| / max |expected|: norm-wise, so entries near zero do not blow it up."""
+    scale = expected.abs().max().clamp_min(1e-30)
+    return float((actual.double() - expected.double()).abs().max() / scale)
