@@ -1,0 +1,557 @@
+"""The baselines FV-VAE is compared with (paper §5.3, Table 2), as set encoders in scikit-learn style.
+
+Each encoder maps a descriptor set (the H·W positions of a conv map, or any T descriptors of dimension
+C) to one vector of `.dim` entries:
+
+| encoder          | what                                               | dim            |
+|------------------|----------------------------------------------------|----------------|
+| AverageEncoder   | AVE: mean of the descriptors                       | C              |
+| ConcatEncoder    | Concatenation of the T descriptors (fixed T)       | T·C            |
+| GMMFisherEncoder | FV of a diagonal GMM, as VLFeat's vl_fisher        | 2·K·C          |
+| VLADEncoder      | VLAD on k-means centres, intra-normalised          | K·C            |
+| BilinearEncoder  | BP: mean outer product xᵀx / T                     | C² or C(C+1)/2 |
+
+Sets are given as an (N, T, C) tensor, (N, C, H, W) feature maps (T = H·W, like fv_vae_encode), or a
+list of (T_i, C) tensors of different lengths. `fit(sets)` learns what the encoder needs (the GMM,
+the k-means centres, or only C), `transform(sets)` returns (N, dim) on the sets' device and dtype.
+Everything runs as GEMMs in torch over chunks of sets (posteriors (T×K) times descriptors (T×C)), so
+it runs on the GPU when the sets are there and never holds an N×T×K×C tensor. Fits are deterministic
+for a given `seed`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fvkernels.evaluate import NORM_FLOOR, normalize
+
+# VLFeat's vl_fisher skips posteriors below this, and components whose prior is below it (their
+# 1/sqrt(prior) factor would blow up any descriptor that lands there).
+POSTERIOR_FLOOR = 1e-6
+# Largest intermediate of one chunk (elements): big enough for efficient GEMMs, small next to memory.
+CHUNK_ELEMENTS = 1 << 24
+DEFAULT_FIT_DESCRIPTORS = 200_000
+
+SetsLike = Union[Tensor, Sequence[Tensor]]
+
+
+def _progress_disabled(progress: Optional[bool]) -> Optional[bool]:
+    """tqdm's `disable`: None shows bars only on a terminal."""
+    return None if progress is None else not progress
+
+
+# ---- descriptor sets -------------------------------------------------------------------------------------
+
+class DescriptorSets:
+    """The sets handed to fit/transform, validated, with chunked and sampled access."""
+
+    def __init__(self, sets: SetsLike):
+        if isinstance(sets, Tensor):
+            if sets.dim() == 4:
+                sets = sets.flatten(2).transpose(1, 2)  # (N, C, H, W) maps → (N, H·W, C), a view
+            if sets.dim() != 3:
+                raise ValueError(f"sets must be an (N, T, C) tensor, (N, C, H, W) feature maps or a list of "
+                                 f"(T_i, C) tensors, got a tensor of shape {tuple(sets.shape)}")
+            self.tensor, self.items = sets, None
+            self.lengths = torch.full((sets.shape[0],), sets.shape[1], dtype=torch.long)
+            reference = sets
+        elif isinstance(sets, (list, tuple)):
+            if not sets:
+                raise ValueError("sets is an empty list; give at least one (T_i, C) tensor")
+            for index, item in enumerate(sets):
+                if not isinstance(item, Tensor) or item.dim() != 2:
+                    what = f"shape {tuple(item.shape)}" if isinstance(item, Tensor) else type(item).__name__
+                    raise ValueError(f"sets[{index}] must be a (T_i, C) tensor, got {what}")
+            reference = sets[0]
+            for index, item in enumerate(sets):
+                if item.shape[1] != reference.shape[1]:
+                    raise ValueError(f"all sets must have the same C: sets[0] has C = {reference.shape[1]}, "
+                                     f"sets[{index}] has C = {item.shape[1]}")
+                if item.dtype != reference.dtype or item.device != reference.device:
+                    raise TypeError(f"all sets must share one dtype and device: sets[0] is {reference.dtype} on "
+                                    f"{reference.device}, sets[{index}] is {item.dtype} on {item.device}")
+            self.tensor, self.items = None, list(sets)
+            self.lengths = torch.tensor([item.shape[0] for item in sets], dtype=torch.long)
+        else:
+            raise TypeError(f"sets must be a torch.Tensor or a list of tensors, got {type(sets).__name__}")
+        if not reference.dtype.is_floating_point:
+            raise TypeError(f"descriptors must be floating, got {reference.dtype}")
+        self.channels = reference.shape[-1]
+        self.dtype, self.device = reference.dtype, reference.device
+
+    @property
+    def num_sets(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return int(self.lengths.max()) if self.num_sets else 0
+
+    def chunks(self, elements_per_set: int, progress: Optional[bool] = None
+               ) -> Iterator[Tuple[slice, Tensor, Tensor]]:
+        """(sets slice, padded (n, T, C) descriptors with zero rows after each set's end, lengths (n,))."""
+        step = max(1, CHUNK_ELEMENTS // max(elements_per_set, 1))
+        starts = range(0, self.num_sets, step)
+        disable = True if len(starts) < 2 else _progress_disabled(progress)
+        for start in tqdm(starts, desc="encoding", disable=disable, leave=False):
+            chunk = slice(start, min(start + step, self.num_sets))
+            lengths = self.lengths[chunk].to(self.device)
+            if self.tensor is not None:
+                padded = self.tensor[chunk]
+            else:
+                padded = torch.nn.utils.rnn.pad_sequence(self.items[chunk], batch_first=True)
+            if not bool(torch.isfinite(padded).all()):
+                bad = (~torch.isfinite(padded).flatten(1).all(1)).nonzero().flatten()[:10].add(start).tolist()
+                raise ValueError(f"sets {bad} (indices) hold NaN or Inf descriptors; clean or drop them")
+            yield chunk, padded, lengths
+
+    def sample(self, max_count: int, generator: torch.Generator) -> Tensor:
+        """(M, C) descriptors drawn without replacement from all sets (all of them when there are at
+        most max_count), without materialising the whole collection."""
+        total = int(self.lengths.sum())
+        if total <= max_count:
+            picks = torch.arange(total)
+        else:
+            picks = torch.randperm(total, generator=generator)[:max_count].sort().values
+        if self.tensor is not None:
+            set_size = self.tensor.shape[1]
+            rows = self.tensor[(picks // set_size).to(self.device), (picks % set_size).to(self.device)]
+        else:
+            ends = self.lengths.cumsum(0)
+            owners = torch.searchsorted(ends, picks, right=True)
+            offsets = picks - (ends - self.lengths)[owners]
+            per_set = offsets.split(torch.bincount(owners, minlength=self.num_sets).tolist())
+            rows = torch.cat([item[rows.to(self.device)] for item, rows in zip(self.items, per_set)])
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("the descriptors hold NaN or Inf values; clean or drop those sets")
+        return rows
+
+
+def _valid_rows(padded: Tensor, lengths: Tensor) -> Tensor:
+    """(n, T) mask of the descriptors that belong to their set (not padding)."""
+    return torch.arange(padded.shape[1], device=padded.device) < lengths[:, None]
+
+
+def _row_slices(num_rows: int, row_width: int) -> Iterator[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(row_width, 1))
+    return (slice(start, start + step) for start in range(0, num_rows, step))
+
+
+# ---- clustering ------------------------------------------------------------------------------------------
+
+def _squared_distances(x: Tensor, x_squared_norms: Tensor, centres: Tensor) -> Tensor:
+    """(M, K) ‖x − c‖² as a GEMM, clamped at 0 against rounding."""
+    return (x_squared_norms[:, None] - 2 * x @ centres.t() + centres.square().sum(1)).clamp_min_(0)
+
+
+def kmeans_plusplus(descriptors: Tensor, num_clusters: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre drawn with probability ∝ its
+    squared distance to the nearest centre so far. Returns (K, C) rows of `descriptors`."""
+    num_rows = descriptors.shape[0]
+    squared_norms = descriptors.square().sum(1)
+    first = int(torch.randint(num_rows, (1,), generator=generator, device=generator.device))
+    centres = [descriptors[first]]
+    nearest = _squared_distances(descriptors, squared_norms, descriptors[first:first + 1])[:, 0]
+    for _ in range(1, num_clusters):
+        # All remaining points coincide with centres: any of them will do, as with uniform weights.
+        weights = nearest if bool(nearest.sum() > 0) else torch.ones_like(nearest)
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        centres.append(descriptors[pick])
+        nearest = torch.minimum(nearest, _squared_distances(descriptors, squared_norms, descriptors[pick:pick + 1])[:, 0])
+    return torch.stack(centres)
+
+
+def kmeans(descriptors: Tensor, num_clusters: int, *, max_iterations: int = 100, tolerance: float = 1e-4,
+           seed: int = 0, progress: Optional[bool] = None) -> Tuple[Tensor, List[float]]:
+    """Lloyd's k-means from k-means++ seeds on (M, C) descriptors. Stops when the mean squared distance
+    to the nearest centre improves by less than `tolerance` (relative). Returns the (K, C) centres and
+    the mean squared distance before each update. A cluster that loses all its points keeps its centre."""
+    generator = torch.Generator(device=descriptors.device).manual_seed(seed)
+    centres = kmeans_plusplus(descriptors, num_clusters, generator)
+    squared_norms = descriptors.square().sum(1)
+    history: List[float] = []
+    bar = tqdm(range(max_iterations), desc="k-means", disable=_progress_disabled(progress), leave=False)
+    for _ in bar:
+        sums = torch.zeros_like(centres)
+        counts = descriptors.new_zeros(num_clusters)
+        inertia = 0.0
+        for rows in _row_slices(descriptors.shape[0], num_clusters + descriptors.shape[1]):
+            distances = _squared_distances(descriptors[rows], squared_norms[rows], centres)
+            nearest, assignment = distances.min(1)
+            inertia += float(nearest.sum())
+            sums.index_add_(0, assignment, descriptors[rows])
+            counts.index_add_(0, assignment, torch.ones_like(nearest))
+        history.append(inertia / descriptors.shape[0])
+        bar.set_postfix(inertia=history[-1])
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+        if len(history) > 1 and history[-2] - history[-1] <= tolerance * abs(history[-2]):
+            break
+    return centres, history
+
+
+# ---- Gaussian mixture ------------------------------------------------------------------------------------
+
+@dataclass
+class DiagonalGMM:
+    """means (K, C), variances (K, C) (diagonal covariances), priors (K,) summing to 1."""
+
+    means: Tensor
+    variances: Tensor
+    priors: Tensor
+
+    def __post_init__(self):
+        if self.means.dim() != 2 or self.variances.shape != self.means.shape:
+            raise ValueError(f"means and variances must both be (K, C), got {tuple(self.means.shape)} and "
+                             f"{tuple(self.variances.shape)}")
+        if self.priors.shape != self.means.shape[:1]:
+            raise ValueError(f"priors must be (K,) = ({self.means.shape[0]},), got {tuple(self.priors.shape)}")
+        if not bool((self.variances > 0).all()):
+            raise ValueError("variances must be positive")
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.means.shape[1]
+
+    def to(self, *args, **kwargs) -> "DiagonalGMM":
+        return DiagonalGMM(self.means.to(*args, **kwargs), self.variances.to(*args, **kwargs),
+                           self.priors.to(*args, **kwargs))
+
+    def log_joint(self, x: Tensor) -> Tensor:
+        """(M, K) log(prior_k · N(x | mean_k, diag(variance_k))) of (M, C) descriptors, as GEMMs.
+
+        Distances are taken about the mean of the means, which keeps the expanded square
+        x²/σ² − 2xµ/σ² + µ²/σ² from cancelling catastrophically on data far from the origin."""
+        origin = self.means.mean(0)
+        x = x - origin
+        means = self.means - origin
+        precision = self.variances.reciprocal()
+        mahalanobis = x.square() @ precision.t() - 2 * x @ (means * precision).t() + (means.square() * precision).sum(1)
+        log_normaliser = self.variances.log().sum(1) + self.channels * math.log(2 * math.pi)
+        return self.priors.log() - 0.5 * (mahalanobis + log_normaliser)
+
+
+def fit_gmm(descriptors: Tensor, num_components: int, *, max_iterations: int = 100, tolerance: float = 1e-6,
+            variance_floor: float = 1e-4, seed: int = 0, progress: Optional[bool] = None
+            ) -> Tuple[DiagonalGMM, List[float]]:
+    """Diagonal GMM fitted by EM on (M, C) descriptors, from k-means++ means, the data variance and
+    uniform priors. Variances are kept ≥ variance_floor × the largest per-dimension data variance
+    (VLFeat's default bound), so dead channels (constant zero after a ReLU) do not collapse a component.
+    Stops when the mean log-likelihood per descriptor improves by less than `tolerance` (relative).
+    Returns the GMM and the mean log-likelihood before each M-step (non-decreasing: EM).
+
+    A component that loses all responsibility keeps its mean and variance with a prior of ~0.
+    """
+    num_rows, channels = descriptors.shape
+    data_variance = descriptors.var(0, unbiased=False)
+    if not float(data_variance.max()) > 0:
+        raise ValueError("all descriptors are identical; a GMM cannot be fitted to them")
+    floor = variance_floor * data_variance.max()
+    generator = torch.Generator(device=descriptors.device).manual_seed(seed)
+    gmm = DiagonalGMM(kmeans_plusplus(descriptors, num_components, generator),
+                      data_variance.clamp_min(floor).expand(num_components, channels).clone(),
+                      descriptors.new_full((num_components,), 1.0 / num_components))
+    # Sufficient statistics about the data mean, so that E[x²] − E[x]² does not cancel.
+    shift = descriptors.mean(0)
+    history: List[float] = []
+    bar = tqdm(range(max_iterations), desc="GMM EM", disable=_progress_disabled(progress), leave=False)
+    for _ in bar:
+        mass = descriptors.new_zeros(num_components)
+        first = descriptors.new_zeros(num_components, channels)
+        second = descriptors.new_zeros(num_components, channels)
+        log_likelihood = 0.0
+        for rows in _row_slices(num_rows, num_components + channels):
+            log_joint = gmm.log_joint(descriptors[rows])
+            log_evidence = log_joint.logsumexp(1)
+            log_likelihood += float(log_evidence.sum())
+            posteriors = (log_joint - log_evidence[:, None]).exp_()
+            centred = descriptors[rows] - shift
+            mass += posteriors.sum(0)
+            first += posteriors.t() @ centred
+            second += posteriors.t() @ centred.square()
+        history.append(log_likelihood / num_rows)
+        bar.set_postfix(log_likelihood=history[-1])
+        alive = mass > 0
+        mean_offsets = first[alive] / mass[alive, None]
+        means, variances = gmm.means.clone(), gmm.variances.clone()
+        means[alive] = mean_offsets + shift
+        variances[alive] = (second[alive] / mass[alive, None] - mean_offsets.square()).clamp_min(floor)
+        gmm = DiagonalGMM(means, variances, mass / num_rows)
+        if len(history) > 1 and history[-1] - history[-2] <= tolerance * abs(history[-2]):
+            break
+    return gmm, history
+
+
+# ---- encoders --------------------------------------------------------------------------------------------
+
+class SetEncoder:
+    """Base of the set encoders: fit(sets) → self, transform(sets) → (N, dim), fit_transform(sets)."""
+
+    progress: Optional[bool] = None
+    channels_: Optional[int] = None
+
+    @property
+    def dim(self) -> int:
+        """Length of the vector each set is encoded to."""
+        self._check_fitted()
+        return self._dim()
+
+    def fit(self, sets: SetsLike) -> "SetEncoder":
+        data = DescriptorSets(sets)
+        self._fit(data)
+        self.channels_ = data.channels
+        return self
+
+    def transform(self, sets: SetsLike) -> Tensor:
+        self._check_fitted()
+        data = DescriptorSets(sets)
+        if data.channels != self.channels_:
+            raise ValueError(f"sets have descriptors of C = {data.channels} but {type(self).__name__} was fitted "
+                             f"on C = {self.channels_}")
+        self._check_lengths(data)
+        out = torch.empty((data.num_sets, self._dim()), dtype=data.dtype, device=data.device)
+        for chunk, padded, lengths in data.chunks(self._elements_per_set(data.max_length), self.progress):
+            out[chunk] = self._encode(padded, lengths)
+        return out
+
+    def fit_transform(self, sets: SetsLike) -> Tensor:
+        return self.fit(sets).transform(sets)
+
+    def _check_fitted(self) -> None:
+        if self.channels_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted yet; call fit(sets) first")
+
+    def _check_lengths(self, data: DescriptorSets) -> None:
+        """Encoders that need a fixed set size override this."""
+
+    def _fit(self, data: DescriptorSets) -> None:
+        """Encoders that learn something from the sets override this."""
+
+    def _dim(self) -> int:
+        raise NotImplementedError
+
+    def _elements_per_set(self, set_size: int) -> int:
+        raise NotImplementedError
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        """(n, T, C) padded descriptors and (n,) lengths → (n, dim)."""
+        raise NotImplementedError
+
+
+class AverageEncoder(SetEncoder):
+    """AVE: the mean of each set's descriptors (an empty set gives zeros). dim = C."""
+
+    def _dim(self) -> int:
+        return self.channels_
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return set_size * self.channels_
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        valid = _valid_rows(padded, lengths).to(padded.dtype)
+        return torch.bmm(valid[:, None, :], padded)[:, 0] / lengths.clamp_min(1)[:, None].to(padded.dtype)
+
+
+class ConcatEncoder(SetEncoder):
+    """Concatenation of the T descriptors of each set (all sets must have the T seen in fit), position
+    by position: out[n, t·C + c] = x[n, t, c]. dim = T·C (25088 for VGG pool5's 7×7×512)."""
+
+    set_size_: Optional[int] = None
+
+    def _fit(self, data: DescriptorSets) -> None:
+        self.set_size_ = self._common_length(data)
+
+    @staticmethod
+    def _common_length(data: DescriptorSets) -> int:
+        sizes = data.lengths.unique()
+        if sizes.numel() != 1:
+            raise ValueError(f"ConcatEncoder needs sets of one size T, got sizes {sizes.tolist()[:10]}")
+        return int(sizes[0])
+
+    def _check_lengths(self, data: DescriptorSets) -> None:
+        size = self._common_length(data)
+        if size != self.set_size_:
+            raise ValueError(f"sets have T = {size} descriptors but ConcatEncoder was fitted on T = {self.set_size_}")
+
+    def _dim(self) -> int:
+        return self.set_size_ * self.channels_
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return set_size * self.channels_
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        return padded.reshape(padded.shape[0], -1)
+
+
+class GMMFisherEncoder(SetEncoder):
+    """Fisher vector of a diagonal GMM with K components, as VLFeat's vl_fisher computes it.
+
+    With posteriors q_tk (those below 1e-6 dropped, like VLFeat) of the T descriptors of a set:
+        u_k = 1/(T·sqrt(w_k))   Σ_t q_tk (x_t − µ_k)/σ_k
+        v_k = 1/(T·sqrt(2·w_k)) Σ_t q_tk [((x_t − µ_k)/σ_k)² − 1]
+    laid out [u_1 … u_K, v_1 … v_K] (dim = 2·K·C), then with normalize=True the "improved" FV: signed
+    square root and L2 (VLFeat's Improved flag). Components with prior < 1e-6 contribute zeros.
+
+    fit(sets) runs EM (`fit_gmm`) on at most max_fit_descriptors descriptors sampled with `seed`;
+    `from_gmm(gmm)` uses a given GMM instead (e.g. one trained by VLFeat). After fit: gmm_ (DiagonalGMM),
+    log_likelihoods_ (mean log-likelihood per EM iteration).
+
+    compute_dtype: the dtype of the fit and of the posteriors and statistics (the output has the sets'
+    dtype). The GEMM form expands (x − µ)²/σ² into x²/σ² − 2xµ/σ² + µ²/σ², which cancels in float32
+    when a component's variance is small next to its distance from the origin — common on post-ReLU
+    activations, where components fit the zeros with floored variances: there float32 is off by
+    percents of the largest FV entry, float64 agrees with VLFeat to rounding. float64 GEMMs cost about
+    twice float32 on CPUs; None computes in the sets' own dtype (for GPUs with slow float64).
+    """
+
+    def __init__(self, num_components: int, *, normalize: bool = True, max_iterations: int = 100,
+                 tolerance: float = 1e-6, variance_floor: float = 1e-4,
+                 max_fit_descriptors: int = DEFAULT_FIT_DESCRIPTORS, seed: int = 0,
+                 compute_dtype: Optional[torch.dtype] = torch.float64, progress: Optional[bool] = None):
+        if int(num_components) < 1:
+            raise ValueError(f"num_components must be ≥ 1, got {num_components}")
+        self.num_components = int(num_components)
+        self.normalize, self.compute_dtype = normalize, compute_dtype
+        self.max_iterations, self.tolerance, self.variance_floor = max_iterations, tolerance, variance_floor
+        self.max_fit_descriptors, self.seed, self.progress = max_fit_descriptors, seed, progress
+        self.gmm_: Optional[DiagonalGMM] = None
+        self.log_likelihoods_: List[float] = []
+
+    @classmethod
+    def from_gmm(cls, gmm: DiagonalGMM, *, normalize: bool = True,
+                 compute_dtype: Optional[torch.dtype] = torch.float64, progress: Optional[bool] = None
+                 ) -> "GMMFisherEncoder":
+        encoder = cls(gmm.num_components, normalize=normalize, compute_dtype=compute_dtype, progress=progress)
+        encoder.gmm_, encoder.channels_ = gmm, gmm.channels
+        return encoder
+
+    def _fit(self, data: DescriptorSets) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        sample = data.sample(self.max_fit_descriptors, generator)
+        if sample.shape[0] < self.num_components:
+            raise ValueError(f"{sample.shape[0]} descriptors cannot fit {self.num_components} GMM components")
+        self.gmm_, self.log_likelihoods_ = fit_gmm(
+            sample.to(self.compute_dtype or sample.dtype), self.num_components, max_iterations=self.max_iterations, tolerance=self.tolerance,
+            variance_floor=self.variance_floor, seed=self.seed, progress=self.progress)
+
+    def _dim(self) -> int:
+        return 2 * self.num_components * self.channels_
+
+    def _elements_per_set(self, set_size: int) -> int:
+        # a float64 copy counts twice against the float32 budget of the chunk
+        return 2 * (set_size * (self.num_components + 3 * self.channels_) + 3 * self.num_components * self.channels_)
+
+    def _encode(self, sets: Tensor, lengths: Tensor) -> Tensor:
+        padded = sets.to(self.compute_dtype or sets.dtype)
+        gmm = self.gmm_.to(device=padded.device, dtype=padded.dtype)
+        num_sets, set_size, channels = padded.shape
+        posteriors = gmm.log_joint(padded.reshape(-1, channels)).softmax(1).view(num_sets, set_size, -1)
+        keep = (posteriors >= POSTERIOR_FLOOR) & _valid_rows(padded, lengths)[..., None] \
+            & (gmm.priors >= POSTERIOR_FLOOR)
+        posteriors = posteriors * keep
+        # Statistics about the mean of the means, for the same reason as in DiagonalGMM.log_joint.
+        origin = gmm.means.mean(0)
+        centred = padded - origin
+        means = gmm.means - origin
+        mass = posteriors.sum(1)[..., None]                                   # (n, K, 1)
+        first = torch.bmm(posteriors.transpose(1, 2), centred)                # (n, K, C)
+        second = torch.bmm(posteriors.transpose(1, 2), centred.square())      # (n, K, C)
+        deviation = first - mass * means                                      # Σ q (x − µ)
+        squared_deviation = second - 2 * means * first + mass * means.square()  # Σ q (x − µ)²
+        counts = lengths.clamp_min(1).to(padded.dtype)[:, None, None]
+        weights = gmm.priors.clamp_min(POSTERIOR_FLOOR)[:, None]
+        u = deviation / (gmm.variances.sqrt() * counts * weights.sqrt())
+        v = (squared_deviation / gmm.variances - mass) / (counts * (2 * weights).sqrt())
+        fv = torch.cat([u.flatten(1), v.flatten(1)], 1)
+        return (normalize(fv) if self.normalize else fv).to(sets.dtype)
+
+
+class VLADEncoder(SetEncoder):
+    """VLAD (Jégou et al. 2010) on K k-means centres: for each centre the sum of the residuals x_t − c_k
+    of the descriptors nearest to it, then with intra_normalization each centre's block L2-normalised
+    (Arandjelović & Zisserman 2013), then with normalize signed square root and L2 of the whole vector.
+    Layout centre-major: out[n, k·C + c]; dim = K·C.
+
+    fit(sets) runs k-means (`kmeans`) on at most max_fit_descriptors sampled descriptors. After fit:
+    centers_ (K, C), inertias_ (mean squared distance per iteration).
+    """
+
+    def __init__(self, num_clusters: int, intra_normalization: bool = True, *, normalize: bool = True,
+                 max_iterations: int = 100, tolerance: float = 1e-4,
+                 max_fit_descriptors: int = DEFAULT_FIT_DESCRIPTORS, seed: int = 0, progress: Optional[bool] = None):
+        if int(num_clusters) < 1:
+            raise ValueError(f"num_clusters must be ≥ 1, got {num_clusters}")
+        self.num_clusters = int(num_clusters)
+        self.intra_normalization, self.normalize = intra_normalization, normalize
+        self.max_iterations, self.tolerance = max_iterations, tolerance
+        self.max_fit_descriptors, self.seed, self.progress = max_fit_descriptors, seed, progress
+        self.centers_: Optional[Tensor] = None
+        self.inertias_: List[float] = []
+
+    def _fit(self, data: DescriptorSets) -> None:
+        sample = data.sample(self.max_fit_descriptors, torch.Generator().manual_seed(self.seed))
+        if sample.shape[0] < self.num_clusters:
+            raise ValueError(f"{sample.shape[0]} descriptors cannot make {self.num_clusters} k-means clusters")
+        self.centers_, self.inertias_ = kmeans(sample, self.num_clusters, max_iterations=self.max_iterations,
+                                               tolerance=self.tolerance, seed=self.seed, progress=self.progress)
+
+    def _dim(self) -> int:
+        return self.num_clusters * self.channels_
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return set_size * (2 * self.num_clusters + self.channels_) + 2 * self.num_clusters * self.channels_
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        centers = self.centers_.to(device=padded.device, dtype=padded.dtype)
+        num_sets, set_size, channels = padded.shape
+        flat = padded.reshape(-1, channels)
+        nearest = _squared_distances(flat, flat.square().sum(1), centers).argmin(1).view(num_sets, set_size)
+        assignments = torch.nn.functional.one_hot(nearest, self.num_clusters).to(padded.dtype)
+        assignments *= _valid_rows(padded, lengths)[..., None]
+        sums = torch.bmm(assignments.transpose(1, 2), padded)                  # (n, K, C)
+        residuals = sums - assignments.sum(1)[..., None] * centers
+        if self.intra_normalization:
+            residuals = residuals / torch.linalg.vector_norm(residuals, dim=2, keepdim=True).clamp_min(NORM_FLOOR)
+        vlad = residuals.flatten(1)
+        return normalize(vlad) if self.normalize else vlad
+
+
+class BilinearEncoder(SetEncoder):
+    """Bilinear pooling (Lin et al. 2015) of a set with itself: B = Σ_t x_t x_tᵀ / T, then with
+    normalize signed square root and L2. dim = C² (full=True, row-major B; the paper's 262144 for C=512)
+    or C(C+1)/2 (full=False: the upper triangle row by row, off-diagonal entries × √2 after the square
+    root, so that inner products and norms equal those of the full vector)."""
+
+    def __init__(self, full: bool = True, *, normalize: bool = True, progress: Optional[bool] = None):
+        self.full, self.normalize, self.progress = full, normalize, progress
+
+    def _dim(self) -> int:
+        channels = self.channels_
+        return channels * channels if self.full else channels * (channels + 1) // 2
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return set_size * self.channels_ + 3 * self.channels_ * self.channels_
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        valid = padded * _valid_rows(padded, lengths)[..., None]
+        pooled = torch.bmm(valid.transpose(1, 2), valid) / lengths.clamp_min(1).to(padded.dtype)[:, None, None]
+        if self.normalize:
+            pooled = pooled.sign() * pooled.abs().sqrt()
+        if not self.full:
+            rows, cols = torch.triu_indices(self.channels_, self.channels_, device=padded.device)
+            scale = torch.full(rows.shape, math.sqrt(2.0), dtype=padded.dtype, device=padded.device)
+            scale[rows == cols] = 1.0
+            pooled = pooled[:, rows, cols] * scale
+        flat = pooled.flatten(1)
+        if self.normalize:
+            flat = flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(NORM_FLOOR)
+        return flat
