@@ -279,3 +279,12 @@ def test_layer_hook_errors():
     with pytest.raises(RuntimeError, match="never ran submodule 'unused'"):
         layer_activations(Skips(), "unused", torch.zeros(1, 1, 3, 3))
     assert not model[5]._forward_hooks
+
+
+def test_layer_activations_on_efficientnet_submodules():
+    model = efficientnet_lite0(pretrained=False)
+    images = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        tapped = layer_activations(model, "blocks.15.expand", images)
+        torch.testing.assert_close(tapped, model.features(images, "block15.expanded")["block15.expanded"])
+        assert layer_activations(model, "blocks.3.depthwise.conv", images).shape == (1, 144, 5, 5)

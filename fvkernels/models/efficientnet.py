@@ -77,19 +77,21 @@ class ConvBN(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1, activation: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=False)
+        # At stride 1 "SAME" padding of an odd kernel is symmetric and fixed, so the convolution does
+        # it; at stride 2 it depends on the input size and is applied in forward.
+        self.strided = stride != 1
+        padding = 0 if self.strided else (kernel_size - 1) // 2
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPSILON)
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        (kernel_h, kernel_w), (stride_h, stride_w) = self.conv.kernel_size, self.conv.stride
-        top, bottom = tf_same_padding(x.shape[-2], kernel_h, stride_h)
-        left, right = tf_same_padding(x.shape[-1], kernel_w, stride_w)
-        if (top, left) == (bottom, right):  # symmetric: let the convolution pad, without a padded copy
-            x = F.conv2d(x, self.conv.weight, None, self.conv.stride, (top, left), groups=self.conv.groups)
-        else:
-            x = self.conv(F.pad(x, (left, right, top, bottom)))
-        x = self.bn(x)
+        if self.strided:
+            (kernel_h, kernel_w), (stride_h, stride_w) = self.conv.kernel_size, self.conv.stride
+            top, bottom = tf_same_padding(x.shape[-2], kernel_h, stride_h)
+            left, right = tf_same_padding(x.shape[-1], kernel_w, stride_w)
+            x = F.pad(x, (left, right, top, bottom))
+        x = self.bn(self.conv(x))
         return F.relu6(x) if self.activation else x
 
 
