@@ -1,0 +1,116 @@
+// fv_accumulate_cpu: argument checks, and the run-time choice of the instruction set whose build of the
+// fused kernel (fv_accumulate_kernel.h) runs. This TU is compiled for the baseline ISA, so it also holds
+// the portable build.
+#include "fv_accumulate_cpu.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "fv_accumulate_isa.h"
+#include "fv_accumulate_kernel.h"
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+namespace fvk {
+namespace {
+
+struct Generic {
+  static constexpr int vector_bytes = 16;  // SSE2 / NEON
+  static constexpr int max_rows = 6;       // 6 × 2 accumulators + 2 B vectors + 1 broadcast of 16 registers
+#ifdef __SSE2__
+  static void stream(float* p, __m128 v) { _mm_stream_ps(p, v); }
+  static void stream(double* p, __m128d v) { _mm_stream_pd(p, v); }
+  static void fence() { _mm_sfence(); }
+#else  // no portable non-temporal store: plain stores
+  template <typename Scalar, typename Vector>
+  static void stream(Scalar* p, Vector v) { std::memcpy(p, &v, sizeof v); }
+  static void fence() {}
+#endif
+};
+
+enum class Isa { Generic, Avx2, Avx512 };
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+Isa best_supported_isa() {
+#ifdef FVK_X86_KERNELS
+  __builtin_cpu_init();
+  // Exactly the extensions the TUs are compiled with (CMakeLists.txt).
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::Avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::Avx2;
+#endif
+  return Isa::Generic;
+}
+
+// The best ISA of this CPU, or a lower one named by FVK_CPU_ISA (so tests can run every build on one
+// machine).
+Isa selected_isa() {
+  const Isa best = best_supported_isa();
+  const char* requested = std::getenv("FVK_CPU_ISA");
+  if (requested == nullptr || *requested == '\0') return best;
+  for (Isa isa : {Isa::Generic, Isa::Avx2, Isa::Avx512}) {
+    if (std::string(requested) != isa_name(isa)) continue;
+    if (static_cast<int>(isa) > static_cast<int>(best))
+      throw std::invalid_argument(std::string("FVK_CPU_ISA=") + requested + " is not supported by this CPU (or build); " +
+                                  "the best available is " + isa_name(best));
+    return isa;
+  }
+  throw std::invalid_argument(std::string("FVK_CPU_ISA must be one of avx512, avx2, generic, got '") + requested + "'");
+}
+
+void require(bool condition, const std::string& message) {
+  if (!condition) throw std::invalid_argument("fv_accumulate_cpu: " + message);
+}
+
+void check_args(const FVAccumulateArgs& a) {
+  require(a.dtype == DType::Float32 || a.dtype == DType::Float64,
+          "dtype must be float32 or float64 (the CPU kernel computes in these; widen bfloat16/float16 inputs "
+          "to float32 first, as fvkernels.ops.cpp does)");
+  require(a.num_sets >= 0 && a.set_size >= 0 && a.channels >= 0 && a.latent >= 0,
+          "num_sets, set_size, channels and latent must be >= 0, got " + std::to_string(a.num_sets) + ", " +
+              std::to_string(a.set_size) + ", " + std::to_string(a.channels) + ", " + std::to_string(a.latent));
+  if (a.num_sets == 0 || a.channels == 0) return;
+  require(a.out != nullptr, "out must not be null");
+  require(a.num_sets == 1 || a.out_stride_n >= a.channels * (a.latent + 1),
+          "out_stride_n must be >= channels * (latent + 1) = " + std::to_string(a.channels * (a.latent + 1)) +
+              " so that sets do not overlap, got " + std::to_string(a.out_stride_n));
+  require(a.dec_bias != nullptr && a.inv_sigma2 != nullptr, "dec_bias and inv_sigma2 must not be null");
+  require(a.latent == 0 || a.dec_weight != nullptr, "dec_weight must not be null");
+  if (a.lengths != nullptr) {
+    for (int64_t n = 0; n < a.num_sets; ++n)
+      require(a.lengths[n] >= 0 && a.lengths[n] <= a.set_size,
+              "lengths[" + std::to_string(n) + "] = " + std::to_string(a.lengths[n]) + " is outside [0, set_size = " +
+                  std::to_string(a.set_size) + "]");
+  }
+  if (a.set_size > 0) require(a.x != nullptr && (a.latent == 0 || a.z != nullptr), "x and z must not be null");
+}
+
+}  // namespace
+
+void fv_accumulate_cpu(const FVAccumulateArgs& args, int num_threads) {
+  check_args(args);
+  switch (selected_isa()) {
+#ifdef FVK_X86_KERNELS
+    case Isa::Avx512: isa::fv_accumulate_avx512(args, num_threads); break;
+    case Isa::Avx2: isa::fv_accumulate_avx2(args, num_threads); break;
+#endif
+    default: run_fused_kernel<Generic>(args, num_threads); break;
+  }
+}
+
+std::string cpu_kernel_isa() { return isa_name(selected_isa()); }
+
+}  // namespace fvk

@@ -1,0 +1,14 @@
+// The per-instruction-set entry points behind fv_accumulate_cpu (internal to csrc/cpu).
+#pragma once
+
+#include "../fv_accumulate.h"
+
+namespace fvk::isa {
+
+// Float32 or Float64 (the dispatcher has checked args). Each is compiled in its own TU with its own -m
+// flags; call one only when the CPU supports its instruction set. The portable build lives in the
+// dispatcher's TU.
+void fv_accumulate_avx2(const FVAccumulateArgs& args, int num_threads);
+void fv_accumulate_avx512(const FVAccumulateArgs& args, int num_threads);
+
+}  // namespace fvk::isa

@@ -1,0 +1,605 @@
+// The fused CPU kernel of csrc/fv_accumulate.h, written once and compiled once per instruction set
+// (fv_accumulate_<isa>.cpp include this file under their own -m flags).
+//
+// One work item is (set n, block of channels). Its output block G (channels × d, plus the bias column)
+// stays in cache while the set's descriptors are walked in row blocks — the flash-attention dK/dV
+// pattern on the CPU. Per row block:
+//   1. pack the block's z twice (row panels for the decoder GEMM, plain rows for the outer-product GEMM)
+//      and copy x̂ of the item's channels into the residual tile R;
+//   2. decoder GEMM P = Z·Wᵀ (depth d), whose epilogue turns P into the residual in place of x̂ and adds
+//      R's column sums (G's bias column);
+//   3. outer-product GEMM G += Rᵀ·Z (depth = rows of the block). On the last block its epilogue applies
+//      fisher_rsqrt and the signed square root and stores straight into out.
+// Nothing of size T × C leaves the per-thread scratch. Both GEMMs run one register-blocked microkernel:
+// Rows × 2 vectors of accumulators, A broadcast from memory, B loaded as vectors.
+//
+// Each output element is computed by exactly one work item with a summation order fixed by the row
+// blocking alone, so results do not depend on the thread count or on the channel blocking.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <type_traits>
+#include <utility>
+
+#include "../fv_accumulate.h"
+
+#define FVK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace fvk {
+// Each instruction-set TU gets its own private copy of everything below. With external linkage the
+// linker would keep one instantiation of, say, an inline helper for all TUs, and could hand the
+// portable path an AVX-512 body.
+namespace {
+
+// Descriptors per row block: R (rows × channels) and the two packed copies of z stay in L2, and the
+// outer-product GEMM still gets a deep enough reduction to amortise its loads and stores of G.
+constexpr int64_t kMaxBlockRows = 128;
+// Upper bound on the bytes of one work item's G, so that it stays in L2 next to the packed weights.
+constexpr int64_t kOutputBlockBytes = 512 * 1024;
+constexpr std::size_t kAlignment = 64;
+
+template <typename Scalar, int Bytes>
+struct VectorOf {
+  typedef Scalar type __attribute__((vector_size(Bytes)));
+};
+
+template <class F, int... I>
+FVK_ALWAYS_INLINE void unrolled_impl(F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+
+// f(0), …, f(N − 1) with compile-time indices, so arrays of accumulators are never indexed at run time
+// (which would force them out of registers onto the stack).
+template <int N, class F>
+FVK_ALWAYS_INLINE void unrolled(F&& f) {
+  unrolled_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// `count` items cut into ceil(count / max_size) ranges whose sizes differ by at most one: a set of
+// 50 descriptors becomes 5 panels of 10 rows rather than 4 × 12 + 2.
+struct BalancedSplit {
+  int64_t count;
+  int64_t parts;
+  BalancedSplit(int64_t count_, int64_t max_size) : count(count_), parts(ceil_div(count_, max_size)) {}
+  int64_t begin(int64_t part) const { return count * part / parts; }
+  int64_t size(int64_t part) const { return begin(part + 1) - begin(part); }
+};
+
+struct AlignedDelete {
+  void operator()(void* pointer) const { ::operator delete(pointer, std::align_val_t(kAlignment)); }
+};
+
+template <typename T>
+using AlignedArray = std::unique_ptr<T[], AlignedDelete>;
+
+template <typename T>
+AlignedArray<T> aligned_array(int64_t count) {
+  const std::size_t bytes = static_cast<std::size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
+  return AlignedArray<T>(static_cast<T*>(::operator new(bytes, std::align_val_t(kAlignment))));
+}
+
+// Isa: vector_bytes (register width); max_rows (accumulator rows of the microkernel, bounded by the
+// register file: max_rows × 2 accumulators + 2 B vectors must fit); stream(Scalar*, vector), a
+// non-temporal store to a vector-aligned address; fence(), ordering those stores.
+template <typename Scalar, class Isa>
+class FusedKernel {
+ public:
+  static void run(const FVAccumulateArgs& args, int num_threads) {
+    if (args.num_sets == 0 || args.channels == 0) return;
+    const FusedKernel kernel(args, num_threads);
+    kernel.execute();
+  }
+
+ private:
+  using Vec = typename VectorOf<Scalar, Isa::vector_bytes>::type;
+  static constexpr int kLanes = Isa::vector_bytes / static_cast<int>(sizeof(Scalar));
+  static constexpr int kVecsPerRow = 2;
+  static constexpr int kPanelWidth = kLanes * kVecsPerRow;  // columns of one microkernel tile
+  static constexpr int kMaxRows = Isa::max_rows;
+
+  template <int Rows>
+  struct Tile {
+    Vec v[Rows][kVecsPerRow];
+  };
+
+  static FVK_ALWAYS_INLINE Vec load(const Scalar* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static FVK_ALWAYS_INLINE void store(Scalar* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+  // acc[i][·] = Σ_k a[k·lda + i] · b[k·ldb + ·]: the one microkernel of both GEMMs.
+  template <int Rows>
+  static FVK_ALWAYS_INLINE void multiply(Tile<Rows>& acc, int64_t depth, const Scalar* a, int64_t lda,
+                                         const Scalar* b, int64_t ldb) {
+    unrolled<Rows>([&](auto i) { unrolled<kVecsPerRow>([&](auto j) { acc.v[i][j] = Vec{}; }); });
+    for (int64_t k = 0; k < depth; ++k, a += lda, b += ldb) {
+      Vec b_row[kVecsPerRow];
+      unrolled<kVecsPerRow>([&](auto j) { b_row[j] = load(b + j * kLanes); });
+      unrolled<Rows>([&](auto i) {
+        const Scalar a_ki = a[i];
+        unrolled<kVecsPerRow>([&](auto j) { acc.v[i][j] += b_row[j] * a_ki; });
+      });
+    }
+  }
+
+  // ---- decoder GEMM: P = Z·Wᵀ for one panel of kPanelWidth channels -------------------------------
+
+  struct DecoderPanel {
+    const Scalar* weight;      // [d][kPanelWidth]: the packed weight rows of the panel's channels
+    const Scalar* bias;        // the panel's kPanelWidth channels (zero-padded past C)
+    const Scalar* inv_sigma2;  // likewise; zero padding makes padded channels' residual exactly 0
+    Scalar* column_sums;       // running Σ_t r[t, c]
+    int64_t latent;
+    int64_t residual_stride;
+  };
+
+  // Rows descriptors × one channel panel. `residual` holds x̂ on entry and r on exit.
+  template <int Rows>
+  static void decoder_tile(const DecoderPanel& panel, const Scalar* z_panel, Scalar* residual) {
+    Tile<Rows> pre;
+    multiply<Rows>(pre, panel.latent, z_panel, Rows, panel.weight, kPanelWidth);
+    unrolled<kVecsPerRow>([&](auto j) {
+      const Vec bias = load(panel.bias + j * kLanes);
+      const Vec inv_sigma2 = load(panel.inv_sigma2 + j * kLanes);
+      Vec column_sum{};
+      unrolled<Rows>([&](auto i) {
+        Scalar* slot = residual + i * panel.residual_stride + j * kLanes;
+        const Vec p = pre.v[i][j] + bias;
+        const Vec r = p > Vec{} ? (p - load(slot)) * inv_sigma2 : Vec{};
+        store(slot, r);
+        column_sum += r;
+      });
+      Scalar* sums = panel.column_sums + j * kLanes;
+      store(sums, load(sums) + column_sum);
+    });
+  }
+
+  // ---- outer-product GEMM: G += Rᵀ·Z ---------------------------------------------------------------
+
+  struct OuterPass {
+    const Scalar* residual;  // R[t][c]
+    int64_t residual_stride;
+    const Scalar* z_rows;  // Z[t][k], zero-padded to whole column panels
+    int64_t latent_stride; // row stride of z_rows, partial and fisher
+    int64_t depth;      // rows of this block
+    Scalar* partial;    // G of the earlier blocks, [c][latent_stride]
+    bool has_partial;   // false on the first block: nothing to add
+    bool last;          // the last block finishes into `staged` instead of updating partial
+    // Used by the last block only.
+    const Scalar* fisher;  // [c][latent_stride], zero-padded
+    bool signed_sqrt;
+    int64_t latent;
+    Scalar* staged;        // the channel panel's rows of out, latent + 1 apart
+    Scalar* row_squares;   // [row of the panel][kLanes]: running Σ out² per lane
+  };
+
+  template <int Rows>
+  static void outer_tile(const OuterPass& pass, int64_t channel, int64_t column) {
+    const int64_t ld = pass.latent_stride;
+    Tile<Rows> g;
+    multiply<Rows>(g, pass.depth, pass.residual + channel, pass.residual_stride, pass.z_rows + column, ld);
+    Scalar* partial = pass.partial + channel * ld + column;
+    if (pass.has_partial) {
+      unrolled<Rows>([&](auto i) {
+        unrolled<kVecsPerRow>([&](auto j) { g.v[i][j] += load(partial + i * ld + j * kLanes); });
+      });
+    }
+    if (!pass.last) {
+      unrolled<Rows>([&](auto i) {
+        unrolled<kVecsPerRow>([&](auto j) { store(partial + i * ld + j * kLanes, g.v[i][j]); });
+      });
+      return;
+    }
+    const Scalar* fisher = pass.fisher + channel * ld + column;
+    unrolled<Rows>([&](auto i) {
+      unrolled<kVecsPerRow>([&](auto j) { g.v[i][j] *= load(fisher + i * ld + j * kLanes); });
+    });
+    if (pass.signed_sqrt) {
+      unrolled<Rows>([&](auto i) { unrolled<kVecsPerRow>([&](auto j) { g.v[i][j] = signed_sqrt(g.v[i][j]); }); });
+    }
+    // Padded columns are exactly zero (zero z and fisher padding), so they add nothing here.
+    unrolled<Rows>([&](auto i) {
+      Vec squares = load(pass.row_squares + i * kLanes);
+      unrolled<kVecsPerRow>([&](auto j) { squares += g.v[i][j] * g.v[i][j]; });
+      store(pass.row_squares + i * kLanes, squares);
+    });
+    const int64_t row_stride = pass.latent + 1;
+    Scalar* staged = pass.staged + column;
+    if (column + kPanelWidth <= pass.latent) {
+      unrolled<Rows>([&](auto i) {
+        unrolled<kVecsPerRow>([&](auto j) { store(staged + i * row_stride + j * kLanes, g.v[i][j]); });
+      });
+    } else {  // the last column panel is partial: its padding must not spill into the next row
+      const int64_t width = pass.latent - column;
+      unrolled<Rows>([&](auto i) {
+        Scalar row[kPanelWidth];
+        unrolled<kVecsPerRow>([&](auto j) { store(row + j * kLanes, g.v[i][j]); });
+        std::copy_n(row, width, staged + i * row_stride);
+      });
+    }
+  }
+
+  static FVK_ALWAYS_INLINE Vec signed_sqrt(Vec v) {
+    const Vec magnitude = v < Vec{} ? -v : v;
+    Vec root;
+    for (int l = 0; l < kLanes; ++l) root[l] = std::sqrt(magnitude[l]);  // vectorised into one vsqrt
+    return v < Vec{} ? -root : root;
+  }
+
+  static Scalar signed_sqrt(Scalar v) { return std::copysign(std::sqrt(std::fabs(v)), v); }
+
+  // Copies each finished channel panel from a staging buffer to out with non-temporal stores, a slice
+  // at a time between the following tiles. out is written once and is far larger than the caches, so
+  // reading its lines in first (and evicting the packed weights and G for them) would only cost; and
+  // slices drain behind the FMAs where one burst per panel would stall the core. Two staging buffers
+  // alternate: one is filled while the other streams out.
+  class OutputStream {
+   public:
+    OutputStream(Scalar* buffers, int64_t buffer_size) : buffers_(buffers), buffer_size_(buffer_size) {}
+    ~OutputStream() { finish(); }
+
+    Scalar* free_buffer() const { return source_ == buffers_ ? buffers_ + buffer_size_ : buffers_; }
+
+    // Starts copying source[0, count) (a free buffer) to destination; finishes the previous copy first.
+    void start(Scalar* destination, const Scalar* source, int64_t count) {
+      finish();
+      destination_ = destination;
+      source_ = source;
+      count_ = count;
+      const auto address = reinterpret_cast<std::uintptr_t>(destination);
+      int64_t head = count;  // a pointer not even element-aligned gets plain stores throughout
+      if (address % sizeof(Scalar) == 0) {
+        const auto misalignment = static_cast<int64_t>(address % Isa::vector_bytes);
+        head = std::min<int64_t>(count, misalignment == 0 ? 0 : (Isa::vector_bytes - misalignment) / sizeof(Scalar));
+      }
+      std::copy_n(source, head, destination);
+      done_ = head;
+    }
+
+    void advance(int64_t vectors) {
+      for (; vectors > 0 && done_ + kLanes <= count_; --vectors, done_ += kLanes)
+        Isa::stream(destination_ + done_, load(source_ + done_));
+    }
+
+    void finish() {
+      advance(count_);
+      std::copy_n(source_ + done_, count_ - done_, destination_ + done_);
+      done_ = count_;
+    }
+
+    int64_t pending_vectors() const { return (count_ - done_) / kLanes; }
+
+   private:
+    Scalar* const buffers_;
+    const int64_t buffer_size_;
+    Scalar* destination_ = nullptr;
+    const Scalar* source_ = nullptr;
+    int64_t count_ = 0;
+    int64_t done_ = 0;
+  };
+
+  // Tables of Rows-specialised tiles, indexed by Rows − 1: row panels come in every size up to kMaxRows.
+  template <int... I>
+  static constexpr auto decoder_tiles(std::integer_sequence<int, I...>) {
+    return std::array<void (*)(const DecoderPanel&, const Scalar*, Scalar*), sizeof...(I)>{&decoder_tile<I + 1>...};
+  }
+  template <int... I>
+  static constexpr auto outer_tiles(std::integer_sequence<int, I...>) {
+    return std::array<void (*)(const OuterPass&, int64_t, int64_t), sizeof...(I)>{&outer_tile<I + 1>...};
+  }
+
+  // ---- the call -------------------------------------------------------------------------------------
+
+  struct Scratch {  // one thread's tiles
+    Scalar* z_panels;      // [row panel][d][rows of the panel]
+    Scalar* z_rows;        // [row][latent_stride]
+    Scalar* residual;      // [row][residual stride]
+    Scalar* partial;       // [channel][latent_stride]
+    Scalar* column_sums;   // [channel_block]
+    Scalar* staged;        // 2 × [kMaxRows][latent + 1], see OutputStream
+    Scalar* row_squares;   // [kMaxRows][kLanes]
+  };
+
+  FusedKernel(const FVAccumulateArgs& args, int num_threads)
+      : args_(args),
+        latent_(args.latent),
+        latent_padded_(round_up(args.latent, kPanelWidth)),
+        latent_stride_(conflict_free_stride(latent_padded_)),
+        channels_padded_(round_up(args.channels, kPanelWidth)),
+        block_rows_(std::min(kMaxBlockRows, std::max<int64_t>(args.set_size, 1))) {
+    num_threads_ = num_threads > 0 ? num_threads : omp_get_max_threads();
+    choose_channel_blocks();
+    weight_ = aligned_array<Scalar>(channels_padded_ * latent_);
+    fisher_ = aligned_array<Scalar>(args.channels * latent_stride_);
+    fisher_bias_ = aligned_array<Scalar>(args.channels);
+    // Zero padding to whole panels makes the padded channels' residual exactly 0 (see DecoderPanel).
+    bias_ = aligned_array<Scalar>(channels_padded_);
+    inv_sigma2_ = aligned_array<Scalar>(channels_padded_);
+    std::fill_n(bias_.get(), channels_padded_, Scalar(0));
+    std::fill_n(inv_sigma2_.get(), channels_padded_, Scalar(0));
+    std::copy_n(static_cast<const Scalar*>(args.dec_bias), args.channels, bias_.get());
+    std::copy_n(static_cast<const Scalar*>(args.inv_sigma2), args.channels, inv_sigma2_.get());
+    scratch_stride_ = 0;
+    for (int64_t size : scratch_sizes()) scratch_stride_ += round_up(size, kPanelWidth);
+    scratch_ = aligned_array<Scalar>(scratch_stride_ * num_threads_);
+  }
+
+  std::array<int64_t, 7> scratch_sizes() const {
+    return {block_rows_ * latent_,
+            block_rows_ * latent_stride_,
+            block_rows_ * conflict_free_stride(channel_block_),
+            channel_block_ * latent_stride_,
+            channel_block_,
+            2 * staging_size(),
+            kMaxRows * kLanes};
+  }
+
+  int64_t staging_size() const { return round_up(kMaxRows * (latent_ + 1), kPanelWidth); }
+
+  // A row stride of at least `columns`, whole vectors, and not a multiple of 512 bytes: the rows of a
+  // panel walked down a column then fall into different L1 sets instead of evicting each other.
+  static int64_t conflict_free_stride(int64_t columns) {
+    const int64_t stride = round_up(columns, kLanes);
+    return stride * int64_t(sizeof(Scalar)) % 512 == 0 ? stride + kLanes : stride;
+  }
+
+  Scratch thread_scratch(int thread) const {
+    Scalar* parts[7];
+    Scalar* p = scratch_.get() + thread * scratch_stride_;
+    const auto sizes = scratch_sizes();
+    for (int i = 0; i < 7; ++i) {
+      parts[i] = p;
+      p += round_up(sizes[i], kPanelWidth);
+    }
+    return Scratch{parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6]};
+  }
+
+  // Channel blocks as large as the G budget allows; smaller when there are too few sets to keep every
+  // thread busy. Only the work split changes, never an element's summation order.
+  void choose_channel_blocks() {
+    const int64_t panels = channels_padded_ / kPanelWidth;
+    const int64_t budget_panels = std::max<int64_t>(
+        1, kOutputBlockBytes / (kPanelWidth * std::max<int64_t>(latent_padded_, 1) * int64_t(sizeof(Scalar))));
+    int64_t blocks = ceil_div(panels, budget_panels);
+    const int64_t enough_items = 8 * int64_t(num_threads_);
+    while (blocks < panels && args_.num_sets * blocks % num_threads_ != 0 && args_.num_sets * blocks < enough_items)
+      ++blocks;
+    channel_block_ = ceil_div(panels, blocks) * kPanelWidth;
+    blocks_per_set_ = ceil_div(channels_padded_, channel_block_);
+  }
+
+  void execute() const {
+    const int64_t panels = channels_padded_ / kPanelWidth;
+    const int64_t items = args_.num_sets * blocks_per_set_;
+#pragma omp parallel num_threads(num_threads_)
+    {
+#pragma omp for schedule(static) nowait
+      for (int64_t panel = 0; panel < panels; ++panel) pack_weight_panel(panel);
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < args_.channels; ++c) pack_fisher_row(c);
+      const Scratch scratch = thread_scratch(omp_get_thread_num());
+      {
+        OutputStream stream(scratch.staged, staging_size());
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t item = 0; item < items; ++item)
+          run_item(item / blocks_per_set_, item % blocks_per_set_, scratch, stream);
+      }
+      Isa::fence();  // orders the non-temporal stores before the caller reads out
+    }
+  }
+
+  // weight_[panel][k][j] = W[panel · kPanelWidth + j, k], zero past C.
+  void pack_weight_panel(int64_t panel) const {
+    const Scalar* w = static_cast<const Scalar*>(args_.dec_weight);
+    Scalar* packed = weight_.get() + panel * latent_ * kPanelWidth;
+    for (int j = 0; j < kPanelWidth; ++j) {
+      const int64_t c = panel * kPanelWidth + j;
+      for (int64_t k = 0; k < latent_; ++k)
+        packed[k * kPanelWidth + j] = c < args_.channels ? w[c * args_.w_stride[0] + k * args_.w_stride[1]] : Scalar(0);
+    }
+  }
+
+  // fisher_[c] = fisher_rsqrt[c, :d] (ones without fisher_rsqrt), zero-padded; fisher_bias_[c] = fisher_rsqrt[c, d].
+  void pack_fisher_row(int64_t c) const {
+    const Scalar* fisher = static_cast<const Scalar*>(args_.fisher_rsqrt);
+    Scalar* row = fisher_.get() + c * latent_stride_;
+    if (fisher == nullptr) {
+      std::fill_n(row, latent_, Scalar(1));
+      fisher_bias_[c] = 1;
+    } else {
+      std::copy_n(fisher + c * (latent_ + 1), latent_, row);
+      fisher_bias_[c] = fisher[c * (latent_ + 1) + latent_];
+    }
+    std::fill(row + latent_, row + latent_padded_, Scalar(0));
+  }
+
+  void run_item(int64_t n, int64_t block, const Scratch& scratch, OutputStream& stream) const {
+    const int64_t first_channel = block * channel_block_;
+    const int64_t channels = std::min(channel_block_, args_.channels - first_channel);
+    const int64_t channels_padded = round_up(channels, kPanelWidth);
+    const int64_t residual_stride = conflict_free_stride(channels_padded);
+    Scalar* out = static_cast<Scalar*>(args_.out) + n * args_.out_stride_n + first_channel * (latent_ + 1);
+    float* row_sumsq = args_.row_sumsq == nullptr ? nullptr : args_.row_sumsq + n * args_.channels + first_channel;
+    const int64_t length = args_.lengths == nullptr ? args_.set_size : args_.lengths[n];
+    if (length == 0) {
+      std::fill_n(out, channels * (latent_ + 1), Scalar(0));
+      if (row_sumsq != nullptr) std::fill_n(row_sumsq, channels, 0.0f);
+      return;
+    }
+    std::fill_n(scratch.column_sums, channels_padded, Scalar(0));
+
+    OuterPass pass;
+    pass.residual = scratch.residual;
+    pass.residual_stride = residual_stride;
+    pass.z_rows = scratch.z_rows;
+    pass.latent_stride = latent_stride_;
+    pass.partial = scratch.partial;
+    pass.fisher = fisher_.get() + first_channel * latent_stride_;
+    pass.signed_sqrt = args_.signed_sqrt;
+    pass.latent = latent_;
+    pass.row_squares = scratch.row_squares;
+
+    const BalancedSplit row_blocks(length, kMaxBlockRows);
+    for (int64_t b = 0; b < row_blocks.parts; ++b) {
+      const int64_t first_row = row_blocks.begin(b), rows = row_blocks.size(b);
+      const BalancedSplit row_panels(rows, kMaxRows);
+      pack_z(n, first_row, row_panels, scratch);
+      copy_x_hat(n, first_row, rows, first_channel, channels, channels_padded, residual_stride, scratch.residual);
+      decoder_gemm(first_channel, channels_padded, residual_stride, row_panels, scratch);
+      pass.depth = rows;
+      pass.has_partial = b > 0;
+      pass.last = b + 1 == row_blocks.parts;
+      outer_gemm(pass, first_channel, channels, scratch.column_sums, out, row_sumsq, stream);
+    }
+  }
+
+  // z rows [first_row, first_row + rows) of set n, as row panels [k][i] for the decoder GEMM's A and
+  // as zero-padded rows for the outer-product GEMM's B.
+  void pack_z(int64_t n, int64_t first_row, const BalancedSplit& row_panels, const Scratch& scratch) const {
+    const Scalar* z = static_cast<const Scalar*>(args_.z) + n * args_.z_stride[0] + first_row * args_.z_stride[1];
+    const int64_t row_stride = args_.z_stride[1], k_stride = args_.z_stride[2];
+    for (int64_t p = 0; p < row_panels.parts; ++p) {
+      const int64_t begin = row_panels.begin(p), panel_rows = row_panels.size(p);
+      Scalar* panel = scratch.z_panels + begin * latent_;
+      for (int64_t i = 0; i < panel_rows; ++i) {
+        const Scalar* source = z + (begin + i) * row_stride;
+        Scalar* row = scratch.z_rows + (begin + i) * latent_stride_;
+        for (int64_t k = 0; k < latent_; ++k) {
+          const Scalar value = source[k * k_stride];
+          row[k] = value;
+          panel[k * panel_rows + i] = value;
+        }
+        std::fill(row + latent_, row + latent_padded_, Scalar(0));
+      }
+    }
+  }
+
+  // residual[t][c] = x̂[n, first_row + t, first_channel + c], zero in the padding channels.
+  void copy_x_hat(int64_t n, int64_t first_row, int64_t rows, int64_t first_channel, int64_t channels,
+                  int64_t channels_padded, int64_t residual_stride, Scalar* residual) const {
+    const Scalar* x = static_cast<const Scalar*>(args_.x) + n * args_.x_stride[0] + first_row * args_.x_stride[1] +
+                      first_channel * args_.x_stride[2];
+    const Scalar* x_scale = static_cast<const Scalar*>(args_.x_scale);
+    const int64_t t_stride = args_.x_stride[1], c_stride = args_.x_stride[2];
+    auto scale = [&](int64_t t) {
+      return x_scale == nullptr ? Scalar(1)
+                                : x_scale[n * args_.x_scale_stride[0] + (first_row + t) * args_.x_scale_stride[1]];
+    };
+    if (c_stride <= t_stride) {  // descriptors stored as rows (N, T, C): walk channels innermost
+      for (int64_t t = 0; t < rows; ++t) {
+        const Scalar s = scale(t);
+        const Scalar* source = x + t * t_stride;
+        Scalar* row = residual + t * residual_stride;
+        if (c_stride == 1) {
+          for (int64_t c = 0; c < channels; ++c) row[c] = source[c] * s;
+        } else {
+          for (int64_t c = 0; c < channels; ++c) row[c] = source[c * c_stride] * s;
+        }
+      }
+    } else {  // channel-major maps (the (N, T, C) view of NCHW): walk descriptors innermost
+      for (int64_t c = 0; c < channels; ++c) {
+        const Scalar* source = x + c * c_stride;
+        for (int64_t t = 0; t < rows; ++t) residual[t * residual_stride + c] = source[t * t_stride] * scale(t);
+      }
+    }
+    for (int64_t t = 0; t < rows; ++t)
+      std::fill(residual + t * residual_stride + channels, residual + t * residual_stride + channels_padded, Scalar(0));
+  }
+
+  void decoder_gemm(int64_t first_channel, int64_t channels_padded, int64_t residual_stride,
+                    const BalancedSplit& row_panels, const Scratch& scratch) const {
+    static constexpr auto tiles = decoder_tiles(std::make_integer_sequence<int, kMaxRows>{});
+    DecoderPanel panel;
+    panel.latent = latent_;
+    panel.residual_stride = residual_stride;
+    for (int64_t c = 0; c < channels_padded; c += kPanelWidth) {
+      panel.weight = weight_.get() + (first_channel + c) * latent_;
+      panel.bias = bias_.get() + first_channel + c;
+      panel.inv_sigma2 = inv_sigma2_.get() + first_channel + c;
+      panel.column_sums = scratch.column_sums + c;
+      for (int64_t p = 0; p < row_panels.parts; ++p) {
+        const int64_t begin = row_panels.begin(p);
+        tiles[row_panels.size(p) - 1](panel, scratch.z_panels + begin * latent_,
+                                      scratch.residual + begin * residual_stride + c);
+      }
+    }
+  }
+
+  // On the last row block each channel panel is finished in a staging buffer (its bias column and row
+  // sums of squares included) and then streamed to out, where its rows are contiguous.
+  void outer_gemm(OuterPass& pass, int64_t first_channel, int64_t channels, const Scalar* column_sums, Scalar* out,
+                  float* row_sumsq, OutputStream& stream) const {
+    static constexpr auto tiles = outer_tiles(std::make_integer_sequence<int, kMaxRows>{});
+    const BalancedSplit channel_panels(channels, kMaxRows);
+    const int64_t row_stride = latent_ + 1;
+    const int64_t column_panels = latent_padded_ / kPanelWidth;
+    for (int64_t p = 0; p < channel_panels.parts; ++p) {
+      const int64_t channel = channel_panels.begin(p), rows = channel_panels.size(p);
+      const auto tile = tiles[rows - 1];
+      if (pass.last) {
+        pass.staged = stream.free_buffer();
+        std::fill_n(pass.row_squares, rows * kLanes, Scalar(0));
+      }
+      const int64_t slice = ceil_div(stream.pending_vectors(), std::max<int64_t>(column_panels, 1));
+      for (int64_t column = 0; column < latent_padded_; column += kPanelWidth) {
+        tile(pass, channel, column);
+        stream.advance(slice);
+      }
+      if (!pass.last) continue;
+      for (int64_t i = 0; i < rows; ++i) {
+        Scalar bias_term = column_sums[channel + i] * fisher_bias_[first_channel + channel + i];
+        if (pass.signed_sqrt) bias_term = signed_sqrt(bias_term);
+        pass.staged[i * row_stride + latent_] = bias_term;
+        if (row_sumsq != nullptr) {
+          Scalar squares = bias_term * bias_term;
+          for (int l = 0; l < kLanes; ++l) squares += pass.row_squares[i * kLanes + l];
+          row_sumsq[channel + i] = static_cast<float>(squares);
+        }
+      }
+      stream.start(out + channel * row_stride, pass.staged, rows * row_stride);
+    }
+  }
+
+  const FVAccumulateArgs& args_;
+  const int64_t latent_;
+  const int64_t latent_padded_;  // d rounded up to whole column panels
+  const int64_t latent_stride_;  // row stride of z_rows, partial G and fisher_
+  const int64_t channels_padded_;
+  const int64_t block_rows_;  // rows of the largest row block
+  int num_threads_ = 1;
+  int64_t channel_block_ = 0;  // channels per work item, a multiple of kPanelWidth
+  int64_t blocks_per_set_ = 0;
+  AlignedArray<Scalar> weight_;       // [C_padded / kPanelWidth][d][kPanelWidth]
+  AlignedArray<Scalar> fisher_;       // [C][latent_stride]
+  AlignedArray<Scalar> fisher_bias_;  // [C]
+  AlignedArray<Scalar> bias_;         // [C_padded]
+  AlignedArray<Scalar> inv_sigma2_;   // [C_padded]
+  int64_t scratch_stride_ = 0;
+  AlignedArray<Scalar> scratch_;
+};
+
+// The entry point each instruction-set TU exports (see fv_accumulate_isa.h).
+template <class Isa>
+void run_fused_kernel(const FVAccumulateArgs& args, int num_threads) {
+  if (args.dtype == DType::Float64) {
+    FusedKernel<double, Isa>::run(args, num_threads);
+  } else {
+    FusedKernel<float, Isa>::run(args, num_threads);
+  }
+}
+
+}  // namespace
+}  // namespace fvk
