@@ -555,3 +555,55 @@ class BilinearEncoder(SetEncoder):
         if self.normalize:
             flat = flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(NORM_FLOOR)
         return flat
+
+
+class FVVAEEncoder(SetEncoder):
+    """FV-VAE as a set encoder: fit(sets, labels) trains an FVVAE layer (Algorithm 1) and fits its
+    diagonal Fisher on the same sets; transform gives the improved Fisher vectors, dim = C·(d+1).
+
+    lambda_cls=0 (or no labels) is FV-VAE⁻. Options not named here go to fvkernels.nn.FVVAE; training
+    options (iterations, batch_size, lr, seed, checkpoint, …) go to fvkernels.train.train via `training`.
+    """
+
+    def __init__(self, latent_dim: int = 256, hidden: Sequence[int] = (512,), *, lambda_cls: Optional[float] = None,
+                 training: Optional[dict] = None, progress: Optional[bool] = None, **layer_options):
+        self.latent_dim, self.hidden, self.lambda_cls = latent_dim, tuple(hidden), lambda_cls
+        self.training, self.layer_options, self.progress = dict(training or {}), layer_options, progress
+        self.model_ = None
+        self.history_: List[dict] = []
+
+    def fit(self, sets: SetsLike, labels: Optional[Tensor] = None) -> "FVVAEEncoder":
+        from fvkernels.nn import FVVAE
+        from fvkernels.train import SetData, train
+
+        data = DescriptorSets(sets)
+        padded = data.tensor if data.tensor is not None else torch.nn.utils.rnn.pad_sequence(data.items, batch_first=True)
+        lengths = None if data.items is None else data.lengths
+        use_labels = labels is not None and self.lambda_cls != 0
+        if use_labels and len(labels) != data.num_sets:
+            raise ValueError(f"labels has {len(labels)} entries for {data.num_sets} sets")
+        num_classes = int(labels.max()) + 1 if use_labels else None
+        self.model_ = FVVAE(data.channels, self.latent_dim, self.hidden, num_classes=num_classes,
+                            lambda_cls=self.lambda_cls if use_labels else 0.0, **self.layer_options)
+        options = dict(progress=self.progress is not False)
+        options.update(self.training)
+        self.history_ = train(self.model_.to(data.dtype), SetData(padded, labels if use_labels else None, lengths),
+                              **options)
+        chunks = ((padded_chunk, chunk_lengths) for _, padded_chunk, chunk_lengths in
+                  data.chunks(self._elements_per_set(data.max_length)))
+        self.model_.fit_fisher(chunks)
+        self.channels_ = data.channels
+        return self
+
+    def fit_transform(self, sets: SetsLike, labels: Optional[Tensor] = None) -> Tensor:
+        return self.fit(sets, labels).transform(sets)
+
+    def _dim(self) -> int:
+        return self.model_.dim
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return set_size * (self.channels_ or 1) + self.latent_dim * (self.channels_ or 1)
+
+    @torch.no_grad()
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        return self.model_(padded, lengths)

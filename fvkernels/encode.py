@@ -175,13 +175,19 @@ def prenormalised_sets(acts: Tensor, params: FVVAEParams, lengths=None) -> Tuple
     return _prenormalised(acts, params, lengths), lengths
 
 
-def _encode_differentiable(acts, params, lengths, normalize, backend, num_sets):
-    _check_finite(acts, 0)
-    x_hat = _prenormalised(acts, params, lengths)
+def latent_means(x_hat: Tensor, params: FVVAEParams) -> Tensor:
+    """µ_z of pre-normalised descriptors (…, C) → (…, d): the inference MLP, differentiable."""
     latents = x_hat
     for weight, bias, relu in params.encoder:
         latents = F.linear(latents, weight, bias)
         latents = latents.relu() if relu else latents
+    return latents
+
+
+def _encode_differentiable(acts, params, lengths, normalize, backend, num_sets):
+    _check_finite(acts, 0)
+    x_hat = _prenormalised(acts, params, lengths)
+    latents = latent_means(x_hat, params)
     fv = fv_accumulate(latents, x_hat, params.dec_weight, params.dec_bias, params.inv_sigma2, params.fisher_rsqrt,
                        lengths, backend=backend).reshape(num_sets, -1)
     return _normalise(fv) if normalize else fv

@@ -283,3 +283,27 @@ def test_errors_say_what_was_expected():
         GMMFisherEncoder(30).fit(sets)
     with pytest.raises(ValueError, match="all descriptors are identical"):
         GMMFisherEncoder(2).fit(torch.ones(2, 4, 3))
+
+
+def test_fvvae_encoder_trains_fits_fisher_and_encodes():
+    from fvkernels import fv_vae_encode
+    from fvkernels.baselines import FVVAEEncoder
+
+    torch.manual_seed(0)
+    maps = torch.relu(torch.randn(24, 6, 3, 3))
+    labels = torch.arange(24) % 3
+    encoder = FVVAEEncoder(4, (8,), training=dict(iterations=4, batch_size=8), progress=False)
+    fv = encoder.fit_transform(maps, labels)
+    model = encoder.model_
+    assert encoder.dim == 6 * 5 and fv.shape == (24, 30)
+    assert model.classifier is not None and int(model.fisher_sets) == 24 and len(encoder.history_) == 4
+    with torch.no_grad():
+        assert torch.allclose(fv, fv_vae_encode(maps, model.to_params()), atol=1e-6)
+    ragged = [maps[0].flatten(1).t(), maps[1].flatten(1).t()[:5]]
+    with torch.no_grad():
+        expected = fv_vae_encode(torch.nn.utils.rnn.pad_sequence(ragged, batch_first=True), model.to_params(),
+                                 lengths=[9, 5])
+    assert torch.allclose(encoder.transform(ragged), expected, atol=1e-6)
+    minus = FVVAEEncoder(4, (8,), lambda_cls=0, training=dict(iterations=2, batch_size=8), progress=False)
+    minus.fit(maps, labels)
+    assert minus.model_.classifier is None
