@@ -279,8 +279,21 @@ __device__ __forceinline__ void accumulate_step(const float* residuals, const fl
 
 // ---- kernels -------------------------------------------------------------------------------------
 
+// Blocks per multiprocessor the register budget is sized for (128 registers per thread for two). One
+// for the widest tile on sm_8x: an A100 holds a single 112 KB block per SM anyway, so the kernel may use
+// up to 255 registers there instead of spilling.
+template <int kLatentTile>
+constexpr int min_blocks_per_multiprocessor() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return kLatentTile == kMaxLatentTile ? 1 : 2;
+#else
+  return 2;
+#endif
+}
+
 template <typename T, int kLatentTile>
-__global__ void __launch_bounds__(kThreads, 2) accumulate_kernel(const KernelParams<T> p) {
+__global__ void __launch_bounds__(kThreads, min_blocks_per_multiprocessor<kLatentTile>())
+    accumulate_kernel(const KernelParams<T> p) {
   using Layout = SharedLayout<kLatentTile>;
   constexpr int kColumnsPerLane = kLatentTile / kWarpSize;
   extern __shared__ float4 shared_storage[];
