@@ -29,14 +29,16 @@ class Case:
     latent: int = 256  # d
     ragged: bool = False  # set lengths drawn in [T/2, T] (the first set full)
     scaling: bool = False  # a point of the throughput-vs-T plot (C=512, d=256, ≈12.8k descriptors per call)
+    operation: str = "fv_accumulate"  # or "fv_vae_encode", the whole pipeline
 
     @property
     def group(self) -> str:
         ragged = ", ragged lengths" if self.ragged else ""
-        return f"{self.label}: N={self.sets} T={self.set_size} C={self.channels} d={self.latent}{ragged}"
+        sizes = f"N={self.sets} T={self.set_size} C={self.channels} d={self.latent}"
+        return f"{self.operation}, {self.label}: {sizes}{ragged}"
 
     def smoke(self) -> "Case":
-        """The same case shrunk to a few thousand FLOPs per descriptor, two sets, a few descriptors each."""
+        """The same case shrunk for the smoke run: two sets of T/50 descriptors, C/32 channels, d/32 latents."""
         return replace(self, sets=2, set_size=max(2, self.set_size // 50), channels=self.channels // 32,
                        latent=self.latent // 32)
 
@@ -54,7 +56,7 @@ FV_ACCUMULATE_CASES = (
 )
 
 # The full pipeline on images: a 512→512→256 encoder (C=512, d=256) → C·(d+1) = 131584-d Fisher vectors.
-PIPELINE_CASE = Case("pipeline-images", "fv_vae_encode, images (28x28 maps)", 16, 784, 512)
+PIPELINE_CASE = Case("pipeline-images", "images (28x28 maps)", 16, 784, 512, operation="fv_vae_encode")
 
 
 def _generator() -> torch.Generator:
@@ -93,7 +95,8 @@ def pipeline_inputs(case: Case, device: str, dtype: torch.dtype) -> Tuple[Tensor
     encoder = [(torch.randn(out, inp, generator=generator) / inp ** 0.5, torch.randn(out, generator=generator) * 0.1,
                 index == 0) for index, (inp, out) in enumerate(zip(widths[:-1], widths[1:]))]
     params = FVVAEParams(encoder, torch.randn(channels, latent, generator=generator) / latent ** 0.5,
-                         torch.randn(channels, generator=generator) * 0.1, torch.rand(channels, generator=generator) + 0.5,
+                         torch.randn(channels, generator=generator) * 0.1,
+                         torch.rand(channels, generator=generator) + 0.5,
                          torch.rand(channels, latent + 1, generator=generator) + 0.1)
     return descriptors.to(device, dtype), params.to(device, dtype)
 
@@ -114,7 +117,7 @@ def vlfeat_gmm(case: Case) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     return means, variances, priors
 
 
-def described(lengths: Optional[Tensor], case: Case) -> int:
+def valid_descriptors(case: Case, lengths: Optional[Tensor]) -> int:
     """Descriptors that count as work: the valid ones of ragged sets."""
     return int(lengths.sum()) if lengths is not None else case.sets * case.set_size
 

@@ -4,9 +4,10 @@ import torch
 
 from fvkernels.ops.reference import fv_accumulate_reference
 
-from cases import FV_ACCUMULATE_CASES, described, fv_accumulate_flops, fv_accumulate_inputs, tensor_bytes
-from measure import relative_error
-from providers import PROVIDERS, fv_accumulate_fn
+from bench.cases import (FV_ACCUMULATE_CASES, fv_accumulate_flops, fv_accumulate_inputs, tensor_bytes,
+                         valid_descriptors)
+from bench.measure import relative_error
+from bench.providers import PROVIDERS, fv_accumulate_fn
 
 # Norm-wise error allowed against the float32 torch composite: a different summation order, or bf16 inputs.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -25,6 +26,6 @@ def test_fv_accumulate(benchmark, bench, case, provider):
     error = relative_error(out, expected)
     assert error <= TOLERANCE[provider.dtype], f"{provider} differs from the torch composite by {error:.2e}"
 
-    descriptors = described(inputs[-1], case)
+    descriptors = valid_descriptors(case, inputs[-1])
     bench.time(benchmark, provider, case, lambda: accumulate(*inputs), flops=fv_accumulate_flops(case, descriptors),
                nbytes=tensor_bytes(*inputs, out), descriptors=descriptors)

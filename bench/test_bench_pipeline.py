@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from cases import PIPELINE_CASE, pipeline_flops, pipeline_inputs, tensor_bytes, vlfeat_gmm
-from measure import peak_extra_bytes, relative_error
-from providers import PROVIDERS, VLFEAT, Provider, eager_fv_vae_pipeline, pipeline_fn, vlfeat_improved_fisher
+from bench.cases import PIPELINE_CASE, pipeline_flops, pipeline_inputs, tensor_bytes, vlfeat_gmm
+from bench.measure import peak_extra_bytes, relative_error
+from bench.providers import (PROVIDERS, VLFEAT, Provider, eager_fv_vae_pipeline, pipeline_fn,
+                             vlfeat_improved_fisher)
 
 # Norm-wise error allowed against the float32 torch pipeline (compared as signed squares, see below).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
