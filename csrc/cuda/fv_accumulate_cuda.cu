@@ -508,8 +508,8 @@ class StreamWorkspace {
   }
   StreamWorkspace(const StreamWorkspace&) = delete;
   StreamWorkspace& operator=(const StreamWorkspace&) = delete;
-  // Only reached when a launch threw: the stream order still makes the free safe, and its own error
-  // (if any) would hide the one being reported.
+  // Frees only when release() was not reached, i.e. a launch threw: the stream order still makes the
+  // free safe, and its own error (if any) must not replace the one being reported.
   ~StreamWorkspace() {
     if (data_ != nullptr) cudaFreeAsync(data_, stream_);
   }
@@ -567,8 +567,8 @@ void launch_with_tile(KernelParams<T> p, float* row_sumsq, const DeviceLimits& l
   p.channel_blocks = ceil_div(p.channels, kBlockChannels);
   p.latent_tiles = p.latent > kLatentTile ? ceil_div(p.latent, kLatentTile) : 1;
   const int64_t blocks_without_split = static_cast<int64_t>(p.channel_blocks) * p.latent_tiles * p.num_sets;
-  p.splits = choose_splits(blocks_without_split, static_cast<int64_t>(limits.multiprocessors) * blocks_per_multiprocessor,
-                           p.set_size);
+  const int64_t resident_blocks = static_cast<int64_t>(limits.multiprocessors) * blocks_per_multiprocessor;
+  p.splits = choose_splits(blocks_without_split, resident_blocks, p.set_size);
   const int64_t rows = static_cast<int64_t>(p.num_sets) * p.channels;
 
   if (p.splits > 1) {
@@ -624,7 +624,8 @@ void launch(const FVAccumulateArgs& args, cudaStream_t stream) {
 
   // The widest latent tile that covers d (fewest recomputations of P), if the device's shared memory holds it.
   const DeviceLimits limits = device_limits();
-  const bool widest_fits = SharedLayout<kMaxLatentTile>::kBytes <= static_cast<std::size_t>(limits.shared_bytes_per_block);
+  const bool widest_fits =
+      SharedLayout<kMaxLatentTile>::kBytes <= static_cast<std::size_t>(limits.shared_bytes_per_block);
   if (p.latent <= 32)
     launch_with_tile<T, 32>(p, args.row_sumsq, limits, stream);
   else if (p.latent <= 64)
