@@ -127,6 +127,9 @@ def pytest_terminal_summary(terminalreporter, config):
     json_path = config.option.benchmark_json
     if not config.getoption("--benchmark") or json_path is None or not os.path.exists(json_path):
         return
+    json_path = Path(json_path).resolve()
+    # bench/RESULTS.md reports the runs saved in bench/results/; a JSON saved elsewhere gets its report beside it.
+    out_dir = BENCH_DIR if json_path.parent == RESULTS_DIR else json_path.parent
     terminalreporter.section("fvkernels targets")
-    for line in report.write_report(Path(json_path), BENCH_DIR):
+    for line in report.write_report(json_path, out_dir):
         terminalreporter.write_line(line)
