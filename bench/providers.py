@@ -63,6 +63,8 @@ PROVIDERS = (
     Provider("triton", "cuda", "triton"),
     Provider("cuda", "cuda", "cuda"),
 )
+# The classic peer, for the whole pipeline only: it encodes descriptors with a GMM, not FV-VAE latents.
+VLFEAT_PROVIDER = Provider("vlfeat", "cpu", VLFEAT)
 
 
 def compiled(fn: Callable, device: str, full: bool) -> Callable:

@@ -140,7 +140,10 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 def _run_header(run: Run, note: Optional[str]) -> List[str]:
     machine, extra = run.data["machine_info"], run.extra
     commit = run.data.get("commit_info", {})
-    cpu = machine.get("cpu", {}).get("brand_raw") or machine.get("processor") or "unknown CPU"
+    cpu_info = machine.get("cpu", {})
+    cpu = cpu_info.get("brand_raw") or machine.get("processor") or "unknown CPU"
+    if "family" in cpu_info:  # a virtual machine's brand string may not name the generation
+        cpu += f" (family {cpu_info['family']}, model {cpu_info.get('model')}, {cpu_info.get('count')} logical CPUs)"
     versions = extra["versions"]
     lines = ["# fvkernels benchmark results", "",
              f"- date: {run.data['datetime'][:19].replace('T', ' ')} UTC",

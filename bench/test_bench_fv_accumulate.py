@@ -6,11 +6,8 @@ from fvkernels.ops.reference import fv_accumulate_reference
 
 from bench.cases import (FV_ACCUMULATE_CASES, fv_accumulate_flops, fv_accumulate_inputs, tensor_bytes,
                          valid_descriptors)
-from bench.measure import relative_error
+from bench.measure import TOLERANCE, relative_error
 from bench.providers import PROVIDERS, fv_accumulate_fn
-
-# Norm-wise error allowed against the float32 torch composite: a different summation order, or bf16 inputs.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 @pytest.mark.parametrize("provider", PROVIDERS, ids=str)

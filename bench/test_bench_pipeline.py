@@ -4,18 +4,14 @@ import pytest
 import torch
 
 from bench.cases import PIPELINE_CASE, pipeline_flops, pipeline_inputs, tensor_bytes, vlfeat_gmm
-from bench.measure import peak_extra_bytes, relative_error
-from bench.providers import (PROVIDERS, VLFEAT, Provider, eager_fv_vae_pipeline, pipeline_fn,
+from bench.measure import TOLERANCE, peak_extra_bytes, relative_error
+from bench.providers import (PROVIDERS, VLFEAT_PROVIDER, eager_fv_vae_pipeline, pipeline_fn,
                              vlfeat_improved_fisher)
-
-# Norm-wise error allowed against the float32 torch pipeline (compared as signed squares, see below).
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
-VLFEAT_PROVIDER = Provider("vlfeat", "cpu", VLFEAT)
 
 
 def signed_square(fv):
-    """Undoes the signed square root: v/‖v‖₁ of the improved FV, which is linear in the raw FV and so not
-    dominated by √ of entries near zero."""
+    """Undoes the signed square root: v/‖v‖₁ of the improved FV, linear in the raw FV, so that comparing it is
+    not dominated by the square roots of entries near zero."""
     return fv * fv.abs()
 
 
