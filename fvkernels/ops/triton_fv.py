@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,9 +23,13 @@ import triton.language as tl
 
 from fvkernels.ops.dispatch import triton_interpreted
 
-# Output tiles are at most this wide (columns of d); a wider d is covered by a grid axis of d-tiles,
-# each recomputing P over the full d. The interpreter uses narrow tiles so small tests reach that path.
-MAX_BLOCK_D = 16 if triton_interpreted() else 256
+# Output tiles are at most this many columns of d wide, by element size; a wider d is covered by a grid
+# axis of d-tiles, each recomputing P over the full d. fp32 tiles are narrower because an "ieee" tl.dot
+# runs on FMA units with both operands in registers. Under the interpreter, whose cost is per program and
+# per operation, tiles stay small enough that d = 70 already takes the d-tiled, streamed-K path.
+MAX_BLOCK_D = {2: 64, 4: 64} if triton_interpreted() else {2: 256, 4: 64}
+# When d spans several tiles, P's reduction over d streams W and Z in chunks of this many columns.
+STREAM_BLOCK_K = 32 if triton_interpreted() else 64
 # The split-T heuristic assumes this channel block (the autotuner may pick another after the fact).
 NOMINAL_BLOCK_C = 16 if triton_interpreted() else 64
 # A split below this many descriptors costs more in workspace traffic than it gains in parallelism.
@@ -33,57 +38,118 @@ MIN_T_PER_SPLIT = 128
 INTERPRETER_SM_COUNT = 4
 # The split reduction is memory-bound and small: fixed tiles, no tuning.
 REDUCE_BLOCK_C = 16 if triton_interpreted() else 32
-REDUCE_MAX_BLOCK_J = 16 if triton_interpreted() else 128
+REDUCE_MAX_BLOCK_J = 64 if triton_interpreted() else 128
 
-# Budgets for pruning autotune configs before anything is compiled (checked by triton_aot.py):
-# fp32 accumulator values per thread, and shared memory when the device cannot be asked.
-MAX_ACCUMULATOR_PER_THREAD = 128
-DEFAULT_SHARED_MEMORY = 166 * 1024
+# The pruning model's budgets (triton_aot.py checks the model against the compiler's register and spill
+# report): 32-bit registers per thread for accumulators and register-held tiles; for fp32 "ieee" dots,
+# which run on FMA units with operands in registers, outputs per thread × reduction depth; and shared
+# memory when no device can be asked.
+MAX_TILE_REGISTERS = 128
+MAX_FMA_OPERAND_LOAD = 512
+DEFAULT_SHARED_MEMORY = 163 * 1024  # an A100's opt-in limit, the smallest of the targets
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How d is tiled: output tiles BLOCK_D wide, D_TILES of them, P's reduction in BLOCK_K chunks."""
+    block_d: int
+    d_tiles: int
+    block_k: int
+
+    @property
+    def resident_w(self) -> bool:
+        """One tile covers d: the program's W block is loaded once and stays on chip."""
+        return self.d_tiles == 1
+
+
+def tile_plan(latent: int, element_size: int) -> TilePlan:
+    block_d = min(triton.next_power_of_2(max(latent, 16)), MAX_BLOCK_D[element_size])
+    d_tiles = max(1, triton.cdiv(latent, block_d))
+    return TilePlan(block_d, d_tiles, block_d if d_tiles == 1 else min(block_d, STREAM_BLOCK_K))
 
 
 def _config(block_c, block_t, num_warps, num_stages):
     return triton.Config({"BLOCK_C": block_c, "BLOCK_T": block_t}, num_warps=num_warps, num_stages=num_stages)
 
 
-# H100/H200 candidates: M = BLOCK_C is the MMA row count of both products (≥ 64 for wgmma), BLOCK_T
-# the reduction depth of the second one. Small tiles exist for fp32 and d > 256, where big ones spill.
+# H100/H200 candidates, pruned per launch by viable_configs. BLOCK_C is the MMA row count of both
+# products (64 per warpgroup for wgmma), BLOCK_T the reduction depth of the second. 256-wide tiles need
+# 8 warps for their fp32 accumulator; BLOCK_C = 128 and 4 warps serve narrower ones; the small
+# configs are what fp32 "ieee" dots and unaligned 16-bit Z rows can afford.
 GPU_CONFIGS = [
+    _config(64, 64, 8, 2),
+    _config(64, 64, 8, 3),
+    _config(64, 32, 8, 3),
     _config(128, 64, 8, 2),
     _config(128, 32, 8, 3),
     _config(64, 64, 4, 3),
-    _config(64, 64, 8, 2),
     _config(64, 32, 4, 3),
-    _config(64, 32, 4, 2),
+    _config(64, 16, 8, 2),
+    _config(128, 16, 8, 2),
     _config(64, 16, 4, 2),
+    _config(32, 32, 4, 2),
 ]
 INTERPRETER_CONFIGS = [_config(16, 16, 1, 1)]
 CONFIGS = INTERPRETER_CONFIGS if triton_interpreted() else GPU_CONFIGS
 
 
-def shared_memory_estimate(config, element_size, block_d, d_tiles):
-    """Bytes of shared memory a config needs, by the operand tiles it stages (an upper-bound model)."""
+@dataclass(frozen=True)
+class TuningProblem:
+    """What the pruning model knows about a launch."""
+    element_size: int
+    plan: TilePlan
+    dot_precision: str
+    # z's set and row strides are multiples of 16 elements, as the JIT's divisibility hint needs:
+    # otherwise 16-bit Z tiles cannot be vectorized or copied asynchronously and sit in registers.
+    z_rows_aligned: bool
+    shared_memory: int
+
+
+def shared_memory_estimate(config, problem: TuningProblem) -> int:
+    """Bytes of shared memory a config needs, counting the tiles it stages (an upper-bound model)."""
     block_c, block_t = config.kwargs["BLOCK_C"], config.kwargs["BLOCK_T"]
+    plan = problem.plan
     residual_tile = block_c * block_t  # Rᵀ staged as an MMA operand
-    x_tile = block_c * block_t
-    if d_tiles == 1:  # W resident once, Z pipelined
-        per_stage = block_t * block_d + x_tile
-        return element_size * (block_c * block_d + config.num_stages * per_stage + residual_tile)
-    # W and Z chunks for every K step are pipelined, plus the output's Z tile
-    per_stage = d_tiles * (block_c + block_t) * block_d + block_t * block_d + x_tile
-    return element_size * (config.num_stages * per_stage + residual_tile)
+    per_stage = block_t * plan.block_d + block_c * block_t  # the Z tile and the Xᵀ tile
+    if plan.resident_w:
+        elements = block_c * plan.block_d + config.num_stages * per_stage + residual_tile
+    else:  # the W and Z chunks of P's reduction are pipelined too
+        elements = config.num_stages * (per_stage + (block_c + block_t) * plan.block_k) + residual_tile
+    return problem.element_size * elements
 
 
-def accumulator_per_thread(config, block_d):
-    """fp32 values each thread holds for G and the Pᵀ tile."""
+def tile_registers(config, problem: TuningProblem) -> int:
+    """32-bit registers per thread for the fp32 accumulators G and Pᵀ, plus the Z tile when it cannot
+    bypass registers (one 16-bit element per register, as scalar loads leave them)."""
     block_c, block_t = config.kwargs["BLOCK_C"], config.kwargs["BLOCK_T"]
-    return block_c * (block_d + block_t) // (32 * config.num_warps)
+    values = block_c * (problem.plan.block_d + block_t)
+    if problem.element_size < 4 and not problem.z_rows_aligned:
+        values += block_t * problem.plan.block_d
+    return values // (32 * config.num_warps)
 
 
-def viable_configs(configs, element_size, block_d, d_tiles, shared_memory):
-    """The configs expected to fit (no spilling accumulator, shared memory within the device's)."""
-    return [config for config in configs
-            if accumulator_per_thread(config, block_d) <= MAX_ACCUMULATOR_PER_THREAD
-            and shared_memory_estimate(config, element_size, block_d, d_tiles) <= shared_memory]
+def fma_operand_load(config, problem: TuningProblem) -> int:
+    """For FMA-unit dots: outputs per thread × reduction depth, the larger over Pᵀ = W·Zᵀ and G += Rᵀ·Z."""
+    block_c, block_t = config.kwargs["BLOCK_C"], config.kwargs["BLOCK_T"]
+    threads = 32 * config.num_warps
+    plan = problem.plan
+    return max(block_c * block_t // threads * plan.block_k, block_c * plan.block_d // threads * block_t)
+
+
+def fits(config, problem: TuningProblem) -> bool:
+    if tile_registers(config, problem) > MAX_TILE_REGISTERS:
+        return False
+    on_fma_units = problem.element_size == 4 and problem.dot_precision == "ieee"
+    if on_fma_units and fma_operand_load(config, problem) > MAX_FMA_OPERAND_LOAD:
+        return False
+    return shared_memory_estimate(config, problem) <= problem.shared_memory
+
+
+def viable_configs(configs, problem: TuningProblem) -> list:
+    """The configs the model expects to fit. Never empty: the smallest config is the fallback
+    (triton_aot.py shows whether it fits)."""
+    viable = [config for config in configs if fits(config, problem)]
+    return viable or [min(configs, key=lambda c: c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_T"] * c.num_stages)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,10 +160,12 @@ def _device_shared_memory(device_index: int) -> int:
 def _prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     z = args["z_ptr"]
-    shared_memory = _device_shared_memory(z.device.index) if z.is_cuda else DEFAULT_SHARED_MEMORY
-    viable = viable_configs(configs, z.element_size(), args["BLOCK_D"], args["D_TILES"], shared_memory)
-    # Never empty: the smallest config is the fallback, and triton_aot.py reports how it fits.
-    return viable or [min(configs, key=lambda c: c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_T"] * c.num_stages)]
+    problem = TuningProblem(
+        element_size=z.element_size(), plan=TilePlan(args["BLOCK_D"], args["D_TILES"], args["BLOCK_K"]),
+        dot_precision=args["DOT_PRECISION"],
+        z_rows_aligned=args["stride_zn"] % 16 == 0 and args["stride_zt"] % 16 == 0,
+        shared_memory=_device_shared_memory(z.device.index) if z.is_cuda else DEFAULT_SHARED_MEMORY)
+    return viable_configs(configs, problem)
 
 
 # ---- kernels -------------------------------------------------------------------------------------------
@@ -128,7 +196,8 @@ def _store_rows(ptrs, values, mask):
     return tl.sum(stored * stored, axis=1)
 
 
-@triton.autotune(configs=CONFIGS, key=["C", "LATENT", "t_splits"],
+# Keyed also on what the pruning depends on (precision, z's row stride); tensor dtypes are added by triton.
+@triton.autotune(configs=CONFIGS, key=["C", "LATENT", "t_splits", "DOT_PRECISION", "stride_zt"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _fv_accumulate_kernel(
@@ -140,7 +209,7 @@ def _fv_accumulate_kernel(
         stride_sn, stride_st,
         stride_wc, stride_wk,
         dst_stride_set, dst_stride_split,
-        LATENT: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr,
+        LATENT: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_X_SCALE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_FISHER: tl.constexpr,
         SIGNED_SQRT: tl.constexpr, HAS_ROW_SUMSQ: tl.constexpr, FINISH: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -187,9 +256,9 @@ def _fv_accumulate_kernel(
         pre_t = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32) + bias[:, None]
         if D_TILES == 1:
             pre_t = tl.dot(w_resident, tl.trans(z_tile), pre_t, input_precision=DOT_PRECISION)
-        else:  # K = d in chunks of the tile width; this tile's own chunk is loaded again (cache hit)
-            for k_step in tl.static_range(D_TILES):
-                ks = k_step * BLOCK_D + chunk
+        else:  # K = d streamed in BLOCK_K chunks, a plain matmul loop the compiler pipelines
+            for k_start in range(0, LATENT, BLOCK_K):
+                ks = k_start + tl.arange(0, BLOCK_K)
                 k_mask = ks < LATENT
                 w_chunk = _load_tile(w_ptr, rows, ks, stride_wc, stride_wk, row_mask, k_mask)
                 z_chunk = _load_tile(z_set, t, ks, stride_zt, stride_zk, t_mask, k_mask)
@@ -208,7 +277,9 @@ def _fv_accumulate_kernel(
     weight_offsets = rows[:, None] * (LATENT + 1) + cols[None, :]
     weight_mask = row_mask[:, None] & col_mask[None, :]
     bias_offsets = rows[:, None] * (LATENT + 1) + LATENT
-    bias_mask = (row_mask & (d_tile == 0))[:, None]  # the first d-tile owns the bias column
+    # The first d-tile owns the bias column. (A vector-vs-scalar compare, not `row_mask & (d_tile == 0)`:
+    # the interpreter turns a bool scalar & bool vector into integers and rejects them as a mask.)
+    bias_mask = (rows < tl.where(d_tile == 0, C, 0))[:, None]
     if FINISH:
         acc = _epilogue(acc, fisher_ptr + weight_offsets, weight_mask, HAS_FISHER, SIGNED_SQRT)
         bias_acc = _epilogue(bias_acc, fisher_ptr + bias_offsets, bias_mask, HAS_FISHER, SIGNED_SQRT)
@@ -221,24 +292,24 @@ def _fv_accumulate_kernel(
 @triton.jit
 def _fv_reduce_splits_kernel(
         workspace_ptr, out_ptr, fisher_ptr, row_sumsq_ptr,
-        N, C, t_splits, out_stride_set,
+        C, t_splits, workspace_stride_split, workspace_stride_set, out_stride_set,
         ROW_LENGTH: tl.constexpr, HAS_FISHER: tl.constexpr, SIGNED_SQRT: tl.constexpr,
         HAS_ROW_SUMSQ: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr):
     """Sums the T-splits' partials of one set's channel block in split order, then the epilogue."""
-    c_block = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    rows = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    n = (pid // c_blocks).to(tl.int64)
+    rows = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_mask = rows < C
-    split_stride = N * C * ROW_LENGTH
-    partials_set = workspace_ptr + n * C * ROW_LENGTH
+    partials_set = workspace_ptr + n * workspace_stride_set
     row_sumsq = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for j_start in tl.static_range(0, ROW_LENGTH, BLOCK_J):
+    for j_start in range(0, ROW_LENGTH, BLOCK_J):
         cols = j_start + tl.arange(0, BLOCK_J)
         offsets = rows[:, None] * ROW_LENGTH + cols[None, :]
         mask = row_mask[:, None] & (cols < ROW_LENGTH)[None, :]
         total = tl.zeros((BLOCK_C, BLOCK_J), dtype=tl.float32)
         for split in range(t_splits):
-            total += tl.load(partials_set + split * split_stride + offsets, mask=mask, other=0.0)
+            total += tl.load(partials_set + split * workspace_stride_split + offsets, mask=mask, other=0.0)
         values = _epilogue(total, fisher_ptr + offsets, mask, HAS_FISHER, SIGNED_SQRT)
         row_sumsq += _store_rows(out_ptr + n * out_stride_set + offsets, values, mask)
     if HAS_ROW_SUMSQ:
@@ -253,12 +324,8 @@ def fp32_dot_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def tile_width(latent: int) -> int:
-    """Columns of d per output tile: a power of two ≥ 16 (MMA and tl.arange constraints)."""
-    return min(triton.next_power_of_2(max(latent, 16)), MAX_BLOCK_D)
-
-
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of device (a fixed stand-in under the interpreter)."""
     if triton_interpreted():
         return INTERPRETER_SM_COUNT
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -268,10 +335,10 @@ def choose_t_splits(num_sets: int, set_size: int, channels: int, d_tiles: int, d
     """How many programs share each set's T: one unless the grid would leave SMs idle, then as many
     as fit one wave while each split keeps ≥ MIN_T_PER_SPLIT descriptors."""
     programs = num_sets * triton.cdiv(channels, NOMINAL_BLOCK_C) * d_tiles
-    sm_count = _sm_count(device)
-    if programs >= sm_count:
+    sms = sm_count(device)
+    if programs >= sms:
         return 1
-    return max(1, min(sm_count // programs, set_size // MIN_T_PER_SPLIT))
+    return max(1, min(sms // programs, set_size // MIN_T_PER_SPLIT))
 
 
 def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *, x_scale=None,
@@ -282,13 +349,12 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
     channels = x.shape[2]
     if num_sets == 0 or channels == 0:
         return
-    block_d = tile_width(latent)
-    d_tiles = max(1, triton.cdiv(latent, block_d))
+    plan = tile_plan(latent, z.element_size())
     if t_splits is None:
-        t_splits = choose_t_splits(num_sets, set_size, channels, d_tiles, z.device)
+        t_splits = choose_t_splits(num_sets, set_size, channels, plan.d_tiles, z.device)
     if t_splits < 1:
         raise ValueError(f"t_splits must be a positive number of T-splits, got {t_splits}")
-    finish_in_place = t_splits == 1 and (row_sumsq is None or d_tiles == 1)
+    finish_in_place = t_splits == 1 and (row_sumsq is None or plan.resident_w)
     row_length = latent + 1
     if finish_in_place:
         dst, dst_stride_set, dst_stride_split = out, out.stride(0), 0
@@ -300,7 +366,7 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
     x_scale_strides = x_scale.stride() if x_scale is not None else (0, 0)
 
     def grid(meta):
-        return (triton.cdiv(channels, meta["BLOCK_C"]) * d_tiles * t_splits * num_sets,)
+        return (triton.cdiv(channels, meta["BLOCK_C"]) * plan.d_tiles * t_splits * num_sets,)
 
     device_guard = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
     with device_guard:
@@ -312,16 +378,16 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
             num_sets, set_size, channels, t_splits,
             *z.stride(), *x.stride(), *x_scale_strides, *dec_weight.stride(),
             dst_stride_set, dst_stride_split,
-            LATENT=latent, BLOCK_D=block_d, D_TILES=d_tiles,
+            LATENT=latent, BLOCK_D=plan.block_d, D_TILES=plan.d_tiles, BLOCK_K=plan.block_k,
             HAS_X_SCALE=x_scale is not None, HAS_LENGTHS=lengths is not None,
             HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
             HAS_ROW_SUMSQ=row_sumsq is not None and finish_in_place, FINISH=finish_in_place,
             DOT_PRECISION=fp32_dot_precision())
         if not finish_in_place:
-            _fv_reduce_splits_kernel[(triton.cdiv(channels, REDUCE_BLOCK_C), num_sets)](
+            _fv_reduce_splits_kernel[(triton.cdiv(channels, REDUCE_BLOCK_C) * num_sets,)](
                 dst, out, placeholder if fisher_rsqrt is None else fisher_rsqrt,
                 placeholder if row_sumsq is None else row_sumsq,
-                num_sets, channels, t_splits, out.stride(0),
+                channels, t_splits, dst.stride(0), dst.stride(1), out.stride(0),
                 ROW_LENGTH=row_length, HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
                 HAS_ROW_SUMSQ=row_sumsq is not None, BLOCK_C=REDUCE_BLOCK_C,
                 BLOCK_J=min(triton.next_power_of_2(row_length), REDUCE_MAX_BLOCK_J), num_warps=4)
