@@ -45,8 +45,8 @@ def pytest_configure(config):
 
 
 class BenchSession:
-    """The run's mode, the machine's ceilings (measured once per device, in this process) and the providers
-    that could not run, with why."""
+    """The run's mode, the machine's ceilings (per device, measured in this process before its first case and
+    again at the end) and the providers that could not run, with why."""
 
     def __init__(self, full: bool):
         self.full = full
