@@ -32,6 +32,8 @@ LATENTS = (7, 255, 256, 512)
 # Up to 32 spilled words per thread stay in L1 and cost little; the configs this guards against (ones
 # the pruning model should have rejected) spill kilobytes.
 MAX_SPILL_BYTES = 128
+# Each compile holds ~0.5 GB: more parallel jobs than this rarely pay off.
+MAX_DEFAULT_JOBS = 8
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fvkernels.ops.triton_aot", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_MEMORY_LIMIT),
                         help="compute capabilities to compile for (default: 90 80)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, MAX_DEFAULT_JOBS),
+                        help=f"parallel compiles (default: the cores, at most {MAX_DEFAULT_JOBS})")
     args = parser.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
