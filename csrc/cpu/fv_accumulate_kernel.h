@@ -4,14 +4,14 @@
 // One work item is (set n, block of channels). Its output block G (channels × d, plus the bias column)
 // stays in cache while the set's descriptors are walked in row blocks — the flash-attention dK/dV
 // pattern on the CPU. Per row block:
-//   1. pack the block's z twice (row panels for the decoder GEMM, plain rows for the outer-product GEMM)
-//      and copy x̂ of the item's channels into the residual tile R;
+//   1. copy the block's z rows (zero-padded to whole column panels) and x̂ of the item's channels into
+//      the residual tile R;
 //   2. decoder GEMM P = Z·Wᵀ (depth d), whose epilogue turns P into the residual in place of x̂ and adds
 //      R's column sums (G's bias column);
 //   3. outer-product GEMM G += Rᵀ·Z (depth = rows of the block). On the last block its epilogue applies
 //      fisher_rsqrt and the signed square root and stores straight into out.
 // Nothing of size T × C leaves the per-thread scratch. Both GEMMs run one register-blocked microkernel:
-// Rows × 2 vectors of accumulators, A broadcast from memory, B loaded as vectors.
+// Rows × 2 vectors of accumulators, A broadcast from memory in place, B loaded as vectors.
 //
 // Each output element is computed by exactly one work item with a summation order fixed by the row
 // blocking alone, so results do not depend on the thread count or on the channel blocking.
@@ -39,7 +39,7 @@ namespace fvk {
 // portable path an AVX-512 body.
 namespace {
 
-// Descriptors per row block: R (rows × channels) and the two packed copies of z stay in L2, and the
+// Descriptors per row block: R (rows × channels) and the packed z rows stay in L2, and the
 // outer-product GEMM still gets a deep enough reduction to amortise its loads and stores of G.
 constexpr int64_t kMaxBlockRows = 128;
 // Upper bound on the bytes of one work item's G, so that it stays in L2 next to the packed weights.
@@ -120,18 +120,32 @@ class FusedKernel {
   }
   static FVK_ALWAYS_INLINE void store(Scalar* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
-  // acc[i][·] = Σ_k a[k·lda + i] · b[k·ldb + ·]: the one microkernel of both GEMMs.
-  template <int Rows>
-  static FVK_ALWAYS_INLINE void multiply(Tile<Rows>& acc, int64_t depth, const Scalar* a, int64_t lda,
-                                         const Scalar* b, int64_t ldb) {
+  // Finished output vectors to copy to out, one per iteration of a microkernel (see OutputStream).
+  struct StreamSlice {
+    const Scalar* source = nullptr;
+    Scalar* destination = nullptr;
+    int64_t vectors = 0;
+  };
+
+  // acc[i][·] = Σ_k a[i·a_row + k·a_step] · b[k·ldb + ·]: the one microkernel of both GEMMs. A is read
+  // in place and broadcast: z rows (a_step = 1) or R's columns (a_row = 1, a compile-time constant so
+  // that its rows become plain displacements). Meanwhile it streams `slice` to out, a vector per
+  // iteration, so that the stores drain behind the FMAs.
+  template <int Rows, typename RowStride>
+  static FVK_ALWAYS_INLINE void multiply(Tile<Rows>& acc, int64_t depth, const Scalar* a, RowStride a_row,
+                                         int64_t a_step, const Scalar* b, int64_t ldb, const StreamSlice& slice) {
+    const Scalar* stream_source = slice.source;
+    Scalar* stream_destination = slice.destination;
+    const int64_t stream_vectors = slice.vectors;
     unrolled<Rows>([&](auto i) { unrolled<kVecsPerRow>([&](auto j) { acc.v[i][j] = Vec{}; }); });
-    for (int64_t k = 0; k < depth; ++k, a += lda, b += ldb) {
+    for (int64_t k = 0; k < depth; ++k, a += a_step, b += ldb) {
       Vec b_row[kVecsPerRow];
       unrolled<kVecsPerRow>([&](auto j) { b_row[j] = load(b + j * kLanes); });
       unrolled<Rows>([&](auto i) {
-        const Scalar a_ki = a[i];
+        const Scalar a_ki = a[i * a_row];
         unrolled<kVecsPerRow>([&](auto j) { acc.v[i][j] += b_row[j] * a_ki; });
       });
+      if (k < stream_vectors) Isa::stream(stream_destination + k * kLanes, load(stream_source + k * kLanes));
     }
   }
 
@@ -143,14 +157,15 @@ class FusedKernel {
     const Scalar* inv_sigma2;  // likewise; zero padding makes padded channels' residual exactly 0
     Scalar* column_sums;       // running Σ_t r[t, c]
     int64_t latent;
+    int64_t z_stride;          // of the z rows
     int64_t residual_stride;
   };
 
   // Rows descriptors × one channel panel. `residual` holds x̂ on entry and r on exit.
   template <int Rows>
-  static void decoder_tile(const DecoderPanel& panel, const Scalar* z_panel, Scalar* residual) {
+  static void decoder_tile(const DecoderPanel& panel, const Scalar* z_rows, Scalar* residual, const StreamSlice& slice) {
     Tile<Rows> pre;
-    multiply<Rows>(pre, panel.latent, z_panel, Rows, panel.weight, kPanelWidth);
+    multiply<Rows>(pre, panel.latent, z_rows, panel.z_stride, 1, panel.weight, kPanelWidth, slice);
     unrolled<kVecsPerRow>([&](auto j) {
       const Vec bias = load(panel.bias + j * kLanes);
       const Vec inv_sigma2 = load(panel.inv_sigma2 + j * kLanes);
@@ -187,10 +202,11 @@ class FusedKernel {
   };
 
   template <int Rows>
-  static void outer_tile(const OuterPass& pass, int64_t channel, int64_t column) {
+  static void outer_tile(const OuterPass& pass, int64_t channel, int64_t column, const StreamSlice& slice) {
     const int64_t ld = pass.latent_stride;
     Tile<Rows> g;
-    multiply<Rows>(g, pass.depth, pass.residual + channel, pass.residual_stride, pass.z_rows + column, ld);
+    multiply<Rows>(g, pass.depth, pass.residual + channel, std::integral_constant<int64_t, 1>{}, pass.residual_stride,
+                   pass.z_rows + column, ld, slice);
     Scalar* partial = pass.partial + channel * ld + column;
     if (pass.has_partial) {
       unrolled<Rows>([&](auto i) {
@@ -241,11 +257,12 @@ class FusedKernel {
 
   static Scalar signed_sqrt(Scalar v) { return std::copysign(std::sqrt(std::fabs(v)), v); }
 
-  // Copies each finished channel panel from a staging buffer to out with non-temporal stores, a slice
-  // at a time between the following tiles. out is written once and is far larger than the caches, so
-  // reading its lines in first (and evicting the packed weights and G for them) would only cost; and
-  // slices drain behind the FMAs where one burst per panel would stall the core. Two staging buffers
-  // alternate: one is filled while the other streams out.
+  // Copies each finished channel panel from a staging buffer to out with non-temporal stores, handed
+  // out in slices to the microkernels that follow. out is written once and is far larger than the
+  // caches, so reading its lines in first (and evicting the packed weights and G for them) would only
+  // cost; and one store per microkernel iteration keeps the write-combining buffers from filling up and
+  // blocking the microkernels' own loads, as a burst per panel does. Two staging buffers alternate: one
+  // is filled while the other streams out.
   class OutputStream {
    public:
     OutputStream(Scalar* buffers, int64_t buffer_size) : buffers_(buffers), buffer_size_(buffer_size) {}
@@ -269,18 +286,20 @@ class FusedKernel {
       done_ = head;
     }
 
-    void advance(int64_t vectors) {
-      for (; vectors > 0 && done_ + kLanes <= count_; --vectors, done_ += kLanes)
-        Isa::stream(destination_ + done_, load(source_ + done_));
+    // The next (at most) max_vectors whole vectors, now the caller's to store.
+    StreamSlice take(int64_t max_vectors) {
+      StreamSlice slice{source_ + done_, destination_ + done_, std::min(max_vectors, (count_ - done_) / kLanes)};
+      done_ += slice.vectors * kLanes;
+      return slice;
     }
 
     void finish() {
-      advance(count_);
+      const StreamSlice rest = take(count_);
+      for (int64_t v = 0; v < rest.vectors; ++v)
+        Isa::stream(rest.destination + v * kLanes, load(rest.source + v * kLanes));
       std::copy_n(source_ + done_, count_ - done_, destination_ + done_);
       done_ = count_;
     }
-
-    int64_t pending_vectors() const { return (count_ - done_) / kLanes; }
 
    private:
     Scalar* const buffers_;
@@ -294,17 +313,18 @@ class FusedKernel {
   // Tables of Rows-specialised tiles, indexed by Rows − 1: row panels come in every size up to kMaxRows.
   template <int... I>
   static constexpr auto decoder_tiles(std::integer_sequence<int, I...>) {
-    return std::array<void (*)(const DecoderPanel&, const Scalar*, Scalar*), sizeof...(I)>{&decoder_tile<I + 1>...};
+    return std::array<void (*)(const DecoderPanel&, const Scalar*, Scalar*, const StreamSlice&), sizeof...(I)>{
+        &decoder_tile<I + 1>...};
   }
   template <int... I>
   static constexpr auto outer_tiles(std::integer_sequence<int, I...>) {
-    return std::array<void (*)(const OuterPass&, int64_t, int64_t), sizeof...(I)>{&outer_tile<I + 1>...};
+    return std::array<void (*)(const OuterPass&, int64_t, int64_t, const StreamSlice&), sizeof...(I)>{
+        &outer_tile<I + 1>...};
   }
 
   // ---- the call -------------------------------------------------------------------------------------
 
   struct Scratch {  // one thread's tiles
-    Scalar* z_panels;      // [row panel][d][rows of the panel]
     Scalar* z_rows;        // [row][latent_stride]
     Scalar* residual;      // [row][residual stride]
     Scalar* partial;       // [channel][latent_stride]
@@ -337,9 +357,8 @@ class FusedKernel {
     scratch_ = aligned_array<Scalar>(scratch_stride_ * num_threads_);
   }
 
-  std::array<int64_t, 7> scratch_sizes() const {
-    return {block_rows_ * latent_,
-            block_rows_ * latent_stride_,
+  std::array<int64_t, 6> scratch_sizes() const {
+    return {block_rows_ * latent_stride_,
             block_rows_ * conflict_free_stride(channel_block_),
             channel_block_ * latent_stride_,
             channel_block_,
@@ -357,14 +376,14 @@ class FusedKernel {
   }
 
   Scratch thread_scratch(int thread) const {
-    Scalar* parts[7];
+    Scalar* parts[6];
     Scalar* p = scratch_.get() + thread * scratch_stride_;
     const auto sizes = scratch_sizes();
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < 6; ++i) {
       parts[i] = p;
       p += round_up(sizes[i], kPanelWidth);
     }
-    return Scratch{parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6]};
+    return Scratch{parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]};
   }
 
   // Channel blocks as large as the G budget allows; smaller when there are too few sets to keep every
@@ -456,9 +475,9 @@ class FusedKernel {
     for (int64_t b = 0; b < row_blocks.parts; ++b) {
       const int64_t first_row = row_blocks.begin(b), rows = row_blocks.size(b);
       const BalancedSplit row_panels(rows, kMaxRows);
-      pack_z(n, first_row, row_panels, scratch);
+      pack_z(n, first_row, rows, scratch.z_rows);
       copy_x_hat(n, first_row, rows, first_channel, channels, channels_padded, residual_stride, scratch.residual);
-      decoder_gemm(first_channel, channels_padded, residual_stride, row_panels, scratch);
+      decoder_gemm(first_channel, channels_padded, residual_stride, row_panels, scratch, stream);
       pass.depth = rows;
       pass.has_partial = b > 0;
       pass.last = b + 1 == row_blocks.parts;
@@ -466,24 +485,19 @@ class FusedKernel {
     }
   }
 
-  // z rows [first_row, first_row + rows) of set n, as row panels [k][i] for the decoder GEMM's A and
-  // as zero-padded rows for the outer-product GEMM's B.
-  void pack_z(int64_t n, int64_t first_row, const BalancedSplit& row_panels, const Scratch& scratch) const {
+  // z rows [first_row, first_row + rows) of set n, zero-padded to whole column panels.
+  void pack_z(int64_t n, int64_t first_row, int64_t rows, Scalar* z_rows) const {
     const Scalar* z = static_cast<const Scalar*>(args_.z) + n * args_.z_stride[0] + first_row * args_.z_stride[1];
-    const int64_t row_stride = args_.z_stride[1], k_stride = args_.z_stride[2];
-    for (int64_t p = 0; p < row_panels.parts; ++p) {
-      const int64_t begin = row_panels.begin(p), panel_rows = row_panels.size(p);
-      Scalar* panel = scratch.z_panels + begin * latent_;
-      for (int64_t i = 0; i < panel_rows; ++i) {
-        const Scalar* source = z + (begin + i) * row_stride;
-        Scalar* row = scratch.z_rows + (begin + i) * latent_stride_;
-        for (int64_t k = 0; k < latent_; ++k) {
-          const Scalar value = source[k * k_stride];
-          row[k] = value;
-          panel[k * panel_rows + i] = value;
-        }
-        std::fill(row + latent_, row + latent_padded_, Scalar(0));
+    const int64_t k_stride = args_.z_stride[2];
+    for (int64_t t = 0; t < rows; ++t) {
+      const Scalar* source = z + t * args_.z_stride[1];
+      Scalar* row = z_rows + t * latent_stride_;
+      if (k_stride == 1) {
+        std::copy_n(source, latent_, row);
+      } else {
+        for (int64_t k = 0; k < latent_; ++k) row[k] = source[k * k_stride];
       }
+      std::fill(row + latent_, row + latent_padded_, Scalar(0));
     }
   }
 
@@ -520,10 +534,11 @@ class FusedKernel {
   }
 
   void decoder_gemm(int64_t first_channel, int64_t channels_padded, int64_t residual_stride,
-                    const BalancedSplit& row_panels, const Scratch& scratch) const {
+                    const BalancedSplit& row_panels, const Scratch& scratch, OutputStream& stream) const {
     static constexpr auto tiles = decoder_tiles(std::make_integer_sequence<int, kMaxRows>{});
     DecoderPanel panel;
     panel.latent = latent_;
+    panel.z_stride = latent_stride_;
     panel.residual_stride = residual_stride;
     for (int64_t c = 0; c < channels_padded; c += kPanelWidth) {
       panel.weight = weight_.get() + (first_channel + c) * latent_;
@@ -532,8 +547,8 @@ class FusedKernel {
       panel.column_sums = scratch.column_sums + c;
       for (int64_t p = 0; p < row_panels.parts; ++p) {
         const int64_t begin = row_panels.begin(p);
-        tiles[row_panels.size(p) - 1](panel, scratch.z_panels + begin * latent_,
-                                      scratch.residual + begin * residual_stride + c);
+        tiles[row_panels.size(p) - 1](panel, scratch.z_rows + begin * latent_stride_,
+                                      scratch.residual + begin * residual_stride + c, stream.take(latent_));
       }
     }
   }
@@ -545,7 +560,6 @@ class FusedKernel {
     static constexpr auto tiles = outer_tiles(std::make_integer_sequence<int, kMaxRows>{});
     const BalancedSplit channel_panels(channels, kMaxRows);
     const int64_t row_stride = latent_ + 1;
-    const int64_t column_panels = latent_padded_ / kPanelWidth;
     for (int64_t p = 0; p < channel_panels.parts; ++p) {
       const int64_t channel = channel_panels.begin(p), rows = channel_panels.size(p);
       const auto tile = tiles[rows - 1];
@@ -553,11 +567,8 @@ class FusedKernel {
         pass.staged = stream.free_buffer();
         std::fill_n(pass.row_squares, rows * kLanes, Scalar(0));
       }
-      const int64_t slice = ceil_div(stream.pending_vectors(), std::max<int64_t>(column_panels, 1));
-      for (int64_t column = 0; column < latent_padded_; column += kPanelWidth) {
-        tile(pass, channel, column);
-        stream.advance(slice);
-      }
+      for (int64_t column = 0; column < latent_padded_; column += kPanelWidth)
+        tile(pass, channel, column, stream.take(pass.depth));
       if (!pass.last) continue;
       for (int64_t i = 0; i < rows; ++i) {
         Scalar bias_term = column_sums[channel + i] * fisher_bias_[first_channel + channel + i];
