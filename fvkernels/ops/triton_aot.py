@@ -24,6 +24,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
+import triton
+from triton.backends.compiler import GPUTarget
+
+from fvkernels.ops import triton_fv
+
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) of each target.
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 ELEMENT_TYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -104,12 +109,10 @@ EXTRA_VARIANTS = (("bf16", "plain", "ieee"), ("bf16", "split", "ieee"), ("bf16",
 
 
 def tuning_problem(arch: int, dtype: str, latent: int, precision: str, problem: Problem):
-    from fvkernels.ops import triton_fv
-
     element_size = ELEMENT_TYPES[dtype]
     return triton_fv.TuningProblem(
         element_size=element_size, plan=triton_fv.tile_plan(latent, element_size), dot_precision=precision,
-        z_rows_aligned=latent % 16 == 0 and (problem.set_size * latent) % 16 == 0,
+        z_rows_aligned=triton_fv.divisible_by_16(problem.set_size * latent, latent),
         shared_memory=SHARED_MEMORY_LIMIT[arch])
 
 
@@ -125,19 +128,14 @@ def accumulate_job(arch: int, dtype: str, latent: int, config, variant: str, pre
 
 
 def configs_for(arch: int, dtype: str, latent: int, precision: str) -> list:
-    from fvkernels.ops import triton_fv
-
     problem = tuning_problem(arch, dtype, latent, precision, Problem())
     return triton_fv.viable_configs(triton_fv.GPU_CONFIGS, problem)
 
 
 def reduce_job(arch: int, dtype: str, latent: int) -> Job:
-    from fvkernels.ops import triton_fv
-
     row_length = latent + 1
     constexprs = dict(ROW_LENGTH=row_length, HAS_FISHER=True, SIGNED_SQRT=True, HAS_ROW_SUMSQ=True,
-                      BLOCK_C=triton_fv.REDUCE_BLOCK_C,
-                      BLOCK_J=min(1 << (row_length - 1).bit_length(), triton_fv.REDUCE_MAX_BLOCK_J))
+                      BLOCK_C=triton_fv.REDUCE_BLOCK_C, BLOCK_J=triton_fv.reduce_block_j(row_length))
     return Job("reduce", arch, dtype, latent, "all", tuple(constexprs.items()), 4, 1)
 
 
@@ -189,9 +187,6 @@ def _pointer_types(job: Job) -> dict:
 
 def _source(job: Job):
     """The ASTSource the JIT would build: ints of 1 become constants, multiples of 16 get hints."""
-    import triton
-    from fvkernels.ops import triton_fv
-
     # the accumulate kernel's JITFunction sits inside its autotuner
     fn = {"accumulate": triton_fv._fv_accumulate_kernel.fn, "reduce": triton_fv._fv_reduce_splits_kernel}[job.kernel]
     constexprs = dict(job.constexprs)
@@ -209,16 +204,13 @@ def _source(job: Job):
             constexprs[name] = 1
         else:
             signature[name] = "i32"
-            if values[name] % 16 == 0:
+            if triton_fv.divisible_by_16(values[name]):
                 hinted.append(index)
     attrs = {(index,): [["tt.divisibility", 16]] for index in hinted}
     return triton.compiler.ASTSource(fn, signature, constexprs, attrs)
 
 
 def compile_job(job: Job) -> Result:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     result = Result(job)
     log = io.StringIO()
     start = time.perf_counter()

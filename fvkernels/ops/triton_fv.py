@@ -2,9 +2,10 @@
 
 The shape of the work is the flash-attention backward for dK/dV: a program owns one output block,
 G[c-block, d-tile] of one set, keeps it in fp32 on chip and walks the set's descriptors in T-blocks.
-Per block it recomputes the decoder pre-activation tile Pᵀ = W_block · Zᵀ + b (the W block stays
-resident like K/V in the tutorial), masks it into the residual Rᵀ and accumulates Rᵀ · Z; the bias
-column is the row sum of Rᵀ, kept apart so that the tile width is a power of two ≥ d rather than ≥ d+1.
+Per block it recomputes the decoder pre-activation tile Pᵀ = W_block · Zᵀ + b (when one tile covers d,
+the W block stays resident like K/V in the tutorial; a wider d streams it in K chunks), masks it into
+the residual Rᵀ and accumulates Rᵀ · Z. The bias column is the row sum of Rᵀ, kept apart so that the
+tile width is a power of two ≥ d rather than ≥ d+1 (d = 255 gives 256-wide tiles, not 512).
 
 Long sets on few programs (whole videos) split T across programs: each split writes its raw partial
 sums to an fp32 workspace and a second kernel adds the splits in a fixed order (deterministic) and
@@ -41,12 +42,10 @@ REDUCE_BLOCK_C = 16 if triton_interpreted() else 32
 REDUCE_MAX_BLOCK_J = 64 if triton_interpreted() else 128
 
 # The pruning model's budgets (triton_aot.py checks the model against the compiler's register and spill
-# report): 32-bit registers per thread for accumulators and register-held tiles; for fp32 "ieee" dots,
-# which run on FMA units with operands in registers, outputs per thread × reduction depth; and shared
-# memory when no device can be asked.
+# report): 32-bit registers per thread for accumulators and register-held tiles, and for fp32 "ieee"
+# dots, which run on FMA units with operands in registers, outputs per thread × reduction depth.
 MAX_TILE_REGISTERS = 128
 MAX_FMA_OPERAND_LOAD = 512
-DEFAULT_SHARED_MEMORY = 163 * 1024  # an A100's opt-in limit, the smallest of the targets
 
 
 @dataclass(frozen=True)
@@ -152,6 +151,11 @@ def viable_configs(configs, problem: TuningProblem) -> list:
     return viable or [min(configs, key=lambda c: c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_T"] * c.num_stages)]
 
 
+def divisible_by_16(*values: int) -> bool:
+    """Whether the JIT gives all these int arguments its divisibility-by-16 hint (alignment proofs)."""
+    return all(value % 16 == 0 for value in values)
+
+
 @functools.lru_cache(maxsize=None)
 def _device_shared_memory(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
@@ -163,8 +167,8 @@ def _prune_configs(configs, named_args, **kwargs):
     problem = TuningProblem(
         element_size=z.element_size(), plan=TilePlan(args["BLOCK_D"], args["D_TILES"], args["BLOCK_K"]),
         dot_precision=args["DOT_PRECISION"],
-        z_rows_aligned=args["stride_zn"] % 16 == 0 and args["stride_zt"] % 16 == 0,
-        shared_memory=_device_shared_memory(z.device.index) if z.is_cuda else DEFAULT_SHARED_MEMORY)
+        z_rows_aligned=divisible_by_16(args["stride_zn"], args["stride_zt"]),
+        shared_memory=_device_shared_memory(z.device.index))
     return viable_configs(configs, problem)
 
 
@@ -320,8 +324,14 @@ def _fv_reduce_splits_kernel(
 
 def fp32_dot_precision() -> str:
     """How tl.dot treats fp32 operands (fp16/bf16 ones ignore it): "ieee" keeps the ≤ 1e-5 contract
-    against float64; "tf32" only when the user allowed TF32 matmuls in torch."""
+    against float64; "tf32" (10-bit mantissa, ~1e-3) only when the user allowed TF32 matmuls in torch.
+    "tf32x3" compiles without spills for the narrower configs but is unmeasured on hardware, so not used."""
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def reduce_block_j(row_length: int) -> int:
+    """Columns per step of the split reduction: a power of two, at most REDUCE_MAX_BLOCK_J."""
+    return min(triton.next_power_of_2(row_length), REDUCE_MAX_BLOCK_J)
 
 
 def sm_count(device: torch.device) -> int:
@@ -390,4 +400,4 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
                 channels, t_splits, dst.stride(0), dst.stride(1), out.stride(0),
                 ROW_LENGTH=row_length, HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
                 HAS_ROW_SUMSQ=row_sumsq is not None, BLOCK_C=REDUCE_BLOCK_C,
-                BLOCK_J=min(triton.next_power_of_2(row_length), REDUCE_MAX_BLOCK_J), num_warps=4)
+                BLOCK_J=reduce_block_j(row_length), num_warps=4)
