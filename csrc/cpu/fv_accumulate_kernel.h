@@ -9,7 +9,8 @@
 //   2. decoder GEMM P = Z·Wᵀ (depth d), whose epilogue turns P into the residual in place of x̂ and adds
 //      R's column sums (G's bias column);
 //   3. outer-product GEMM G += Rᵀ·Z (depth = rows of the block). On the last block its epilogue applies
-//      fisher_rsqrt and the signed square root and stores straight into out.
+//      fisher_rsqrt and the signed square root and stages the finished rows, which later microkernels
+//      stream to out (OutputStream).
 // Nothing of size T × C leaves the per-thread scratch. Both GEMMs run one register-blocked microkernel:
 // Rows × 2 vectors of accumulators, A broadcast from memory in place, B loaded as vectors.
 //
@@ -44,6 +45,9 @@ namespace {
 constexpr int64_t kMaxBlockRows = 128;
 // Upper bound on the bytes of one work item's G, so that it stays in L2 next to the packed weights.
 constexpr int64_t kOutputBlockBytes = 512 * 1024;
+// Microkernel iterations per non-temporal store of out (a power of two, see OutputStream): sets of 50
+// descriptors need one 64-byte store per ≈ 4.6 iterations, so this keeps up without bursts.
+constexpr int64_t kIterationsPerStore = 4;
 constexpr std::size_t kAlignment = 64;
 
 template <typename Scalar, int Bytes>
@@ -120,7 +124,7 @@ class FusedKernel {
   }
   static FVK_ALWAYS_INLINE void store(Scalar* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
-  // Finished output vectors to copy to out, one per iteration of a microkernel (see OutputStream).
+  // Finished output vectors for a microkernel to copy to out on its way (see OutputStream).
   struct StreamSlice {
     const Scalar* source = nullptr;
     Scalar* destination = nullptr;
@@ -129,8 +133,8 @@ class FusedKernel {
 
   // acc[i][·] = Σ_k a[i·a_row + k·a_step] · b[k·ldb + ·]: the one microkernel of both GEMMs. A is read
   // in place and broadcast: z rows (a_step = 1) or R's columns (a_row = 1, a compile-time constant so
-  // that its rows become plain displacements). Meanwhile it streams `slice` to out, a vector per
-  // iteration, so that the stores drain behind the FMAs.
+  // that its rows become plain displacements). Meanwhile it streams `slice` to out, a vector every
+  // kIterationsPerStore iterations.
   template <int Rows, typename RowStride>
   static FVK_ALWAYS_INLINE void multiply(Tile<Rows>& acc, int64_t depth, const Scalar* a, RowStride a_row,
                                          int64_t a_step, const Scalar* b, int64_t ldb, const StreamSlice& slice) {
@@ -145,7 +149,9 @@ class FusedKernel {
         const Scalar a_ki = a[i * a_row];
         unrolled<kVecsPerRow>([&](auto j) { acc.v[i][j] += b_row[j] * a_ki; });
       });
-      if (k < stream_vectors) Isa::stream(stream_destination + k * kLanes, load(stream_source + k * kLanes));
+      const int64_t store = k / kIterationsPerStore;
+      if (k % kIterationsPerStore == 0 && store < stream_vectors)
+        Isa::stream(stream_destination + store * kLanes, load(stream_source + store * kLanes));
     }
   }
 
@@ -197,7 +203,7 @@ class FusedKernel {
     const Scalar* fisher;  // [c][latent_stride], zero-padded
     bool signed_sqrt;
     int64_t latent;
-    Scalar* staged;        // the channel panel's rows of out, latent + 1 apart
+    Scalar* staged;        // the channel panel's finished rows, latent + 1 apart as in out
     Scalar* row_squares;   // [row of the panel][kLanes]: running Σ out² per lane
   };
 
@@ -260,9 +266,10 @@ class FusedKernel {
   // Copies each finished channel panel from a staging buffer to out with non-temporal stores, handed
   // out in slices to the microkernels that follow. out is written once and is far larger than the
   // caches, so reading its lines in first (and evicting the packed weights and G for them) would only
-  // cost; and one store per microkernel iteration keeps the write-combining buffers from filling up and
-  // blocking the microkernels' own loads, as a burst per panel does. Two staging buffers alternate: one
-  // is filled while the other streams out.
+  // cost. Each pending store holds a line fill buffer until memory takes it, and the microkernels need
+  // those buffers for their own L2 loads: stores spread thinly over the compute (a few per hundred
+  // cycles, about the rate the output needs) leave them free, where bursts stall the core. Two staging
+  // buffers alternate: one is filled while the other streams out.
   class OutputStream {
    public:
     OutputStream(Scalar* buffers, int64_t buffer_size) : buffers_(buffers), buffer_size_(buffer_size) {}
@@ -286,15 +293,16 @@ class FusedKernel {
       done_ = head;
     }
 
-    // The next (at most) max_vectors whole vectors, now the caller's to store.
-    StreamSlice take(int64_t max_vectors) {
-      StreamSlice slice{source_ + done_, destination_ + done_, std::min(max_vectors, (count_ - done_) / kLanes)};
+    // The whole vectors a microkernel of `depth` iterations stores on its way.
+    StreamSlice take(int64_t depth) {
+      const int64_t vectors = std::min(ceil_div(depth, kIterationsPerStore), (count_ - done_) / kLanes);
+      StreamSlice slice{source_ + done_, destination_ + done_, vectors};
       done_ += slice.vectors * kLanes;
       return slice;
     }
 
     void finish() {
-      const StreamSlice rest = take(count_);
+      const StreamSlice rest = take(count_ * kIterationsPerStore);
       for (int64_t v = 0; v < rest.vectors; ++v)
         Isa::stream(rest.destination + v * kLanes, load(rest.source + v * kLanes));
       std::copy_n(source_ + done_, count_ - done_, destination_ + done_);
@@ -407,7 +415,7 @@ class FusedKernel {
     {
 #pragma omp for schedule(static) nowait
       for (int64_t panel = 0; panel < panels; ++panel) pack_weight_panel(panel);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static)  // its closing barrier also waits for the weights
       for (int64_t c = 0; c < args_.channels; ++c) pack_fisher_row(c);
       const Scratch scratch = thread_scratch(omp_get_thread_num());
       {
