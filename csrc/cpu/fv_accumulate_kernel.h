@@ -45,9 +45,6 @@ namespace {
 constexpr int64_t kMaxBlockRows = 128;
 // Upper bound on the bytes of one work item's G, so that it stays in L2 next to the packed weights.
 constexpr int64_t kOutputBlockBytes = 512 * 1024;
-// Microkernel iterations per non-temporal store of out (a power of two, see OutputStream): sets of 50
-// descriptors need one 64-byte store per ≈ 4.6 iterations, so this keeps up without bursts.
-constexpr int64_t kIterationsPerStore = 4;
 constexpr std::size_t kAlignment = 64;
 
 template <typename Scalar, int Bytes>
@@ -133,14 +130,16 @@ class FusedKernel {
 
   // acc[i][·] = Σ_k a[i·a_row + k·a_step] · b[k·ldb + ·]: the one microkernel of both GEMMs. A is read
   // in place and broadcast: z rows (a_step = 1) or R's columns (a_row = 1, a compile-time constant so
-  // that its rows become plain displacements). Meanwhile it streams `slice` to out, a vector every
-  // kIterationsPerStore iterations.
+  // that its rows become plain displacements). Meanwhile it streams `slice` to out, its stores spaced
+  // evenly over the iterations.
   template <int Rows, typename RowStride>
   static FVK_ALWAYS_INLINE void multiply(Tile<Rows>& acc, int64_t depth, const Scalar* a, RowStride a_row,
                                          int64_t a_step, const Scalar* b, int64_t ldb, const StreamSlice& slice) {
     const Scalar* stream_source = slice.source;
     Scalar* stream_destination = slice.destination;
     const int64_t stream_vectors = slice.vectors;
+    const int64_t stream_interval = stream_vectors > 0 ? depth / stream_vectors : 0;
+    int64_t countdown = stream_interval, streamed = 0;
     unrolled<Rows>([&](auto i) { unrolled<kVecsPerRow>([&](auto j) { acc.v[i][j] = Vec{}; }); });
     for (int64_t k = 0; k < depth; ++k, a += a_step, b += ldb) {
       Vec b_row[kVecsPerRow];
@@ -149,9 +148,11 @@ class FusedKernel {
         const Scalar a_ki = a[i * a_row];
         unrolled<kVecsPerRow>([&](auto j) { acc.v[i][j] += b_row[j] * a_ki; });
       });
-      const int64_t store = k / kIterationsPerStore;
-      if (k % kIterationsPerStore == 0 && store < stream_vectors)
-        Isa::stream(stream_destination + store * kLanes, load(stream_source + store * kLanes));
+      if (--countdown == 0 && streamed < stream_vectors) {
+        Isa::stream(stream_destination + streamed * kLanes, load(stream_source + streamed * kLanes));
+        ++streamed;
+        countdown = stream_interval;
+      }
     }
   }
 
@@ -267,9 +268,9 @@ class FusedKernel {
   // out in slices to the microkernels that follow. out is written once and is far larger than the
   // caches, so reading its lines in first (and evicting the packed weights and G for them) would only
   // cost. Each pending store holds a line fill buffer until memory takes it, and the microkernels need
-  // those buffers for their own L2 loads: stores spread thinly over the compute (a few per hundred
-  // cycles, about the rate the output needs) leave them free, where bursts stall the core. Two staging
-  // buffers alternate: one is filled while the other streams out.
+  // those buffers for their own L2 loads: stores spread evenly over the next panel's compute leave them
+  // free, where a burst per panel stalls the core. Two staging buffers alternate: one is filled while
+  // the other streams out.
   class OutputStream {
    public:
     OutputStream(Scalar* buffers, int64_t buffer_size) : buffers_(buffers), buffer_size_(buffer_size) {}
@@ -293,16 +294,17 @@ class FusedKernel {
       done_ = head;
     }
 
-    // The whole vectors a microkernel of `depth` iterations stores on its way.
-    StreamSlice take(int64_t depth) {
-      const int64_t vectors = std::min(ceil_div(depth, kIterationsPerStore), (count_ - done_) / kLanes);
-      StreamSlice slice{source_ + done_, destination_ + done_, vectors};
+    int64_t pending_vectors() const { return (count_ - done_) / kLanes; }
+
+    // The next (at most) `vectors` whole vectors, for a microkernel of `depth` iterations to store.
+    StreamSlice take(int64_t vectors, int64_t depth) {
+      StreamSlice slice{source_ + done_, destination_ + done_, std::min({vectors, depth, pending_vectors()})};
       done_ += slice.vectors * kLanes;
       return slice;
     }
 
     void finish() {
-      const StreamSlice rest = take(count_ * kIterationsPerStore);
+      const StreamSlice rest = take(count_, count_);
       for (int64_t v = 0; v < rest.vectors; ++v)
         Isa::stream(rest.destination + v * kLanes, load(rest.source + v * kLanes));
       std::copy_n(source_ + done_, count_ - done_, destination_ + done_);
@@ -544,6 +546,8 @@ class FusedKernel {
   void decoder_gemm(int64_t first_channel, int64_t channels_padded, int64_t residual_stride,
                     const BalancedSplit& row_panels, const Scratch& scratch, OutputStream& stream) const {
     static constexpr auto tiles = decoder_tiles(std::make_integer_sequence<int, kMaxRows>{});
+    // Drains what the previous item left pending over this GEMM's tiles.
+    const int64_t per_tile = ceil_div(stream.pending_vectors(), channels_padded / kPanelWidth * row_panels.parts);
     DecoderPanel panel;
     panel.latent = latent_;
     panel.z_stride = latent_stride_;
@@ -556,7 +560,7 @@ class FusedKernel {
       for (int64_t p = 0; p < row_panels.parts; ++p) {
         const int64_t begin = row_panels.begin(p);
         tiles[row_panels.size(p) - 1](panel, scratch.z_rows + begin * latent_stride_,
-                                      scratch.residual + begin * residual_stride + c, stream.take(latent_));
+                                      scratch.residual + begin * residual_stride + c, stream.take(per_tile, latent_));
       }
     }
   }
@@ -575,8 +579,9 @@ class FusedKernel {
         pass.staged = stream.free_buffer();
         std::fill_n(pass.row_squares, rows * kLanes, Scalar(0));
       }
+      const int64_t per_tile = ceil_div(stream.pending_vectors(), std::max<int64_t>(latent_padded_ / kPanelWidth, 1));
       for (int64_t column = 0; column < latent_padded_; column += kPanelWidth)
-        tile(pass, channel, column, stream.take(pass.depth));
+        tile(pass, channel, column, stream.take(per_tile, pass.depth));
       if (!pass.last) continue;
       for (int64_t i = 0; i < rows; ++i) {
         Scalar bias_term = column_sums[channel + i] * fisher_bias_[first_channel + channel + i];
