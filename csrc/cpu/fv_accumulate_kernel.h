@@ -45,6 +45,7 @@ namespace {
 constexpr int64_t kMaxBlockRows = 128;
 // Upper bound on the bytes of one work item's G, so that it stays in L2 next to the packed weights.
 constexpr int64_t kOutputBlockBytes = 512 * 1024;
+constexpr int64_t kItemsPerThread = 16;
 constexpr std::size_t kAlignment = 64;
 
 template <typename Scalar, int Bytes>
@@ -396,16 +397,16 @@ class FusedKernel {
     return Scratch{parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]};
   }
 
-  // Channel blocks as large as the G budget allows; smaller when there are too few sets to keep every
-  // thread busy. Only the work split changes, never an element's summation order.
+  // Channel blocks as large as the G budget allows, and small enough for kItemsPerThread work items per
+  // thread, so that a thread slowed down by other load leaves little tail to wait for. Splitting costs
+  // little (each block copies the set's z rows again) and only changes the work split, never an
+  // element's summation order.
   void choose_channel_blocks() {
     const int64_t panels = channels_padded_ / kPanelWidth;
     const int64_t budget_panels = std::max<int64_t>(
         1, kOutputBlockBytes / (kPanelWidth * std::max<int64_t>(latent_padded_, 1) * int64_t(sizeof(Scalar))));
     int64_t blocks = ceil_div(panels, budget_panels);
-    const int64_t enough_items = 8 * int64_t(num_threads_);
-    while (blocks < panels && args_.num_sets * blocks % num_threads_ != 0 && args_.num_sets * blocks < enough_items)
-      ++blocks;
+    while (blocks < panels && args_.num_sets * blocks < kItemsPerThread * num_threads_) ++blocks;
     channel_block_ = ceil_div(panels, blocks) * kPanelWidth;
     blocks_per_set_ = ceil_div(channels_padded_, channel_block_);
   }
