@@ -87,10 +87,11 @@ def test_shapes(dtype, channels, latent, set_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fisher", [False, True])
 @pytest.mark.parametrize("channels, latent, set_size", [(1, 1, 1), (17, 7, 5), (40, 37, 50), (100, 300, 13)])
-def test_isa_builds(isa, dtype, channels, latent, set_size):
+def test_isa_builds(isa, dtype, fisher, channels, latent, set_size):
     """Every build has its own panel sizes; shapes with remainders in rows, columns and channels."""
-    problem = random_problem(3, set_size, channels, latent)
+    problem = random_problem(3, set_size, channels, latent, fisher=fisher)
     out, _ = run_kernel(dtype, *problem, stride_pad=5)
     assert_matches(out, expected_output(*problem), dtype)
 

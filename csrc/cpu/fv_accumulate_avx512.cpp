@@ -9,7 +9,7 @@ namespace {
 
 struct Avx512 {
   static constexpr int vector_bytes = 64;
-  static constexpr int max_rows = 12;  // 12 × 2 accumulators + 2 B vectors + 1 broadcast of 32 zmm
+  static constexpr int max_rows = 12;  // 12 × 2 accumulators + 2 B vectors + 1 broadcast: 27 of 32 zmm
   static void stream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
   static void stream(double* p, __m512d v) { _mm512_stream_pd(p, v); }
   static void fence() { _mm_sfence(); }

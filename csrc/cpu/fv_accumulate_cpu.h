@@ -6,11 +6,14 @@
 
 namespace fvk {
 
-// Fused FV accumulation on the CPU (OpenMP over sets × channel blocks). Throws std::invalid_argument
-// for a dtype it does not implement. num_threads <= 0 means OpenMP's default.
+// Fused FV accumulation on the CPU (OpenMP over sets × channel blocks) in float32 or float64; throws
+// std::invalid_argument for another dtype or inconsistent arguments. num_threads <= 0 means OpenMP's
+// default. Results do not depend on num_threads.
 void fv_accumulate_cpu(const FVAccumulateArgs& args, int num_threads);
 
-// The instruction set the kernel dispatches to on this CPU, e.g. "avx512", "avx2", "generic".
+// The instruction set the kernel dispatches to: "avx512", "avx2" or "generic" — the best this CPU
+// supports, or a lower one named by the environment variable FVK_CPU_ISA (read at every call; naming
+// one the CPU lacks throws std::invalid_argument).
 std::string cpu_kernel_isa();
 
 }  // namespace fvk

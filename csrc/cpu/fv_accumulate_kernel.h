@@ -202,11 +202,11 @@ class FusedKernel {
     bool has_partial;   // false on the first block: nothing to add
     bool last;          // the last block finishes into `staged` instead of updating partial
     // Used by the last block only.
-    const Scalar* fisher;  // [c][latent_stride], zero-padded
+    const Scalar* fisher;  // [c][latent_stride], zero-padded; null without fisher_rsqrt
     bool signed_sqrt;
     int64_t latent;
     Scalar* staged;        // the channel panel's finished rows, latent + 1 apart as in out
-    Scalar* row_squares;   // [row of the panel][kLanes]: running Σ out² per lane
+    Scalar* row_squares;   // [row of the panel][kLanes]: running Σ out² per lane; null without row_sumsq
   };
 
   template <int Rows>
@@ -227,19 +227,22 @@ class FusedKernel {
       });
       return;
     }
-    const Scalar* fisher = pass.fisher + channel * ld + column;
-    unrolled<Rows>([&](auto i) {
-      unrolled<kVecsPerRow>([&](auto j) { g.v[i][j] *= load(fisher + i * ld + j * kLanes); });
-    });
+    if (pass.fisher != nullptr) {
+      const Scalar* fisher = pass.fisher + channel * ld + column;
+      unrolled<Rows>([&](auto i) {
+        unrolled<kVecsPerRow>([&](auto j) { g.v[i][j] *= load(fisher + i * ld + j * kLanes); });
+      });
+    }
     if (pass.signed_sqrt) {
       unrolled<Rows>([&](auto i) { unrolled<kVecsPerRow>([&](auto j) { g.v[i][j] = signed_sqrt(g.v[i][j]); }); });
     }
-    // Padded columns are exactly zero (zero z and fisher padding), so they add nothing here.
-    unrolled<Rows>([&](auto i) {
-      Vec squares = load(pass.row_squares + i * kLanes);
-      unrolled<kVecsPerRow>([&](auto j) { squares += g.v[i][j] * g.v[i][j]; });
-      store(pass.row_squares + i * kLanes, squares);
-    });
+    if (pass.row_squares != nullptr) {  // padded columns are exactly zero (zero z padding): they add nothing
+      unrolled<Rows>([&](auto i) {
+        Vec squares = load(pass.row_squares + i * kLanes);
+        unrolled<kVecsPerRow>([&](auto j) { squares += g.v[i][j] * g.v[i][j]; });
+        store(pass.row_squares + i * kLanes, squares);
+      });
+    }
     const int64_t row_stride = pass.latent + 1;
     Scalar* staged = pass.staged + column;
     if (column + kPanelWidth <= pass.latent) {
@@ -354,8 +357,10 @@ class FusedKernel {
     num_threads_ = num_threads > 0 ? num_threads : omp_get_max_threads();
     choose_channel_blocks();
     weight_ = aligned_array<Scalar>(channels_padded_ * latent_);
-    fisher_ = aligned_array<Scalar>(args.channels * latent_stride_);
-    fisher_bias_ = aligned_array<Scalar>(args.channels);
+    if (args.fisher_rsqrt != nullptr) {
+      fisher_ = aligned_array<Scalar>(args.channels * latent_stride_);
+      fisher_bias_ = aligned_array<Scalar>(args.channels);
+    }
     // Zero padding to whole panels makes the padded channels' residual exactly 0 (see DecoderPanel).
     bias_ = aligned_array<Scalar>(channels_padded_);
     inv_sigma2_ = aligned_array<Scalar>(channels_padded_);
@@ -418,8 +423,9 @@ class FusedKernel {
     {
 #pragma omp for schedule(static) nowait
       for (int64_t panel = 0; panel < panels; ++panel) pack_weight_panel(panel);
+      const int64_t fisher_rows = fisher_ == nullptr ? 0 : args_.channels;
 #pragma omp for schedule(static)  // its closing barrier also waits for the weights
-      for (int64_t c = 0; c < args_.channels; ++c) pack_fisher_row(c);
+      for (int64_t c = 0; c < fisher_rows; ++c) pack_fisher_row(c);
       const Scratch scratch = thread_scratch(omp_get_thread_num());
       {
         OutputStream stream(scratch.staged, staging_size());
@@ -442,18 +448,13 @@ class FusedKernel {
     }
   }
 
-  // fisher_[c] = fisher_rsqrt[c, :d] (ones without fisher_rsqrt), zero-padded; fisher_bias_[c] = fisher_rsqrt[c, d].
+  // fisher_[c] = fisher_rsqrt[c, :d], zero-padded; fisher_bias_[c] = fisher_rsqrt[c, d].
   void pack_fisher_row(int64_t c) const {
-    const Scalar* fisher = static_cast<const Scalar*>(args_.fisher_rsqrt);
+    const Scalar* fisher = static_cast<const Scalar*>(args_.fisher_rsqrt) + c * (latent_ + 1);
     Scalar* row = fisher_.get() + c * latent_stride_;
-    if (fisher == nullptr) {
-      std::fill_n(row, latent_, Scalar(1));
-      fisher_bias_[c] = 1;
-    } else {
-      std::copy_n(fisher + c * (latent_ + 1), latent_, row);
-      fisher_bias_[c] = fisher[c * (latent_ + 1) + latent_];
-    }
+    std::copy_n(fisher, latent_, row);
     std::fill(row + latent_, row + latent_padded_, Scalar(0));
+    fisher_bias_[c] = fisher[latent_];
   }
 
   void run_item(int64_t n, int64_t block, const Scratch& scratch, OutputStream& stream) const {
@@ -477,10 +478,10 @@ class FusedKernel {
     pass.z_rows = scratch.z_rows;
     pass.latent_stride = latent_stride_;
     pass.partial = scratch.partial;
-    pass.fisher = fisher_.get() + first_channel * latent_stride_;
+    pass.fisher = fisher_ == nullptr ? nullptr : fisher_.get() + first_channel * latent_stride_;
     pass.signed_sqrt = args_.signed_sqrt;
     pass.latent = latent_;
-    pass.row_squares = scratch.row_squares;
+    pass.row_squares = row_sumsq == nullptr ? nullptr : scratch.row_squares;
 
     const BalancedSplit row_blocks(length, kMaxBlockRows);
     for (int64_t b = 0; b < row_blocks.parts; ++b) {
@@ -578,14 +579,15 @@ class FusedKernel {
       const auto tile = tiles[rows - 1];
       if (pass.last) {
         pass.staged = stream.free_buffer();
-        std::fill_n(pass.row_squares, rows * kLanes, Scalar(0));
+        if (pass.row_squares != nullptr) std::fill_n(pass.row_squares, rows * kLanes, Scalar(0));
       }
       const int64_t per_tile = ceil_div(stream.pending_vectors(), std::max<int64_t>(latent_padded_ / kPanelWidth, 1));
       for (int64_t column = 0; column < latent_padded_; column += kPanelWidth)
         tile(pass, channel, column, stream.take(per_tile, pass.depth));
       if (!pass.last) continue;
       for (int64_t i = 0; i < rows; ++i) {
-        Scalar bias_term = column_sums[channel + i] * fisher_bias_[first_channel + channel + i];
+        Scalar bias_term = column_sums[channel + i];
+        if (pass.fisher != nullptr) bias_term *= fisher_bias_[first_channel + channel + i];
         if (pass.signed_sqrt) bias_term = signed_sqrt(bias_term);
         pass.staged[i * row_stride + latent_] = bias_term;
         if (row_sumsq != nullptr) {
@@ -608,8 +610,8 @@ class FusedKernel {
   int64_t channel_block_ = 0;  // channels per work item, a multiple of kPanelWidth
   int64_t blocks_per_set_ = 0;
   AlignedArray<Scalar> weight_;       // [C_padded / kPanelWidth][d][kPanelWidth]
-  AlignedArray<Scalar> fisher_;       // [C][latent_stride]
-  AlignedArray<Scalar> fisher_bias_;  // [C]
+  AlignedArray<Scalar> fisher_;       // [C][latent_stride]; null without fisher_rsqrt
+  AlignedArray<Scalar> fisher_bias_;  // [C]; likewise
   AlignedArray<Scalar> bias_;         // [C_padded]
   AlignedArray<Scalar> inv_sigma2_;   // [C_padded]
   int64_t scratch_stride_ = 0;
