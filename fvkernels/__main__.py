@@ -1,4 +1,4 @@
-"""Command line: `python -m fvkernels demo` (also installed as the `fvkernels` console script)."""
+"""Command line: `python -m fvkernels demo | backends` (also installed as the `fvkernels` console script)."""
 from __future__ import annotations
 
 import argparse
@@ -45,19 +45,32 @@ def backend_demo(args) -> int:
     return 0
 
 
+def run_demo(args) -> int:
+    from fvkernels import demo
+
+    return demo.run(args)
+
+
 def main(argv=None) -> int:
+    from fvkernels import demo as demo_module
+
     parser = argparse.ArgumentParser(prog="fvkernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="encode random activations with every backend (agreement, speed)")
-    demo.add_argument("--batch", type=int, default=16)
-    demo.add_argument("--channels", type=int, default=512)
-    demo.add_argument("--size", type=int, default=14, help="spatial size H = W of the maps")
-    demo.add_argument("--latent", type=int, default=256)
-    demo.add_argument("--hidden", type=int, default=512)
-    demo.add_argument("--repeats", type=int, default=3)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = commands.add_parser("demo", help="FV-VAE vs classic encoders on Fashion-MNIST (table, plots)",
+                               description=demo_module.__doc__)
+    demo_module.add_arguments(demo)
+    demo.set_defaults(run=run_demo)
+    backends = commands.add_parser("backends", help="encode random activations with every backend (agreement, speed)")
+    backends.add_argument("--batch", type=int, default=16)
+    backends.add_argument("--channels", type=int, default=512)
+    backends.add_argument("--size", type=int, default=14, help="spatial size H = W of the maps")
+    backends.add_argument("--latent", type=int, default=256)
+    backends.add_argument("--hidden", type=int, default=512)
+    backends.add_argument("--repeats", type=int, default=3)
+    backends.add_argument("--seed", type=int, default=0)
+    backends.set_defaults(run=backend_demo)
     args = parser.parse_args(argv)
-    return {"demo": backend_demo}[args.command](args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,15 @@ class FVVAE(nn.Module):
     """
 
     def __init__(self, in_channels: int, latent_dim: int = 256, hidden: Sequence[int] = (512,),
-                 num_classes: Optional[int] = None, prenorm: Optional[str] = "descriptor", norm_scale: float = 1.0,
+                 num_classes: Optional[int] = None, prenorm: Optional[str] = "descriptor",
+                 norm_scale: Optional[float] = None,
                  spp: Optional[str] = None, dropout: float = 0.5, lambda_rec: float = 1.0, lambda_reg: float = 1.0,
                  lambda_cls: Optional[float] = None, sigma_floor: float = 0.05, backend: str = "auto") -> None:
         super().__init__()
         if lambda_cls is None:  # the official prototxt's weight when there are labels, else FV-VAE⁻
             lambda_cls = OFFICIAL_LAMBDA_CLS if num_classes else 0.0
+        if norm_scale is None:
+            norm_scale = self.unit_rms_norm_scale(prenorm, in_channels)
         # The constructor's arguments: FVVAE(**model.config) rebuilds the architecture (checkpoints).
         self.config = dict(in_channels=in_channels, latent_dim=latent_dim, hidden=tuple(hidden),
                            num_classes=num_classes, prenorm=prenorm, norm_scale=norm_scale, spp=spp, dropout=dropout,
@@ -61,6 +64,15 @@ class FVVAE(nn.Module):
         self.dropout, self.sigma_floor, self.backend = dropout, sigma_floor, backend
         self.lambda_rec, self.lambda_reg, self.lambda_cls = lambda_rec, lambda_reg, lambda_cls
         self.to_params()  # validates prenorm/spp now rather than at the first forward
+
+    @staticmethod
+    def unit_rms_norm_scale(prenorm: Optional[str], in_channels: int) -> float:
+        """The norm_scale that gives the descriptors' entries unit RMS, the scale the initial σx = σz = 1
+        assume (with smaller inputs the sampling noise swamps µz and the decoder's ReLUs die early)."""
+        if prenorm == "map":
+            raise ValueError("prenorm='map' needs an explicit norm_scale: √(T·C) gives unit RMS for maps of T "
+                             "positions (the official release's 158 ≈ √(49·512) for VGG pool5)")
+        return math.sqrt(in_channels) if prenorm == "descriptor" else 1.0
 
     # ---- parameters ------------------------------------------------------------------------------------
 

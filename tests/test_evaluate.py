@@ -76,23 +76,51 @@ def separable_problem(per_class=20, classes=3, dim=8, seed=0):
     return centres[labels] + torch.randn(len(labels), dim, generator=generator) * 0.5, labels
 
 
-def test_svm_separates_separable_classes():
+@pytest.mark.parametrize("solver", ["newton", "liblinear"])
+def test_svm_separates_separable_classes(solver):
     pytest.importorskip("sklearn")
     train_x, train_y = separable_problem(seed=0)
     test_x, test_y = separable_problem(per_class=10, seed=0)
-    svm = train_svm(normalize(train_x), train_y)
-    assert svm.model.C == 100
+    svm = train_svm(normalize(train_x), train_y, solver=solver)
+    assert svm.C == 100
     scores = svm.decision_function(normalize(test_x))
     assert scores.shape == (30, 3)
     assert accuracy(scores, test_y) == 1.0 and mean_average_precision(scores, test_y) == 1.0
     assert torch.equal(svm.predict(normalize(test_x)), test_y)
 
 
-def test_svm_two_classes_gives_a_column_per_class():
+@pytest.mark.parametrize("solver", ["newton", "liblinear"])
+def test_svm_two_classes_gives_a_column_per_class(solver):
     pytest.importorskip("sklearn")
     x, y = separable_problem(classes=2)
-    scores = LinearSVM().fit(x, y).decision_function(x)
+    scores = LinearSVM(solver=solver).fit(x, y).decision_function(x)
     assert scores.shape == (40, 2)
     assert accuracy(scores, y) == 1.0
     with pytest.raises(ValueError, match="at least two classes"):
         LinearSVM().fit(x[:5], y[:5])
+
+
+def svm_objective(svm, x, y, C=100.0):
+    """The LinearSVC objective Σ_k ½‖(w_k, b_k)‖² + C Σ_i max(0, 1 − y_ik s_ik)², from the decision scores."""
+    scores = svm.decision_function(x).double()
+    targets = torch.where(y[:, None] == torch.arange(scores.shape[1])[None, :], 1.0, -1.0).double()
+    if svm.model is not None:
+        weights = torch.from_numpy(np.concatenate([svm.model.coef_, svm.model.intercept_[:, None]], 1))
+    else:
+        weights = svm.weights_.t().double()
+    return 0.5 * weights.square().sum() + C * (1 - targets * scores).clamp_min(0).square().sum()
+
+
+def test_newton_solver_reaches_liblinears_optimum():
+    """Overlapping classes (the hard case at C = 100): same objective value, same predictions."""
+    pytest.importorskip("sklearn")
+    generator = torch.Generator().manual_seed(3)
+    x = normalize(torch.rand(300, 40, generator=generator))
+    y = torch.randint(0, 4, (300,), generator=generator)
+    x[y == 1, :5] += 0.05
+    newton = LinearSVM(solver="newton").fit(x, y)
+    liblinear = LinearSVM(solver="liblinear", tol=1e-6, max_iter=100000).fit(x, y)
+    best = svm_objective(liblinear, x, y)
+    assert abs(float(svm_objective(newton, x, y) / best) - 1) <= 1e-4
+    agree = (newton.predict(x) == liblinear.predict(x)).double().mean()
+    assert agree >= 0.98

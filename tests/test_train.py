@@ -49,7 +49,7 @@ def test_checkpoint_refuses_other_architecture_or_options(tmp_path):
     with pytest.raises(ValueError, match="latent_dim: checkpoint 4, model 5"):
         load_checkpoint(path, FVVAE(6, 5, (8,), num_classes=2, lambda_cls=10.0))
     with pytest.raises(ValueError, match="prenorm: checkpoint 'descriptor', model 'map'"):
-        train(FVVAE(6, 4, (8,), num_classes=2, lambda_cls=10.0, prenorm="map"), toy_data(), iterations=1,
+        train(FVVAE(6, 4, (8,), num_classes=2, lambda_cls=10.0, prenorm="map", norm_scale=3.0), toy_data(), iterations=1,
               checkpoint=path, progress=False)
 
 
