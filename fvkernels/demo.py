@@ -23,6 +23,14 @@ from fvkernels.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, strati
 from fvkernels.evaluate import accuracy, train_svm
 
 
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """Progress lines stamped with the seconds since the demo started."""
+    print(f"[{time.perf_counter() - _START:6.0f} s] {message}", flush=True)
+
+
 @dataclass
 class Result:
     method: str
@@ -43,8 +51,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image-size", type=int, default=112, help="side the 28×28 images are resized to")
     parser.add_argument("--layer", default="block5.depthwise",
                         help="EfficientNet-Lite0 tap giving the local descriptors (post-activation)")
-    parser.add_argument("--latent", type=int, default=63, help="FV-VAE latent size d (FV dim C·(d+1))")
-    parser.add_argument("--sweep-latents", default="15,31", help="smaller d for the accuracy-vs-dimension plot")
+    parser.add_argument("--latent", type=int, default=31, help="FV-VAE latent size d (FV dim C·(d+1))")
+    parser.add_argument("--sweep-latents", default="7,15", help="other d for the accuracy-vs-dimension plot")
     parser.add_argument("--hidden", type=int, default=512, help="width of the encoder's hidden layer")
     parser.add_argument("--iterations", type=int, default=400, help="training steps of 128 sets per FV-VAE")
     parser.add_argument("--lambdas", default="10,1000", help="λ3 values tried on the validation split")
@@ -92,7 +100,7 @@ def choose_lambda(args, fit_maps, fit_labels, val_maps, val_labels) -> float:
         result = evaluate_encoder(f"FV-VAE λ3={value:g}", fvvae_encoder(args, args.latent, value, args.seed),
                                   fit_maps, fit_labels, val_maps, val_labels, fit_labels=True)
         scores[value] = result.accuracy
-        print(f"  validation: λ3 = {value:g} → accuracy {result.accuracy:.4f}")
+        log(f"  validation: λ3 = {value:g} → accuracy {result.accuracy:.4f}")
     return max(scores, key=lambda value: (scores[value], -value))
 
 
@@ -152,7 +160,6 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
 
     train_images, train_labels = load_fashion_mnist("train", args.data)
     test_images, test_labels = load_fashion_mnist("test", args.data)
@@ -162,7 +169,7 @@ def run(args) -> int:
         test_pick = stratified_subset(test_labels, args.test_size, generator)
         train_images, train_labels = train_images[train_pick], train_labels[train_pick]
         test_images, test_labels = test_images[test_pick], test_labels[test_pick]
-    print(f"Fashion-MNIST: {len(train_images)} training and {len(test_images)} test images; device {device}")
+    log(f"Fashion-MNIST: {len(train_images)} training and {len(test_images)} test images; device {device}")
 
     from fvkernels.models import efficientnet_lite0
 
@@ -171,12 +178,12 @@ def run(args) -> int:
     test_maps = extract_maps(backbone, test_images, args, device, "test")
     del backbone
     channels, height, width = train_maps.shape[1:]
-    print(f"local descriptors: {height}×{width} = {height * width} per image, C = {channels}")
+    log(f"local descriptors: {height}×{width} = {height * width} per image, C = {channels}")
 
     validation = int(len(train_maps) * args.val_fraction)
     fit_maps, fit_labels = train_maps[validation:], train_labels[validation:]
     val_maps, val_labels = train_maps[:validation], train_labels[:validation]
-    print(f"choosing λ3 on {validation} validation images (trained on {len(fit_maps)})")
+    log(f"choosing λ3 on {validation} validation images (trained on {len(fit_maps)})")
     lambda_cls = choose_lambda(args, fit_maps, fit_labels, val_maps, val_labels)
 
     components = (args.latent + 1) // 2  # GMM-FV: 2·K·C = C·(d+1)
@@ -192,15 +199,15 @@ def run(args) -> int:
     ]
     results = []
     for name, encoder, needs_labels in main:
-        print(f"{name}: fit, encode, linear SVM")
+        log(f"{name}: fit, encode, linear SVM")
         results.append(evaluate_encoder(name, encoder, train_maps, train_labels, test_maps, test_labels,
                                         fit_labels=needs_labels))
-        print(f"  accuracy {100 * results[-1].accuracy:.2f}%")
+        log(f"  accuracy {100 * results[-1].accuracy:.2f}%")
     final_fvvae = main[-1][1]
 
     curves = {"FV-VAE": [results[-1]], "GMM-FV": [results[3]], "VLAD": [results[4]]}
     for latent in [int(v) for v in args.sweep_latents.split(",") if v]:
-        print(f"accuracy vs dimension: d = {latent}, K = {(latent + 1) // 2} / {latent + 1}")
+        log(f"accuracy vs dimension: d = {latent}, K = {(latent + 1) // 2} / {latent + 1}")
         sweep = [("FV-VAE", fvvae_encoder(args, latent, lambda_cls, args.seed), True),
                  ("GMM-FV", GMMFisherEncoder((latent + 1) // 2, seed=args.seed), False),
                  ("VLAD", VLADEncoder(latent + 1, seed=args.seed), False)]
@@ -215,6 +222,5 @@ def run(args) -> int:
     shown = [int((test_labels == label).nonzero()[0]) for label in range(8)]
     plot_attention(test_images[shown], test_maps[shown], test_labels[shown].tolist(),
                    final_fvvae.model_.to_params(), args.out / "attention.png")
-    print(f"wrote {args.out}/results.json, accuracy_vs_dim.png, attention.png in "
-          f"{time.perf_counter() - started:.0f} s")
+    log(f"wrote {args.out}/results.json, table.md, accuracy_vs_dim.png, attention.png")
     return 0
