@@ -79,6 +79,10 @@ def _check_inputs(acts, params: FVVAEParams, lengths):
 
 
 def _check_finite(acts: Tensor, first_set: int) -> None:
+    # NaN and ±Inf survive a sum, so a finite sum proves every entry finite without an isfinite mask as
+    # large as acts; only a sum that is not finite (bad data, or an overflow) pays for the per-set check.
+    if bool(torch.isfinite(acts.sum())):
+        return
     finite = torch.isfinite(acts).flatten(1).all(1)
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten()[:10].add(first_set).tolist()
@@ -118,29 +122,33 @@ def _prenorm_scale(acts: Tensor, descriptors: Tensor, params: FVVAEParams, lengt
     return params.norm_scale / norms.clamp_min(NORM_FLOOR)
 
 
-def _encoder_rows(rows: Tensor, row_scale: Optional[Tensor], params: FVVAEParams) -> Tensor:
-    """The inference MLP on (M, C) rows; the prenorm scale is applied after the first GEMM (linear)."""
+def _encoder_rows(rows: Tensor, row_scale: Optional[Tensor], params: FVVAEParams, out: Tensor) -> None:
+    """The inference MLP on (M, C) rows into out (M, d); the prenorm scale is applied after the first
+    GEMM (it is linear), and the last layer writes straight into out."""
     hidden = rows
+    last = len(params.encoder) - 1
     for index, (weight, bias, relu) in enumerate(params.encoder):
-        hidden = hidden @ weight.t()
+        hidden = torch.matmul(hidden, weight.t(), out=out if index == last else None)
         if index == 0 and row_scale is not None:
             hidden.mul_(row_scale[:, None])
         hidden.add_(bias)
         if relu:
             hidden.relu_()
-    return hidden
 
 
 def _row_blocks(num_sets: int, set_size: int, max_rows: int) -> Iterator[Tuple[slice, slice]]:
-    """Blocks of whole sets of at most max_rows descriptors, or row ranges of one set when a set is larger."""
+    """Blocks of whole sets of at most max_rows descriptors, or, when one set is larger, row ranges of
+    one set of balanced sizes (784 rows in blocks of 400 → 2 × 392, not 400 + 384)."""
     sets_per_block = max(1, max_rows // max(set_size, 1))
     if sets_per_block > 1 or set_size <= max_rows:
         for start in range(0, num_sets, sets_per_block):
             yield slice(start, start + sets_per_block), slice(None)
-    else:
-        for index in range(num_sets):
-            for start in range(0, set_size, max_rows):
-                yield slice(index, index + 1), slice(start, start + max_rows)
+        return
+    parts = -(-set_size // max_rows)
+    bounds = [set_size * part // parts for part in range(parts + 1)]
+    for index in range(num_sets):
+        for begin, end in zip(bounds[:-1], bounds[1:]):
+            yield slice(index, index + 1), slice(begin, end)
 
 
 def _latents(descriptors: Tensor, scale: Optional[Tensor], params: FVVAEParams, max_rows: int) -> Tensor:
@@ -151,8 +159,22 @@ def _latents(descriptors: Tensor, scale: Optional[Tensor], params: FVVAEParams, 
         block = descriptors[sets, rows]
         flat = block.reshape(-1, channels)  # a view for contiguous sets; a bounded copy for NCHW views
         flat_scale = None if scale is None else scale[sets, rows].reshape(-1)
-        latents[sets, rows] = _encoder_rows(flat, flat_scale, params).view(*block.shape[:2], -1)
+        target = latents[sets, rows].view(-1, params.latent_dim)  # whole sets, or rows of one set: a view
+        _encoder_rows(flat, flat_scale, params, target)
     return latents
+
+
+def _workspace_plan(params: FVVAEParams, num_sets: int, set_size: int, element: int, copies_rows: bool):
+    """(sets per chunk, rows per encoder block) keeping the intermediates within the workspace: the
+    chunk's latents (at most half of it) plus one row block's encoder activations (the rest)."""
+    workspace = max(WORKSPACE_FRACTION * num_sets * params.dim * element, MIN_WORKSPACE_BYTES)
+    latents_per_set = set_size * params.latent_dim * element
+    sets_per_chunk = int(max(1, min(num_sets, workspace / 2 // max(latents_per_set, 1))))
+    hidden = [weight.shape[0] for weight, _, _ in params.encoder[:-1]]
+    # Alive per row: a copied input row (NCHW views), and two consecutive hidden layers at most.
+    live = (params.channels if copies_rows else 0) + max([a + b for a, b in zip(hidden, hidden[1:])] + hidden + [1])
+    rows_budget = max(workspace - sets_per_chunk * latents_per_set, 0)
+    return sets_per_chunk, int(max(16, rows_budget // (live * element)))
 
 
 def _normalise(fv: Tensor) -> Tensor:
@@ -201,12 +223,8 @@ def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_siz
     # The kernels' per-row sums of squares are float32: enough for a float32 (or lower) output, not for float64.
     fused_norm = normalize and acts.dtype != torch.float64
     row_sumsq = torch.empty((num_sets, channels), dtype=torch.float32, device=acts.device) if fused_norm else None
-    element = acts.element_size()
-    workspace = max(WORKSPACE_FRACTION * out.numel() * element, MIN_WORKSPACE_BYTES)
-    widest_pair = max(a + b for a, b in zip([channels] + [w.shape[0] for w, _, _ in params.encoder],
-                                            [w.shape[0] for w, _, _ in params.encoder]))
-    sets_per_chunk = int(max(1, min(num_sets, workspace / 2 // max(set_size * latent * element, 1))))
-    max_rows = int(max(16, workspace / 2 // (widest_pair * element)))
+    copies_rows = acts.dim() == 4 and params.spp is None  # NCHW views are copied row block by row block
+    sets_per_chunk, max_rows = _workspace_plan(params, num_sets, set_size, acts.element_size(), copies_rows)
     inv_sigma2 = params.inv_sigma2.contiguous()
     fisher_rsqrt = None if params.fisher_rsqrt is None else params.fisher_rsqrt.contiguous()
     for start in range(0, num_sets, sets_per_chunk):
@@ -220,6 +238,7 @@ def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_siz
         dispatch.launch(backend, latents, descriptors, params.dec_weight, params.dec_bias.contiguous(), inv_sigma2,
                         fisher_rsqrt, chunk_lengths, out_sets[chunk], x_scale=scale, signed_sqrt=normalize,
                         row_sumsq=None if row_sumsq is None else row_sumsq[chunk])
+        del latents  # before the next chunk allocates its own: one chunk's intermediates alive at a time
     if normalize:
         squares = row_sumsq.sum(1) if fused_norm else out.square().sum(1)
         out.div_(squares.sqrt_().clamp_min_(NORM_FLOOR).to(out.dtype)[:, None])
