@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc -name '*.cpp
 # A CUDA torch from PyPI is several GB; the CPU wheel is what this project needs without a GPU.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ $(STAMP): $(PY) $(SOURCES)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) data
 	$(PY) -m fvkernels demo
+
+# Fashion-MNIST from Debian's package (the demo's data); `fvkernels demo --data DIR` reads any copy instead.
+data:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get install -y dataset-fashion-mnist || { $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; }; }
 
 test: $(STAMP)
 	$(PY) -m pytest tests bench -q
