@@ -16,7 +16,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) $(SOURCES)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --no-index torch==2.13.0 \
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0 \
 		|| $(PIP) install torch --index-url $(TORCH_CPU_INDEX)
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja
 	$(PIP) install -q --no-build-isolation -e ".[test]"
