@@ -32,3 +32,10 @@ def random_params(channels, latent, hidden=(11,), dtype=torch.float64, prenorm="
                        torch.randn(channels, dtype=dtype) * 0.1 + 0.1, torch.rand(channels, dtype=dtype) + 0.5,
                        torch.rand(channels, latent + 1, dtype=dtype) + 0.1 if fisher else None,
                        prenorm=prenorm, norm_scale=norm_scale, spp=spp)
+
+
+def poisoned_output(num_sets, channels, latent, dtype, set_padding=0, device="cpu"):
+    """(N, C, d+1) output with `set_padding` unused entries between sets (stride(0) > C·(d+1)), filled with
+    NaN so that any entry a kernel fails to write shows."""
+    storage = torch.full((num_sets, channels * (latent + 1) + set_padding), float("nan"), dtype=dtype, device=device)
+    return storage[:, : channels * (latent + 1)].view(num_sets, channels, latent + 1)

@@ -11,7 +11,7 @@ import torch
 from fvkernels.ops import _extension, cpp, reference
 
 from conftest import relative_error
-from helpers import random_problem
+from helpers import poisoned_output, random_problem
 
 pytestmark = pytest.mark.skipif(_extension.IMPORT_ERROR is not None,
                                 reason=f"the C++ extension is not built ({_extension.IMPORT_ERROR})")
@@ -44,21 +44,15 @@ def isa(request, monkeypatch):
     return request.param
 
 
-def poisoned_output(num_sets, channels, latent, dtype, stride_pad=0):
-    """(N, C, d+1) with padding between sets, NaN-filled so that any entry the kernel skips shows."""
-    storage = torch.full((num_sets, channels * (latent + 1) + stride_pad), float("nan"), dtype=dtype)
-    return storage[:, : channels * (latent + 1)].view(num_sets, channels, latent + 1)
-
-
 def expected_output(z, x, w, b, s, f, lengths, x_scale=None, signed_sqrt=False):
     fv = reference.fv_accumulate_reference(z, x, w, b, s, f, lengths, x_scale)
     return reference.apply_signed_sqrt(fv) if signed_sqrt else fv
 
 
 def run_kernel(dtype, z, x, w, b, s, f, lengths, *, x_scale=None, signed_sqrt=False, row_sumsq=False,
-               stride_pad=0, num_threads=None):
+               set_padding=0, num_threads=None):
     cast = [None if t is None else t.to(dtype) for t in (z, x, w, b, s, f, x_scale)]
-    out = poisoned_output(z.shape[0], x.shape[2], z.shape[2], dtype, stride_pad)
+    out = poisoned_output(z.shape[0], x.shape[2], z.shape[2], dtype, set_padding)
     sums = torch.full((z.shape[0], x.shape[2]), float("nan")) if row_sumsq else None
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
@@ -82,7 +76,7 @@ def assert_matches(out, expected, dtype):
 @pytest.mark.parametrize("channels, latent, set_size", SHAPES)
 def test_shapes(dtype, channels, latent, set_size):
     problem = random_problem(3, set_size, channels, latent)
-    out, _ = run_kernel(dtype, *problem, stride_pad=5)
+    out, _ = run_kernel(dtype, *problem, set_padding=5)
     assert_matches(out, expected_output(*problem), dtype)
 
 
@@ -92,7 +86,7 @@ def test_shapes(dtype, channels, latent, set_size):
 def test_isa_builds(isa, dtype, fisher, channels, latent, set_size):
     """Every build has its own panel sizes; shapes with remainders in rows, columns and channels."""
     problem = random_problem(3, set_size, channels, latent, fisher=fisher)
-    out, _ = run_kernel(dtype, *problem, stride_pad=5)
+    out, _ = run_kernel(dtype, *problem, set_padding=5)
     assert_matches(out, expected_output(*problem), dtype)
 
 
@@ -121,7 +115,7 @@ def test_options(isa, dtype, signed_sqrt, fisher, scaled):
     x_scale = torch.rand(set_size, num_sets, dtype=torch.float64).t() + 0.5 if scaled else None
     expected = expected_output(z, x, w, b, s, f, lengths, x_scale, signed_sqrt)
     out, sums = run_kernel(dtype, z, x, w, b, s, f, lengths, x_scale=x_scale, signed_sqrt=signed_sqrt,
-                           row_sumsq=True, stride_pad=3)
+                           row_sumsq=True, set_padding=3)
     tolerance = TOLERANCE[dtype]
     if signed_sqrt and dtype == torch.float32:
         # sqrt turns an absolute error e near zero into sqrt(e): judge against torch's own float32 error.

@@ -7,7 +7,7 @@ from fvkernels.ops import dispatch, reference
 from fvkernels.ops.fv_accumulate import _fv_accumulate_op
 
 from conftest import cpu_backends, gpu_backends, relative_error
-from helpers import random_problem
+from helpers import poisoned_output, random_problem
 
 CPU_BACKENDS = cpu_backends()
 KERNEL_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
@@ -20,13 +20,6 @@ def skip_slow_for_interpreter(backend, channels, latent, set_size):
         pytest.skip("too large for the Triton interpreter (covered on a GPU)")
 
 
-def poisoned_output(z, channels, stride_pad=0):
-    """An (N, C, d+1) output view with padding between sets, filled with NaN so unwritten entries show."""
-    num_sets, _, latent = z.shape
-    storage = torch.full((num_sets, channels * (latent + 1) + stride_pad), float("nan"), dtype=z.dtype)
-    return storage[:, : channels * (latent + 1)].view(num_sets, channels, latent + 1)
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("channels", [3, 17, 512])
 @pytest.mark.parametrize("latent", [1, 7, 256])
@@ -37,13 +30,13 @@ def test_matches_float64_reference(backend, channels, latent, set_size):
     expected = reference.fv_accumulate_reference(*problem)
     dtype = torch.float64 if dispatch.supports_dtype(backend, torch.device("cpu"), torch.float64) else torch.float32
     inputs = [None if t is None or not t.is_floating_point() else t.to(dtype) for t in problem]
-    out = poisoned_output(inputs[0], channels, stride_pad=5)
+    out = poisoned_output(3, channels, latent, dtype, set_padding=5)
     dispatch.launch(backend, *inputs[:5], inputs[5], problem[6], out)
     assert not out.isnan().any()
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert relative_error(out, expected) <= tolerance
     if dtype == torch.float64:  # the fp32 contract: inputs rounded to float32, fp32 accumulation
-        out32 = poisoned_output(inputs[0].float(), channels)
+        out32 = poisoned_output(3, channels, latent, torch.float32)
         dispatch.launch(backend, *[t.float() for t in inputs[:6]], problem[6], out32)
         assert relative_error(out32, expected) <= 1e-5
 
@@ -61,7 +54,7 @@ def test_epilogue_options(backend, signed_sqrt):
         expected = reference.apply_signed_sqrt(expected)
     dtype = torch.float64 if dispatch.supports_dtype(backend, torch.device("cpu"), torch.float64) else torch.float32
     cast = [t.to(dtype) for t in (z, x_view, w, b, s, f, x_scale)]
-    out = poisoned_output(cast[0], 17, stride_pad=3)
+    out = poisoned_output(4, 17, 7, dtype, set_padding=3)
     row_sumsq = torch.full((4, 17), float("nan"))
     dispatch.launch(backend, *cast[:6], lengths, out, x_scale=cast[6], signed_sqrt=signed_sqrt, row_sumsq=row_sumsq)
     assert relative_error(out, expected) <= (1e-12 if dtype == torch.float64 else 1e-5)

@@ -10,6 +10,7 @@ import torch
 from fvkernels.ops import dispatch, reference
 
 from conftest import relative_error
+from helpers import poisoned_output, random_problem
 
 triton_fv = pytest.importorskip("fvkernels.ops.triton_fv", reason="triton is not installed")
 
@@ -26,27 +27,8 @@ TILED_LATENT = 70
 FP32_TOLERANCE = 1e-5
 
 
-def make_problem(num_sets, set_size, channels, latent, dtype=torch.float64):
-    """Float64 inputs on DEVICE with active and inactive decoder units; lengths has a full and an
-    empty set (and a ragged one when there are three or more)."""
-    options = dict(dtype=dtype, device=DEVICE)
-    z = torch.randn(num_sets, set_size, latent, **options)
-    x = torch.rand(num_sets, set_size, channels, **options)
-    dec_weight = torch.randn(channels, latent, **options) / latent ** 0.5
-    dec_bias = torch.randn(channels, **options) * 0.5
-    inv_sigma2 = torch.rand(channels, **options) + 0.5
-    fisher_rsqrt = torch.rand(channels, latent + 1, **options) + 0.5
-    lengths = torch.randint(0, set_size + 1, (num_sets,), device=DEVICE)
-    lengths[0] = set_size
-    lengths[1 % num_sets] = 0
-    return z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths
-
-
-def nan_output(num_sets, channels, latent, dtype, set_padding=3):
-    """(N, C, d+1) with padding between sets (stride(0) > C·(d+1)), NaN so that unwritten entries show."""
-    storage = torch.full((num_sets, channels * (latent + 1) + set_padding), float("nan"), dtype=dtype,
-                         device=DEVICE)
-    return storage[:, : channels * (latent + 1)].view(num_sets, channels, latent + 1)
+def make_problem(num_sets, set_size, channels, latent):
+    return random_problem(num_sets, set_size, channels, latent, device=DEVICE)
 
 
 def run_kernel(problem, dtype, *, x_scale=None, signed_sqrt=False, with_row_sumsq=False, t_splits=None,
@@ -56,7 +38,7 @@ def run_kernel(problem, dtype, *, x_scale=None, signed_sqrt=False, with_row_sums
     floats = [t.to(dtype) for t in (z, x, dec_weight, dec_bias, inv_sigma2)]
     num_sets, _, latent = z.shape
     channels = x.shape[2]
-    out = nan_output(num_sets, channels, latent, dtype)
+    out = poisoned_output(num_sets, channels, latent, dtype, set_padding=3, device=DEVICE)
     row_sumsq = (torch.full((num_sets, channels), float("nan"), device=DEVICE) if with_row_sumsq else None)
     triton_fv.launch(*floats, fisher_rsqrt.to(dtype) if with_fisher else None, lengths if with_lengths else None,
                      out, x_scale=None if x_scale is None else x_scale.to(dtype), signed_sqrt=signed_sqrt,
