@@ -1,10 +1,14 @@
-"""Command line: `python -m fvkernels demo | backends` (also installed as the `fvkernels` console script)."""
+"""Command line: `python -m fvkernels demo | backends | train | extract` (also installed as the `fvkernels`
+console script). `train` and `extract` also run as every process of a torchrun job:
+`torchrun --standalone --nproc_per_node=K -m fvkernels train|extract ...`."""
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,6 +56,83 @@ def run_demo(args) -> int:
     return demo.run(args)
 
 
+def reporting_errors(run):
+    """A command whose input errors (ValueError, FileNotFoundError: bad list, mismatched checkpoint or output
+    folder, unreadable input with --strict) end it with their message and status 2, not a traceback."""
+    @functools.wraps(run)
+    def wrapper(args) -> int:
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"fvkernels {args.command}: error: {error}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+@reporting_errors
+def run_train(args) -> int:
+    from fvkernels import distributed
+    from fvkernels.corpus import BACKBONES, read_sample_list
+    from fvkernels.train import train_on_corpus
+
+    parallel = distributed.init_from_env()
+    try:
+        samples = read_sample_list(args.list)
+        backbone = BACKBONES[args.backbone](args.layer, args.image_size)
+        layer_options = dict(latent_dim=args.latent_dim, hidden=args.hidden, lambda_cls=args.lambda_cls)
+        model = train_on_corpus(samples, args.root, backbone, args.checkpoint, layer_options=layer_options,
+                                frames_per_video=args.frames_per_video, image_batch=args.image_batch,
+                                strict=args.strict, distributed=parallel, iterations=args.iterations,
+                                batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                checkpoint_every=args.checkpoint_every)
+        if distributed.rank_and_size(parallel)[0] == 0:
+            print(f"FV-VAE layer {model.in_channels} → {model.latent_dim} trained for {args.iterations} steps, Fisher "
+                  f"from {int(model.fisher_sets)} sets: {args.checkpoint}")
+    finally:
+        distributed.shutdown(parallel)
+    return 0
+
+
+@reporting_errors
+def run_extract(args) -> int:
+    from fvkernels import distributed
+    from fvkernels.corpus import backbone_from_spec, read_sample_list
+    from fvkernels.extract import extract
+    from fvkernels.train import load_checkpoint, read_checkpoint
+
+    parallel = distributed.init_from_env()
+    try:
+        input_spec = read_checkpoint(args.model)["input_spec"]
+        if not input_spec:
+            raise ValueError(f"{args.model} does not say which backbone made its inputs (it was saved without an "
+                             "input_spec); extract with fvkernels.extract.extract and your Backbone instead")
+        model = load_checkpoint(args.model)
+        if int(model.fisher_sets) == 0:
+            raise ValueError(f"{args.model} has no fitted Fisher; let `fvkernels train` finish (rerun it to resume)")
+        manifest = extract(read_sample_list(args.list), args.root, model, backbone_from_spec(input_spec), args.out,
+                           dtype=args.dtype, shard_size=args.shard_size, batch_size=args.image_batch,
+                           frames_per_video=args.frames_per_video, strict=args.strict, distributed=parallel)
+        if distributed.rank_and_size(parallel)[0] == 0:
+            counts = manifest["counts"]
+            print(f"{counts['encoded']} of {counts['samples']} samples encoded into {len(manifest['shards'])} shards of "
+                  f"{manifest['dim']}-d {manifest['dtype']} Fisher vectors in {args.out} ({counts['dropped']} dropped, "
+                  f"{counts['unreadable_inputs']} unreadable inputs: see manifest.json)")
+    finally:
+        distributed.shutdown(parallel)
+    return 0
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--list", required=True, type=Path,
+                        help="list file, one sample per line: 'relative/path [label]' (an image or a frame folder)")
+    parser.add_argument("--root", required=True, type=Path, help="the folder the listed paths are relative to")
+    parser.add_argument("--frames-per-video", type=int, default=None,
+                        help="frames taken evenly spaced from each frame folder (default: all)")
+    parser.add_argument("--image-batch", type=int, default=32, help="images per backbone batch")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on an unreadable image or frame instead of reporting and skipping it")
+
+
 def keep_freed_memory() -> None:
     """Let glibc keep freed blocks instead of returning each large one to the OS: training and encoding
     allocate and free tens of MB per step, and re-faulting those pages cost a quarter of the run time.
@@ -84,6 +165,37 @@ def main(argv=None) -> int:
     backends.add_argument("--repeats", type=int, default=3)
     backends.add_argument("--seed", type=int, default=0)
     backends.set_defaults(run=backend_demo)
+
+    from fvkernels.corpus import BACKBONES
+    from fvkernels.extract import DTYPES
+
+    train = commands.add_parser("train", help="train an FV-VAE layer on a frozen CNN's activations of images/videos",
+                                description="Trains the FV-VAE layer (Algorithm 1) on the activations of a frozen "
+                                            "backbone, fits its Fisher, and writes a checkpoint; resumes from it.")
+    add_corpus_arguments(train)
+    train.add_argument("--checkpoint", required=True, type=Path, help="checkpoint to write, and to resume from")
+    train.add_argument("--backbone", choices=sorted(BACKBONES), default="efficientnet_lite0")
+    train.add_argument("--layer", default="block5.depthwise", help="the backbone's feature layer")
+    train.add_argument("--image-size", type=int, default=112, help="images are resized to this square size")
+    train.add_argument("--latent-dim", type=int, default=64)
+    train.add_argument("--hidden", type=int, nargs="*", default=[256], help="hidden widths of the encoder MLP")
+    train.add_argument("--lambda-cls", type=float, default=None,
+                       help="weight of the classification loss (default 1e3 with labels; 0 is FV-VAE⁻)")
+    train.add_argument("--iterations", type=int, default=1000)
+    train.add_argument("--batch-size", type=int, default=128,
+                       help="sets per global batch, split over the processes (a multiple of their number)")
+    train.add_argument("--lr", type=float, default=1.0, help="AdaDelta learning rate")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.set_defaults(run=run_train)
+    extract = commands.add_parser("extract", help="encode images/videos into sharded FV-VAE Fisher vectors",
+                                  description="Writes Fisher vector shards and a manifest; a rerun resumes.")
+    add_corpus_arguments(extract)
+    extract.add_argument("--model", required=True, type=Path, help="a checkpoint written by `fvkernels train`")
+    extract.add_argument("--out", required=True, type=Path, help="output folder (new, empty, or an unfinished run)")
+    extract.add_argument("--dtype", choices=DTYPES, default="float16")
+    extract.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    extract.set_defaults(run=run_extract)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fvkernels import encode
+from fvkernels.distributed import sum_over_processes
 from fvkernels.params import FVVAEParams, load_official_weights
 
 
@@ -20,6 +21,8 @@ class FVVAE(nn.Module):
 
     forward(acts) → normalised Fisher vectors (N, C·(d+1)), differentiable w.r.t. this module and acts;
     loss(acts, labels) → the terms of Algorithm 1; fit_fisher(batches) → the diagonal Fisher buffer.
+    In a data-parallel job (fvkernels.train.train(distributed=True)) the statistics computed from data —
+    the σx floor and the Fisher — are summed over the processes, so they equal the single-process ones.
 
     The encoder is `hidden` ReLU layers and a linear layer to the latent size (the official training
     network: 512 → 512 → 256); σx (per channel) and σz (per latent unit) are learned in log space and
@@ -45,6 +48,8 @@ class FVVAE(nn.Module):
                            sigma_floor=sigma_floor, backend=backend)
         if in_channels < 1 or latent_dim < 1:
             raise ValueError(f"in_channels and latent_dim must be positive, got {in_channels} and {latent_dim}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout is the probability of dropping an input entry, in [0, 1), got {dropout}")
         if lambda_cls and not num_classes:
             raise ValueError(f"lambda_cls = {lambda_cls} needs num_classes; pass num_classes, or lambda_cls=0 "
                              "for FV-VAE⁻ (no classification loss)")
@@ -127,56 +132,85 @@ class FVVAE(nn.Module):
         return encode.fv_vae_encode(acts, self.to_params(), lengths=lengths, backend=self.backend)
 
     @torch.no_grad()
-    def fit_fisher(self, batches: Iterable) -> Tensor:
+    def fit_fisher(self, batches: Iterable, *, distributed: bool = False) -> Tensor:
         """Sets the diagonal Fisher F = mean over sets of G² (DESIGN §1.6) from a stream of batches.
 
         batches yields acts, or (acts, lengths) pairs; only running sums are kept, never the FVs.
-        Empty sets (length 0) carry no information and are not counted.
+        Empty sets (length 0) carry no information and are not counted. distributed: every process of
+        the torch.distributed job calls this with its share of the sets; (Σ G², #sets) are all-reduced,
+        so each gets the F of all the shares together.
         """
         params = self.to_params()
         params.fisher, params.fisher_rsqrt = None, None
-        total = torch.zeros_like(self.fisher, dtype=torch.float64)
-        count = 0
+        total = torch.zeros(self.fisher.numel() + 1, dtype=torch.float64, device=self.fisher.device)
+        squares, count = total[:-1].view_as(self.fisher), total[-1:]  # one all-reduce for both
         for batch in batches:
             acts, lengths = batch if isinstance(batch, (tuple, list)) else (batch, None)
             raw = encode.fv_vae_encode(acts, params, lengths=lengths, normalize=False, backend=self.backend)
-            total += raw.double().square().sum(0).view_as(total)
+            squares += raw.double().square().sum(0).view_as(squares)
             count += raw.shape[0] if lengths is None else int((torch.as_tensor(lengths) > 0).sum())
-        total, count = self.reduce_fisher_statistics(total, count)
-        if count == 0:
+        sum_over_processes(total, distributed)
+        if int(count) == 0:
             raise ValueError("fit_fisher saw no non-empty set; pass batches of training activations")
-        self.fisher.copy_(total / count)
-        self.fisher_sets.fill_(count)
+        self.fisher.copy_(squares / count)
+        self.fisher_sets.fill_(int(count))
         return self.fisher
-
-    def reduce_fisher_statistics(self, total: Tensor, count: int):
-        """Hook for data-parallel fitting: combine (Σ G², #sets) over processes. Identity here."""
-        return total, count
 
     # ---- training --------------------------------------------------------------------------------------
 
-    def loss(self, acts: Tensor, labels: Optional[Tensor] = None, lengths=None) -> Dict[str, Tensor]:
+    @torch.no_grad()
+    def init_sigma_floor(self, acts: Tensor, lengths=None, *, distributed: bool = False) -> None:
+        """Sets the σx floor from a batch of training sets (loss() does it on its first training batch).
+
+        distributed: every process passes its share of one global batch and the floor is that of the
+        whole batch (the sums behind the RMS are all-reduced).
+        """
+        x_hat, lengths = encode.prenormalised_sets(acts, self.to_params(), lengths)
+        self._set_sigma_floor(x_hat, self._valid_descriptors(x_hat, lengths), distributed)
+
+    def _set_sigma_floor(self, x_hat: Tensor, valid: Tensor, distributed: bool) -> None:
+        # float64 sums, so that summing per-process parts gives the single-process floor to the last bit
+        sums = torch.stack([x_hat.detach().double().square().masked_select(valid).sum(),
+                            valid.sum().double() * x_hat.shape[-1]])
+        square_sum, count = sum_over_processes(sums, distributed).tolist()
+        self.sigma_x_min.fill_(self.sigma_floor * math.sqrt(square_sum / max(count, 1)))
+
+    @staticmethod
+    def _valid_descriptors(x_hat: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """(N, T, 1) mask of the descriptors inside each set's length."""
+        num_sets, set_size, _ = x_hat.shape
+        if lengths is None:
+            return torch.ones(num_sets, set_size, 1, dtype=torch.bool, device=x_hat.device)
+        return (torch.arange(set_size, device=x_hat.device) < lengths[:, None]).unsqueeze(-1)
+
+    def loss(self, acts: Tensor, labels: Optional[Tensor] = None, lengths=None, *,
+             noise_seeds: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
         """Algorithm 1's losses, each averaged over the sets of the batch (sums over descriptors inside).
 
         rec = Σ_t ‖(x̂_t − µx_t)/σx‖²/2 + Σ log σx,  reg = Σ_t KL(N(µz_t, σz²) ‖ N(0, I)),
         cls = cross-entropy of the per-descriptor class scores of z_t max-pooled over the set;
-        total = λ_rec·rec + λ_reg·reg + λ_cls·cls. Uses input dropout and one reparameterised sample.
+        total = λ_rec·rec + λ_reg·reg + λ_cls·cls. Uses input dropout and one reparameterised sample,
+        drawn from the global RNG, or with noise_seeds (one int per set) from a generator per set, so
+        that a set's draws do not depend on which other sets share its batch (data-parallel training
+        splits each batch over processes).
         """
         x_hat, lengths = encode.prenormalised_sets(acts, self.to_params(), lengths)
-        num_sets, set_size, _ = x_hat.shape
-        valid = torch.ones(num_sets, set_size, 1, dtype=torch.bool, device=acts.device) if lengths is None else \
-            (torch.arange(set_size, device=acts.device) < lengths[:, None]).unsqueeze(-1)
+        valid = self._valid_descriptors(x_hat, lengths)
         if self.training and float(self.sigma_x_min) == 0:
-            rms = x_hat.detach().square().masked_select(valid).mean().sqrt()
-            self.sigma_x_min.fill_(self.sigma_floor * float(rms))
+            self._set_sigma_floor(x_hat, valid, distributed=False)
 
-        hidden = F.dropout(x_hat, self.dropout, self.training)
+        generators = None
+        if self.training and noise_seeds is not None:
+            if len(noise_seeds) != x_hat.shape[0]:
+                raise ValueError(f"noise_seeds has {len(noise_seeds)} seeds for {x_hat.shape[0]} sets; pass one per set")
+            generators = [torch.Generator(device=x_hat.device).manual_seed(int(seed)) for seed in noise_seeds]
+        hidden = self._input_dropout(x_hat, generators)
         for index, layer in enumerate(self.encoder):
             hidden = layer(hidden)
             hidden = F.relu(hidden) if index < len(self.encoder) - 1 else hidden
         mu_z = hidden
         sigma_z = self.log_sigma_z.exp()
-        z = mu_z + torch.randn_like(mu_z) * sigma_z if self.training else mu_z
+        z = mu_z + self._standard_normal(mu_z, generators) * sigma_z if self.training else mu_z
         mu_x = F.relu(self.decoder(z))
         sigma_x = self.sigma_x()
 
@@ -194,3 +228,18 @@ class FVVAE(nn.Module):
             losses["cls"] = rec.new_zeros(())
         losses["total"] = self.lambda_rec * losses["rec"] + self.lambda_reg * losses["reg"] + self.lambda_cls * losses["cls"]
         return losses
+
+    def _input_dropout(self, x_hat: Tensor, generators: Optional[List[torch.Generator]]) -> Tensor:
+        if generators is None:
+            return F.dropout(x_hat, self.dropout, self.training)
+        keep = torch.stack([torch.rand(x_hat.shape[1:], generator=generator, device=x_hat.device, dtype=x_hat.dtype)
+                            for generator in generators]) >= self.dropout
+        return x_hat * keep / (1 - self.dropout)
+
+    @staticmethod
+    def _standard_normal(like: Tensor, generators: Optional[List[torch.Generator]]) -> Tensor:
+        if generators is None:
+            return torch.randn_like(like)
+        return torch.stack([torch.randn(like.shape[1:], generator=generator, device=like.device, dtype=like.dtype)
+                            for generator in generators])
+

@@ -1,20 +1,26 @@
-"""Training the FV-VAE layer (Algorithm 1): AdaDelta, batches of sets, progress, atomic checkpoints."""
+"""Training the FV-VAE layer (Algorithm 1): AdaDelta, batches of sets, progress, atomic checkpoints, on one
+process or data-parallel on several (torchrun)."""
 from __future__ import annotations
 
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import IO, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fvkernels import distributed as dist_utils
+from fvkernels.corpus import Backbone, Sample, activation_batches
 from fvkernels.nn import FVVAE
 
 CHECKPOINT_FORMAT = "fvkernels.FVVAE"
-CHECKPOINT_VERSION = 1
+# Version 2 added `input_spec` and draws each set's training noise from its own seed; a version-1 file
+# still loads as a model, but resuming its training would not continue the run it came from.
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -43,29 +49,49 @@ class SetData:
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
 
-def atomic_save(obj, path: Union[str, Path]) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash leaves either the
-    old file or the new one, never a partial file under the final name."""
+def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> None:
+    """write(handle) into a temporary file in the same folder, fsync, then rename: a crash leaves either
+    the old file or the new one, never a partial file under the final name. Temporary names are
+    hidden: `.{name}.<random>.tmp`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp's 0600 would hide shared outputs from other users
         with os.fdopen(descriptor, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:  # make the rename itself durable, not only the file's bytes
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return umask
+
+
+def atomic_save(obj, path: Union[str, Path]) -> None:
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def save_checkpoint(path, model: FVVAE, optimizer: Optional[torch.optim.Optimizer] = None, iteration: int = 0,
-                    history: Sequence[dict] = ()) -> None:
+                    history: Sequence[dict] = (), input_spec: Optional[dict] = None) -> None:
+    """input_spec: what turns raw data into the layer's input (the `fvkernels train` command stores its
+    backbone, layer, image size and weights digest), checked again on resume and by `fvkernels extract`."""
     atomic_save({
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dict(model.config),
         "model": model.state_dict(), "optimizer": None if optimizer is None else optimizer.state_dict(),
-        "iteration": iteration, "history": list(history),
+        "iteration": iteration, "history": list(history), "input_spec": input_spec,
     }, path)
 
 
@@ -81,16 +107,23 @@ def read_checkpoint(path) -> dict:
         raise ValueError(f"{str(path)!r} is not an fvkernels FVVAE checkpoint (format {state.get('format')!r} "
                          f"if a dict, expected {CHECKPOINT_FORMAT!r})" if isinstance(state, dict) else
                          f"{str(path)!r} is not an fvkernels FVVAE checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{str(path)!r} has checkpoint version {state.get('version')!r}; this fvkernels reads "
-                         f"version {CHECKPOINT_VERSION} — load it with the fvkernels release that wrote it")
+                         f"version {' or '.join(map(str, READABLE_VERSIONS))} — load it with the fvkernels release "
+                         "that wrote it")
+    state.setdefault("input_spec", None)
     return state
 
 
-def check_compatible(state: dict, model: FVVAE, path) -> None:
-    """Refuses a checkpoint written for another architecture or other options, naming what differs."""
+def check_compatible(state: dict, model: FVVAE, path, input_spec: Optional[dict] = None) -> None:
+    """Refuses a checkpoint written for another architecture, other options or (when input_spec is
+    given) other inputs, naming what differs."""
     differences = [f"{key}: checkpoint {state['config'].get(key)!r}, model {value!r}"
                    for key, value in model.config.items() if state["config"].get(key) != value]
+    if input_spec is not None:
+        stored = state["input_spec"] or {}
+        differences += [f"input {key}: checkpoint {stored.get(key)!r}, now {input_spec.get(key)!r}"
+                        for key in sorted(set(stored) | set(input_spec)) if stored.get(key) != input_spec.get(key)]
     if differences:
         raise ValueError(f"checkpoint {str(path)!r} does not match this model — " + "; ".join(differences))
 
@@ -105,50 +138,145 @@ def load_checkpoint(path, model: Optional[FVVAE] = None) -> FVVAE:
     return model
 
 
+def _resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict]) -> Optional[dict]:
+    """The checkpoint to resume from, checked against the model; None when there is none yet."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return None
+    state = read_checkpoint(checkpoint)
+    check_compatible(state, model, checkpoint, input_spec)
+    if state["version"] != CHECKPOINT_VERSION:
+        raise ValueError(f"{str(checkpoint)!r} was written by the version-{state['version']} training loop, which drew "
+                         "its noise differently: resuming would not continue that run. Train into a new checkpoint "
+                         "path (load_checkpoint still reads the model)")
+    return state
+
+
 # ---- training --------------------------------------------------------------------------------------------
+
+class _Objective(nn.Module):
+    """The layer's losses as a forward pass, the form DistributedDataParallel wraps."""
+
+    def __init__(self, layer: FVVAE) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, acts, labels, lengths, noise_seeds) -> Dict[str, Tensor]:
+        return self.layer.loss(acts, labels, lengths, noise_seeds=noise_seeds)
+
 
 def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: int = 128, lr: float = 1.0,
           seed: int = 0, device=None, checkpoint=None, checkpoint_every: int = 500, progress: bool = True,
-          ) -> List[Dict[str, float]]:
+          distributed: bool = False, input_spec: Optional[dict] = None) -> List[Dict[str, float]]:
     """Algorithm 1: `iterations` AdaDelta steps on random batches of `batch_size` sets.
 
-    Deterministic given `seed`: batch order comes from a seeded generator and each step's dropout and ε
-    draws from a per-step seed (the caller's global RNG is left as it was). With `checkpoint` (a path)
-    the state is saved atomically every `checkpoint_every` steps and at the end, and a run that finds a
-    compatible checkpoint there resumes from it, giving the same result as an uninterrupted run.
-    Returns the loss history (one dict of floats per step).
+    Deterministic given `seed`: batch order comes from a seeded generator and each set's dropout and ε
+    from a seed of its own (step, position in the batch); the caller's global RNG is left as it was.
+    With `checkpoint` (a path) the state is saved atomically every `checkpoint_every` steps and at the
+    end, and a run that finds a compatible checkpoint there resumes from it, giving the same result as
+    an uninterrupted run. input_spec is stored in the checkpoint and must match on resume.
+
+    distributed: this is one process of a torch.distributed job (fvkernels.distributed.init_from_env());
+    every process calls train with the same data and arguments and takes its share of each global
+    batch (positions rank, rank + K, … of K processes) under DistributedDataParallel, which averages the
+    gradients: a step equals the single-process step on the same global batch, up to rounding. The σx
+    floor comes from the whole first batch; process 0 writes the checkpoint and every process resumes
+    from its copy. Returns the loss history (one dict of floats per step, means over the global batch).
     """
     device = torch.device(device) if device is not None else data.acts.device
     model.to(device).train()
+    rank, processes = dist_utils.rank_and_size(distributed)
+    global_batch = min(batch_size, len(data))
+    if global_batch % processes:
+        raise ValueError(f"a batch of {global_batch} sets does not split evenly over {processes} processes; "
+                         f"choose a batch size that is a multiple of {processes}")
     optimizer = torch.optim.Adadelta(model.parameters(), lr=lr)
     start, history = 0, []
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = read_checkpoint(checkpoint)
-        check_compatible(state, model, checkpoint)
+    state = dist_utils.on_main(lambda: _resume_state(checkpoint, model, input_spec), distributed)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["iteration"], list(state["history"])
-    order = _batches(len(data), batch_size, torch.Generator().manual_seed(seed))
+    objective = _Objective(model)
+    if distributed:
+        unused = model.classifier is not None and data.labels is None  # no labels: the classifier gets no gradient
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    order = _batches(len(data), global_batch, torch.Generator().manual_seed(seed))
     for _ in range(start):  # replaying the order is cheaper than storing the iterator's position
         next(order)
-    rng_devices = [device] if device.type == "cuda" else []
-    with tqdm(total=iterations, initial=start, desc="FV-VAE training", disable=not progress) as bar:
+    with tqdm(total=iterations, initial=start, desc="FV-VAE training", disable=not progress or rank != 0) as bar:
         for iteration in range(start, iterations):
-            acts, labels, lengths = data.batch(next(order), device)
-            with torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(seed * 1_000_003 + iteration)
-                losses = model.loss(acts, labels, lengths)
+            share = slice(rank, None, processes)
+            acts, labels, lengths = data.batch(next(order)[share], device)
+            if float(model.sigma_x_min) == 0:
+                model.init_sigma_floor(acts, lengths, distributed=distributed)
+            noise_seeds = torch.randint(2 ** 62, (global_batch,),
+                                        generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration))
+            losses = objective(acts, labels, lengths, noise_seeds[share].tolist())
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
-            history.append({name: float(value.detach()) for name, value in losses.items()})
+            means = dist_utils.sum_over_processes(torch.stack([value.detach().double() for value in losses.values()]),
+                                                  distributed) / processes
+            history.append(dict(zip(losses, means.tolist())))
             bar.set_postfix(total=f"{history[-1]['total']:.4g}", cls=f"{history[-1]['cls']:.3f}")
             bar.update()
             done = iteration + 1
-            if checkpoint is not None and (done % checkpoint_every == 0 or done == iterations):
-                save_checkpoint(checkpoint, model, optimizer, done, history)
+            if checkpoint is not None and rank == 0 and (done % checkpoint_every == 0 or done == iterations):
+                save_checkpoint(checkpoint, model, optimizer, done, history, input_spec)
     model.eval()
     return history
+
+
+def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpoint, *,
+                    layer_options: Optional[dict] = None, frames_per_video: Optional[int] = None, image_batch: int = 32,
+                    strict: bool = False, distributed: bool = False, device=None, progress: bool = True,
+                    **training) -> FVVAE:
+    """`fvkernels train`: trains an FVVAE layer (options `layer_options`) on the backbone's activations of
+    `samples` under `root` — each image, or each sampled frame of a video, one set with its sample's
+    label — then fits its Fisher on the same sets. The checkpoint holds both and the backbone's spec.
+    `training` goes to `train` (iterations, batch_size, lr, seed, checkpoint_every).
+
+    distributed: each process computes the activations of a contiguous share of the samples; the shares
+    are gathered (every global batch draws from all sets), and each process fits the Fisher on its own.
+    The result does not depend on the number of processes, up to rounding.
+    """
+    rank, processes = dist_utils.rank_and_size(distributed)
+    device = torch.device(device) if device is not None else dist_utils.default_device(distributed)
+    backbone.to(device)
+    share = samples[rank * len(samples) // processes: (rank + 1) * len(samples) // processes]
+    owners, maps = [torch.zeros(0, dtype=torch.int64)], []
+    for batch_owners, batch_maps in activation_batches(share, root, backbone, frames_per_video=frames_per_video,
+                                                       batch_size=image_batch, strict=strict, device=device,
+                                                       progress=progress and rank == 0):
+        owners.append(batch_owners)
+        maps.append(batch_maps)
+    if not maps:  # this share had no readable image; gathering still needs the maps' shape
+        with torch.no_grad():
+            maps.append(backbone.features(torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device))[:0])
+    local_acts = torch.cat(maps)
+    labelled = samples[0].label is not None
+    local_labels = torch.tensor([share[owner].label for owner in torch.cat(owners).tolist()], dtype=torch.int64,
+                                device=device) if labelled else None
+    data = SetData(dist_utils.gather_rows(local_acts, distributed),
+                   dist_utils.gather_rows(local_labels, distributed) if labelled else None)
+    if len(data) == 0:
+        raise ValueError(f"none of the {len(samples)} samples had a readable image; check the list and --root")
+
+    layer_options = dict(layer_options or {})
+    if labelled and layer_options.get("lambda_cls", None) != 0:
+        layer_options["num_classes"] = max(sample.label for sample in samples) + 1
+    with torch.random.fork_rng(devices=[]):  # the same initial layer in every process and every run
+        torch.manual_seed(training.get("seed", 0))
+        model = FVVAE(data.acts.shape[1], **layer_options)
+    train(model, data, checkpoint=checkpoint, distributed=distributed, input_spec=backbone.spec, device=device,
+          progress=progress, **training)
+    model.fit_fisher(local_acts.split(256), distributed=distributed)
+    if rank == 0:
+        state = read_checkpoint(checkpoint)
+        state["model"] = model.state_dict()
+        atomic_save(state, checkpoint)
+    return model
 
 
 def _batches(num_sets: int, batch_size: int, generator: torch.Generator):
