@@ -17,11 +17,11 @@ ITERATIONS = 4
 BATCH = dict(batch_size=16, seed=3, progress=False)
 
 
-def run_processes(task, *args, processes=PROCESSES):
-    """task(rank, folder, *rest) in `processes` fresh processes joined in a gloo group (a file store in
+def run_processes(task, folder, *args, processes=PROCESSES):
+    """task(rank, folder, *args) in `processes` fresh processes joined in a gloo group (a file store in
     `folder`: no port to pick). An exception or a crash in any of them fails the caller."""
-    store = args[0] / f".process-group-{os.urandom(8).hex()}"  # a killed group leaves its file behind
-    mp.spawn(_join_and_run, args=(processes, str(store), task, args), nprocs=processes)
+    store = folder / f".process-group-{os.urandom(8).hex()}"  # a killed group leaves its file behind
+    mp.spawn(_join_and_run, args=(processes, str(store), task, (folder, *args)), nprocs=processes)
 
 
 def _join_and_run(rank, processes, store, task, args):
