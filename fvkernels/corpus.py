@@ -42,8 +42,8 @@ def read_sample_list(path) -> List[Sample]:
         fields = line.split()
         if not fields:
             continue
-        if len(fields) > 2 or (len(fields) == 2 and not fields[1].lstrip("-").isdigit()):
-            raise ValueError(f"{path}:{number}: expected 'relative/path [integer label]', got {line!r} "
+        if len(fields) > 2 or (len(fields) == 2 and not fields[1].isdigit()):
+            raise ValueError(f"{path}:{number}: expected 'relative/path [label ≥ 0]', got {line!r} "
                              "(paths with spaces are not supported)")
         samples.append(Sample(fields[0], int(fields[1]) if len(fields) == 2 else None))
     if not samples:

@@ -199,14 +199,16 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     objective = _Objective(model)
     if distributed:
         unused = model.classifier is not None and data.labels is None  # no labels: the classifier gets no gradient
+        # broadcast_buffers=False: the buffers (σx floor, Fisher) are computed alike on every process.
         objective = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+            objective, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=unused,
+            broadcast_buffers=False)
     order = _batches(len(data), global_batch, torch.Generator().manual_seed(seed))
     for _ in range(start):  # replaying the order is cheaper than storing the iterator's position
         next(order)
+    share = slice(rank, None, processes)
     with tqdm(total=iterations, initial=start, desc="FV-VAE training", disable=not progress or rank != 0) as bar:
         for iteration in range(start, iterations):
-            share = slice(rank, None, processes)
             acts, labels, lengths = data.batch(next(order)[share], device)
             if float(model.sigma_x_min) == 0:
                 model.init_sigma_floor(acts, lengths, distributed=distributed)
