@@ -199,10 +199,8 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     objective = _Objective(model)
     if distributed:
         unused = model.classifier is not None and data.labels is None  # no labels: the classifier gets no gradient
-        # broadcast_buffers=False: the buffers (σx floor, Fisher) are computed alike on every process.
         objective = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=unused,
-            broadcast_buffers=False)
+            objective, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=unused)
     order = _batches(len(data), global_batch, torch.Generator().manual_seed(seed))
     for _ in range(start):  # replaying the order is cheaper than storing the iterator's position
         next(order)
