@@ -51,7 +51,8 @@ def extract(samples: Sequence[Sample], root, model: FVVAE, backbone: Backbone, o
             shard_size: int = 256, batch_size: int = 32, frames_per_video: Optional[int] = None, strict: bool = False,
             device=None, distributed: bool = False, progress: bool = True,
             on_shard_written: Optional[Callable[[int], None]] = None) -> dict:
-    """Encodes `samples` (under `root`) with `backbone` then `model` into shards in `out`; returns the manifest.
+    """Encodes `samples` (under `root`; shards follow their order, which read_sample_list sorts by id) with
+    `backbone` then `model` into shards in `out`; returns the manifest.
 
     Resumes a folder written by an interrupted run with the same inputs and refuses one written with
     others. batch_size: images per backbone batch (part of the hash: it decides the exact arithmetic).
