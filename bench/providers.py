@@ -35,6 +35,9 @@ class Provider:
     device: str  # "cpu" or "cuda"
     implementation: str  # EAGER (torch composite), COMPILE (torch.compile of it), VLFEAT, or a fvkernels backend
     dtype: torch.dtype = torch.float32
+    # Write into one output buffer kept across calls (out=), as an encoding loop would: no fresh 100 MB+
+    # output to page-fault in on every call.
+    reuse_output: bool = False
 
     def __str__(self) -> str:
         return f"{self.device}-{self.name}"
@@ -58,6 +61,7 @@ PROVIDERS = (
     Provider(BASELINE, "cpu", EAGER),
     Provider("torch.compile", "cpu", COMPILE),
     Provider("cpp", "cpu", "cpp"),
+    Provider("cpp-out", "cpu", "cpp", reuse_output=True),
     Provider(BASELINE, "cuda", EAGER),
     Provider("torch.compile", "cuda", COMPILE),
     Provider("triton", "cuda", "triton"),
@@ -83,7 +87,20 @@ def fv_accumulate_fn(provider: Provider, full: bool) -> Callable[..., Tensor]:
         return fv_accumulate_reference
     if provider.implementation == COMPILE:
         return compiled(fv_accumulate_reference, provider.device, full)
-    return functools.partial(fv_accumulate, backend=provider.implementation)
+    encode = functools.partial(fv_accumulate, backend=provider.implementation)
+    return _into_kept_output(encode) if provider.reuse_output else encode
+
+
+def _into_kept_output(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """fn(..., out=buffer) with the buffer allocated by the first call and reused by every later one."""
+    kept = []
+
+    def run(*args) -> Tensor:
+        if not kept:
+            kept.append(fn(*args))
+            return kept[0]
+        return fn(*args, out=kept[0])
+    return run
 
 
 def pipeline_fn(provider: Provider, params: FVVAEParams, full: bool) -> Callable[[Tensor], Tensor]:
@@ -92,7 +109,8 @@ def pipeline_fn(provider: Provider, params: FVVAEParams, full: bool) -> Callable
         return functools.partial(eager_fv_vae_pipeline, params=params)
     if provider.implementation == COMPILE:
         return compiled(functools.partial(eager_fv_vae_pipeline, params=params), provider.device, full)
-    return functools.partial(fv_vae_encode, params=params, backend=provider.implementation)
+    encode = functools.partial(fv_vae_encode, params=params, backend=provider.implementation)
+    return _into_kept_output(encode) if provider.reuse_output else encode
 
 
 def eager_fv_vae_pipeline(descriptors: Tensor, params: FVVAEParams) -> Tensor:

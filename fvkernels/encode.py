@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fvkernels.ops import dispatch
-from fvkernels.ops.fv_accumulate import check_lengths, fv_accumulate
+from fvkernels.ops.fv_accumulate import check_lengths, check_out, fv_accumulate
 from fvkernels.params import FVVAEParams
 
 NORM_FLOOR = 1e-12
@@ -216,9 +216,9 @@ def _encode_differentiable(acts, params, lengths, normalize, backend, num_sets):
 
 
 @torch.no_grad()
-def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size):
+def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size, out):
     channels, latent = params.channels, params.latent_dim
-    out = acts.new_empty((num_sets, params.dim))
+    out = acts.new_empty((num_sets, params.dim)) if out is None else out
     out_sets = out.view(num_sets, channels, latent + 1)
     # The kernels' per-row sums of squares are float32: enough for a float32 (or lower) output, not for float64.
     fused_norm = normalize and acts.dtype != torch.float64
@@ -246,17 +246,20 @@ def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_siz
 
 
 def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize: bool = True,
-                  backend: str = "auto") -> Tensor:
+                  backend: str = "auto", out: Optional[Tensor] = None) -> Tensor:
     """FV-VAE Fisher vectors (N, C·(d+1)) of CNN activations (DESIGN §1 steps 1–8).
 
     acts: (N, C, H, W) feature maps (each map one set of H·W descriptors, or 50 SPP cells with
     params.spp="official") or (N, T, C) descriptor sets with optional lengths (N,). normalize: signed
     square root then L2 (the "improved" FV); an empty set gives the zero vector. backend as in
     fv_accumulate. Differentiable w.r.t. acts and the params' tensors when autograd is recording.
+    out: an (N, C·(d+1)) buffer to write into, for inference loops (see fv_accumulate).
     """
     num_sets, set_size, lengths = _check_inputs(acts, params, lengths)
     backend = dispatch.resolve(backend, acts.device, acts.dtype)
+    if out is not None:
+        check_out(out, (num_sets, params.dim), acts, [acts, *params.tensors()])
     needs_grad = torch.is_grad_enabled() and (acts.requires_grad or any(t.requires_grad for t in params.tensors()))
     if needs_grad:
         return _encode_differentiable(acts, params, lengths, normalize, backend, num_sets)
-    return _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size)
+    return _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size, out)

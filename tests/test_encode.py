@@ -208,3 +208,13 @@ def test_public_api_names():
     for name in ("fv_accumulate", "FVVAEParams", "fv_vae_encode", "load_official_weights", "to_official_layout",
                  "available_backends"):
         assert callable(getattr(fvkernels, name))
+
+
+def test_out_buffer_is_filled_in_place():
+    params = random_params(6, 3).to(torch.float32)
+    maps = torch.rand(4, 6, 3, 3)
+    out = torch.full((4, 6 * 4), float("nan"))
+    assert fv_vae_encode(maps, params, out=out) is out
+    assert torch.equal(out, fv_vae_encode(maps, params))
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(4, 24\)"):
+        fv_vae_encode(maps, params, out=torch.empty(4, 23))

@@ -165,3 +165,17 @@ def test_gpu_backends(backend, dtype, channels, latent, set_size):
     else:  # judged against torch's own error at this precision (flash-attention's rule)
         torch_error = relative_error(reference.fv_accumulate_reference(*inputs, problem[6]), expected)
         assert relative_error(out, expected) <= 2 * torch_error + 1e-3
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_buffer(backend):
+    z, x, w, b, s, f, lengths = [t.float() if t is not None and t.is_floating_point() else t
+                                 for t in random_problem(3, 9, 5, 4)]
+    expected = fvkernels.fv_accumulate(z, x, w, b, s, f, lengths, backend=backend)
+    out = poisoned_output(3, 5, 4, torch.float32)
+    assert fvkernels.fv_accumulate(z, x, w, b, s, f, lengths, backend=backend, out=out) is out
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(3, 5, 5\)"):
+        fvkernels.fv_accumulate(z, x, w, b, s, f, lengths, backend=backend, out=torch.empty(3, 5, 4))
+    with pytest.raises(ValueError, match="out= skips autograd"):
+        fvkernels.fv_accumulate(z.requires_grad_(), x, w, b, s, f, lengths, backend=backend, out=out)

@@ -106,6 +106,21 @@ def empty_output(z: Tensor, channels: int) -> Tensor:
     return z.new_empty((z.shape[0], channels, z.shape[2] + 1))
 
 
+def check_out(out, shape: tuple, like: Tensor, inputs: list) -> None:
+    """`out=` is for inference into a reused buffer: right shape/dtype/device, each row block contiguous,
+    and nothing for autograd to record (the custom op, which allocates, is the differentiable path)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor of shape {shape}, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must be a {like.dtype} tensor of shape {shape} on {like.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if out.dim() > 1 and out[0].numel() > 1 and not out[0].is_contiguous():
+        raise ValueError("out's per-set block must be contiguous (out[0].is_contiguous()); pass a contiguous tensor")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise ValueError("out= skips autograd; inputs require grad here: call without out= to differentiate, "
+                         "or inside torch.no_grad()")
+
+
 # ---- the custom op -------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fvkernels::fv_accumulate", mutates_args=())
@@ -138,14 +153,21 @@ _fv_accumulate_op.register_autograd(_backward, setup_context=_setup_context)
 
 def fv_accumulate(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
                   fisher_rsqrt: Optional[Tensor] = None, lengths: Union[Tensor, Sequence[int], None] = None,
-                  *, backend: str = "auto") -> Tensor:
+                  *, backend: str = "auto", out: Optional[Tensor] = None) -> Tensor:
     """Raw FV-VAE Fisher vectors of N descriptor sets (DESIGN §1.5–6), (N, C, d+1), bias column last.
 
     z (N, T, d) latent means, x (N, T, C) pre-normalised descriptors, dec_weight (C, d), dec_bias (C,),
     inv_sigma2 (C,) = 1/σx², fisher_rsqrt (C, d+1) or None, lengths (N,) valid descriptors per set
     (or None: all T). backend: "auto", "triton", "cuda", "cpp" or "torch" (see available_backends()).
-    Differentiable w.r.t. every floating input.
+    Differentiable w.r.t. every floating input. out: an (N, C, d+1) buffer to write into, for inference
+    loops — a fresh 100 MB+ output costs a page fault per 4 KB on first touch, which at small T takes
+    longer than the arithmetic; with out= nothing is recorded for autograd.
     """
     lengths = check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths)
     backend = dispatch.resolve(backend, z.device, z.dtype)
-    return _fv_accumulate_op(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, backend)
+    if out is None:
+        return _fv_accumulate_op(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, backend)
+    check_out(out, (z.shape[0], x.shape[2], z.shape[2] + 1), z, [z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt])
+    dispatch.launch(backend, z, x, dec_weight, dec_bias.contiguous(), inv_sigma2.contiguous(),
+                    None if fisher_rsqrt is None else fisher_rsqrt.contiguous(), lengths, out)
+    return out
