@@ -65,8 +65,9 @@ def measure_ceilings(device: str, full: bool) -> dict:
     return ceilings
 
 
-def peak_extra_bytes(fn: Callable[[], Tensor], device: str) -> Optional[int]:
-    """Peak memory fn allocates beyond its inputs (allocated before) and its output, in bytes.
+def peak_extra_bytes(fn: Callable[[], Tensor], device: str, allocates_output: bool = True) -> Optional[int]:
+    """Peak memory fn allocates beyond its inputs (allocated before) and its output, in bytes
+    (allocates_output=False: fn writes into a buffer that exists before the call).
 
     On CPU: the peak of the running sum of the allocations and frees torch.profiler records; on GPU: the CUDA
     caching allocator's peak. Memory that bypasses torch's allocators (a library's own malloc) is not seen.
@@ -77,7 +78,7 @@ def peak_extra_bytes(fn: Callable[[], Tensor], device: str) -> Optional[int]:
         before = torch.cuda.memory_allocated()
         out = fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+        return torch.cuda.max_memory_allocated() - before - allocates_output * out.numel() * out.element_size()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     # Each allocation and free is a "[memory]" event with a signed byte count; the public FunctionEvent list
@@ -88,7 +89,7 @@ def peak_extra_bytes(fn: Callable[[], Tensor], device: str) -> Optional[int]:
     for _, nbytes in changes:
         running += nbytes
         peak = max(peak, running)
-    return peak - out.numel() * out.element_size()
+    return peak - allocates_output * out.numel() * out.element_size()
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:

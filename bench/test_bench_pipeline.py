@@ -31,7 +31,8 @@ def test_fv_vae_encode(benchmark, bench, provider):
     bench.time(benchmark, provider, case, lambda: encode(descriptors), flops=pipeline_flops(case, params, count),
                nbytes=tensor_bytes(descriptors, *params.tensors(), out), descriptors=count)
     benchmark.extra_info["output_bytes"] = tensor_bytes(out)
-    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(lambda: encode(descriptors), provider.device)
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(lambda: encode(descriptors), provider.device,
+                                                                allocates_output=not provider.reuse_output)
 
 
 def test_vlfeat_fisher(benchmark, bench):
