@@ -26,7 +26,7 @@ def backend_demo(args) -> int:
     params = FVVAEParams(encoder, torch.randn(channels, latent) / latent ** 0.5, torch.full((channels,), 0.01),
                          torch.ones(channels), torch.rand(channels, latent + 1) + 0.5, prenorm="descriptor")
     acts = torch.relu(torch.randn(args.batch, channels, args.size, args.size))  # post-ReLU conv maps
-    print(f"fvkernels demo: {args.batch} maps of {channels}×{args.size}×{args.size} → "
+    print(f"fvkernels backends: {args.batch} maps of {channels}×{args.size}×{args.size} → "
           f"{params.dim}-d FV-VAE (encoder {channels}→{hidden}→{latent}), device {device}")
     print(f"available backends: {', '.join(available_backends())}")
     expected = fv_vae_encode(acts.double(), params.to(torch.float64), backend="torch")
