@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.fvkernels-installed
 SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
-# A CUDA torch from PyPI is several GB; the CPU wheel is what this project needs without a GPU.
+# A CUDA torch from PyPI is several GB; the CPU wheel (+cpu: a local wheel in pip's find-links, or PyTorch's
+# CPU index) is what this project needs without a GPU. A torch already in .venv (e.g. a CUDA build) is kept.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install demo test bench data clean
@@ -16,8 +17,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) $(SOURCES)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0 \
-		|| $(PIP) install torch --index-url $(TORCH_CPU_INDEX)
+	$(PY) -c "import torch" 2>/dev/null \
+		|| $(PIP) install --retries 1 --timeout 20 "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX) \
+		|| $(PIP) install --retries 1 --timeout 20 "torch>=2.6" --index-url $(TORCH_CPU_INDEX) \
+		|| $(PIP) install "torch>=2.6"
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	touch $@

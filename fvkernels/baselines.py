@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fvkernels.evaluate import NORM_FLOOR, normalize
+from fvkernels.encode import NORM_FLOOR
+from fvkernels.evaluate import normalize
 
 # VLFeat's vl_fisher skips posteriors below this, and components whose prior is below it (their
 # 1/sqrt(prior) factor would blow up any descriptor that lands there).
@@ -589,10 +590,10 @@ class FVVAEEncoder(SetEncoder):
         options.update(self.training)
         self.history_ = train(self.model_.to(data.dtype), SetData(padded, labels if use_labels else None, lengths),
                               **options)
+        self.channels_ = data.channels  # sizes the Fisher chunks below
         chunks = ((padded_chunk, chunk_lengths) for _, padded_chunk, chunk_lengths in
                   data.chunks(self._elements_per_set(data.max_length)))
         self.model_.fit_fisher(chunks)
-        self.channels_ = data.channels
         return self
 
     def fit_transform(self, sets: SetsLike, labels: Optional[Tensor] = None) -> Tensor:
@@ -602,7 +603,7 @@ class FVVAEEncoder(SetEncoder):
         return self.model_.dim
 
     def _elements_per_set(self, set_size: int) -> int:
-        return set_size * (self.channels_ or 1) + self.latent_dim * (self.channels_ or 1)
+        return (set_size + self.latent_dim + 1) * self.channels_  # the set, and its C·(d+1) Fisher vector
 
     @torch.no_grad()
     def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fvkernels.ops import dispatch
 from fvkernels.ops.fv_accumulate import check_lengths, check_out, fv_accumulate
-from fvkernels.params import FVVAEParams
+from fvkernels.params import FVVAEParams, floor_for
 
 NORM_FLOOR = 1e-12
 SPP_LEVELS = ((2, 1), (3, 2), (4, 3), (7, 6))  # (kernel, stride) of the official 50-cell pyramid on 7×7 maps
@@ -36,7 +36,7 @@ def official_spp(maps: Tensor) -> Tensor:
 
 def signed_sqrt_safe(v: Tensor) -> Tensor:
     """sign(v)·sqrt(|v|) with a finite derivative at 0 (linear below NORM_FLOOR), for training."""
-    return v * v.abs().clamp_min(NORM_FLOOR).rsqrt()
+    return v * v.abs().clamp_min(floor_for(v.dtype, NORM_FLOOR)).rsqrt()
 
 
 # ---- validation ------------------------------------------------------------------------------------------
@@ -107,19 +107,22 @@ def _prenorm_scale(acts: Tensor, descriptors: Tensor, params: FVVAEParams, lengt
     """
     if params.prenorm is None:
         return None
+    # Norms in float32 at least: a float16 sum of squares overflows at 65504.
+    accumulate = torch.promote_types(acts.dtype, torch.float32)
     if params.prenorm == "descriptor":
-        norms = torch.linalg.vector_norm(descriptors, dim=2)
+        norms = torch.linalg.vector_norm(descriptors, dim=2, dtype=accumulate)
     else:
         if acts.dim() == 4:
-            squares = acts.flatten(1).square().sum(1)
+            squares = torch.linalg.vector_norm(acts.flatten(1), dim=1, dtype=accumulate).square()
         else:
-            per_descriptor = descriptors.square().sum(2)
+            per_descriptor = torch.linalg.vector_norm(descriptors, dim=2, dtype=accumulate).square()
             if lengths is not None:
                 valid = torch.arange(descriptors.shape[1], device=acts.device) < lengths[:, None]
                 per_descriptor = per_descriptor * valid
             squares = per_descriptor.sum(1)
         norms = squares.sqrt()[:, None].expand(descriptors.shape[:2])
-    return params.norm_scale / norms.clamp_min(NORM_FLOOR)
+    # A zero descriptor's scale is huge but multiplies zeros: keep it finite in acts' dtype (inf·0 is NaN).
+    return (params.norm_scale / norms.clamp_min(NORM_FLOOR)).clamp_max(torch.finfo(acts.dtype).max).to(acts.dtype)
 
 
 def _encoder_rows(rows: Tensor, row_scale: Optional[Tensor], params: FVVAEParams, out: Tensor) -> None:
@@ -177,10 +180,12 @@ def _workspace_plan(params: FVVAEParams, num_sets: int, set_size: int, element: 
     return sets_per_chunk, int(max(16, rows_budget // (live * element)))
 
 
-def _normalise(fv: Tensor) -> Tensor:
-    """Improved-FV normalisation (signed √, then L2), differentiable everywhere."""
+def improved_normalisation(fv: Tensor) -> Tensor:
+    """The improved FV's normalisation of (N, D) vectors: signed √, then L2 (a zero row stays zero).
+    Differentiable everywhere; norms accumulate in float32 at least."""
     fv = signed_sqrt_safe(fv)
-    return fv / torch.linalg.vector_norm(fv, dim=1, keepdim=True).clamp_min(NORM_FLOOR)
+    norms = torch.linalg.vector_norm(fv, dim=1, keepdim=True, dtype=torch.promote_types(fv.dtype, torch.float32))
+    return fv / norms.clamp_min(NORM_FLOOR).to(fv.dtype)
 
 
 def _prenormalised(acts: Tensor, params: FVVAEParams, lengths: Optional[Tensor]) -> Tensor:
@@ -212,7 +217,7 @@ def _encode_differentiable(acts, params, lengths, normalize, backend, num_sets):
     latents = latent_means(x_hat, params)
     fv = fv_accumulate(latents, x_hat, params.dec_weight, params.dec_bias, params.inv_sigma2, params.fisher_rsqrt,
                        lengths, backend=backend).reshape(num_sets, -1)
-    return _normalise(fv) if normalize else fv
+    return improved_normalisation(fv) if normalize else fv
 
 
 @torch.no_grad()
@@ -240,8 +245,8 @@ def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_siz
                         row_sumsq=None if row_sumsq is None else row_sumsq[chunk])
         del latents  # before the next chunk allocates its own: one chunk's intermediates alive at a time
     if normalize:
-        squares = row_sumsq.sum(1) if fused_norm else out.square().sum(1)
-        out.div_(squares.sqrt_().clamp_min_(NORM_FLOOR).to(out.dtype)[:, None])
+        norms = row_sumsq.sum(1).sqrt_() if fused_norm else torch.linalg.vector_norm(out, dim=1)
+        out.div_(norms.clamp_min_(NORM_FLOOR).to(out.dtype)[:, None])
     return out
 
 

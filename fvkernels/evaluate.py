@@ -12,18 +12,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-NORM_FLOOR = 1e-12
+from fvkernels.encode import improved_normalisation
+
 ArrayLike = Union[Tensor, np.ndarray]
 
 
 def normalize(features: ArrayLike) -> ArrayLike:
     """Row-wise sign(x)·sqrt(|x|), then division by the row's L2 norm (floored at 1e-12, so a zero row
-    stays zero). Returns the input's type: torch in, torch out; numpy in, numpy out."""
-    as_numpy = isinstance(features, np.ndarray)
-    rows = _as_matrix(features, "features")
-    rooted = rows.sign() * rows.abs().sqrt()
-    out = rooted / torch.linalg.vector_norm(rooted, dim=1, keepdim=True).clamp_min(NORM_FLOOR)
-    return out.numpy() if as_numpy else out
+    stays zero): fvkernels.encode.improved_normalisation. Returns the input's type: torch in, torch out;
+    numpy in, numpy out."""
+    out = improved_normalisation(_as_matrix(features, "features"))
+    return out.numpy() if isinstance(features, np.ndarray) else out
 
 
 def _as_matrix(values: ArrayLike, name: str) -> Tensor:
@@ -158,7 +157,13 @@ def squared_hinge_newton(x: Tensor, targets: Tensor, C: float, tol: float = 1e-5
             if bool(accepted.all()):
                 break
             scale = torch.where(accepted, scale, scale / 2)
-        weights, value, gradient, active = trial, trial_value, trial_gradient, trial_active
+        if not bool(accepted.any()):  # no class can improve in float32 any more: converged as far as it goes
+            break
+        # A class whose step was not accepted keeps its weights (and is retried from them next iteration).
+        weights = torch.where(accepted, trial, weights)
+        value = torch.where(accepted, trial_value, value)
+        gradient = torch.where(accepted, trial_gradient, gradient)
+        active = torch.where(accepted, trial_active, active)
     return weights
 
 

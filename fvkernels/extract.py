@@ -69,10 +69,14 @@ def extract(samples: Sequence[Sample], root, model: FVVAE, backbone: Backbone, o
     model.to(device)
     backbone.to(device)
     # The CPU convolutions' results depend on the number of threads (the FV kernel's do not), so the
-    # hash covers it: torchrun gives each of several processes OMP_NUM_THREADS=1.
+    # hash covers it: torchrun gives each of several processes OMP_NUM_THREADS=1. On a GPU the tiling
+    # (Triton's autotuner, the split of long sets by SM count) depends on the card, so the hash names it;
+    # the autotuner may still pick another tile shape after a restart, so GPU reruns agree to rounding,
+    # not to the byte (CPU reruns do).
     options = dict(dtype=dtype, shard_size=shard_size, batch_size=batch_size, frames_per_video=frames_per_video,
                    root=str(Path(root).resolve()), backend=dispatch.resolve(model.backend, device, torch.float32),
-                   cpu_threads=torch.get_num_threads() if device.type == "cpu" else None)
+                   cpu_threads=torch.get_num_threads() if device.type == "cpu" else None,
+                   gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     job = _canonical({"model": {"config": model.config, "state_sha256": state_digest(model)},
                       "backbone": backbone.spec, "options": options,
                       "samples": {"count": len(samples), "sha256": digest_samples(samples)}})

@@ -1,6 +1,7 @@
 """`FVVAE`: the FV-VAE layer as an nn.Module to put after any CNN layer (DESIGN §4, Algorithm 1)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -140,14 +141,13 @@ class FVVAE(nn.Module):
         the torch.distributed job calls this with its share of the sets; (Σ G², #sets) are all-reduced,
         so each gets the F of all the shares together.
         """
-        params = self.to_params()
-        params.fisher, params.fisher_rsqrt = None, None
+        params = dataclasses.replace(self.to_params(), fisher=None)
         total = torch.zeros(self.fisher.numel() + 1, dtype=torch.float64, device=self.fisher.device)
         squares, count = total[:-1].view_as(self.fisher), total[-1:]  # one all-reduce for both
         for batch in batches:
             acts, lengths = batch if isinstance(batch, (tuple, list)) else (batch, None)
             raw = encode.fv_vae_encode(acts, params, lengths=lengths, normalize=False, backend=self.backend)
-            squares += raw.double().square().sum(0).view_as(squares)
+            squares += raw.square().sum(0, dtype=torch.float64).view_as(squares)
             count += raw.shape[0] if lengths is None else int((torch.as_tensor(lengths) > 0).sum())
         sum_over_processes(total, distributed)
         if int(count) == 0:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -13,6 +13,12 @@ SPP_MODES = ("official", None)
 FISHER_FLOOR = 1e-12
 
 EncoderLayer = Tuple[Tensor, Tensor, bool]
+
+
+def floor_for(dtype: torch.dtype, floor: float) -> float:
+    """`floor`, raised to the smallest normal number of dtype: 1e-12 is 0 in float16, where a zero norm
+    would then divide to inf and 0·inf to NaN."""
+    return max(floor, torch.finfo(dtype).tiny)
 
 
 @dataclass
@@ -34,13 +40,17 @@ class FVVAEParams:
     prenorm: Optional[str] = "descriptor"
     norm_scale: float = 1.0
     spp: Optional[str] = None
-    fisher_rsqrt: Optional[Tensor] = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self.encoder = [(w, b, bool(relu)) for w, b, relu in self.encoder]
         self._validate()
-        if self.fisher is not None:
-            self.fisher_rsqrt = self.fisher.clamp_min(FISHER_FLOOR).rsqrt()
+
+    @property
+    def fisher_rsqrt(self) -> Optional[Tensor]:
+        """1/sqrt(max(F, floor)) (DESIGN §1.6), derived from `fisher` on use so that it never goes stale."""
+        if self.fisher is None:
+            return None
+        return self.fisher.clamp_min(floor_for(self.fisher.dtype, FISHER_FLOOR)).rsqrt()
 
     def _validate(self) -> None:
         if self.prenorm not in PRENORMS:
@@ -121,7 +131,7 @@ class FVVAEParams:
 
 def to_official_layout(fv: Tensor, channels: int) -> Tensor:
     """Reorders (..., C·(d+1)) row-major Fisher vectors to the official MATLAB column-major order."""
-    if fv.dim() < 1 or fv.shape[-1] % channels:
+    if channels < 1 or fv.dim() < 1 or fv.shape[-1] % channels:
         raise ValueError(f"fv's last dimension must be a multiple of C = {channels}, got shape {tuple(fv.shape)}")
     width = fv.shape[-1] // channels
     return fv.reshape(*fv.shape[:-1], channels, width).transpose(-1, -2).reshape(fv.shape)

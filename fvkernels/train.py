@@ -85,13 +85,16 @@ def atomic_save(obj, path: Union[str, Path]) -> None:
 
 
 def save_checkpoint(path, model: FVVAE, optimizer: Optional[torch.optim.Optimizer] = None, iteration: int = 0,
-                    history: Sequence[dict] = (), input_spec: Optional[dict] = None) -> None:
+                    history: Sequence[dict] = (), input_spec: Optional[dict] = None,
+                    training: Optional[dict] = None) -> None:
     """input_spec: what turns raw data into the layer's input (the `fvkernels train` command stores its
-    backbone, layer, image size and weights digest), checked again on resume and by `fvkernels extract`."""
+    backbone, layer, image size and weights digest), checked again on resume and by `fvkernels extract`.
+    training: the run's options that decide its result (seed, batch size, lr, number of sets), checked on
+    resume so that a changed command line does not silently continue another run."""
     atomic_save({
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dict(model.config),
         "model": model.state_dict(), "optimizer": None if optimizer is None else optimizer.state_dict(),
-        "iteration": iteration, "history": list(history), "input_spec": input_spec,
+        "iteration": iteration, "history": list(history), "input_spec": input_spec, "training": training,
     }, path)
 
 
@@ -138,12 +141,23 @@ def load_checkpoint(path, model: Optional[FVVAE] = None) -> FVVAE:
     return model
 
 
-def _resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict]) -> Optional[dict]:
-    """The checkpoint to resume from, checked against the model; None when there is none yet."""
+def _resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training: dict,
+                  iterations: int) -> Optional[dict]:
+    """The checkpoint to resume from, checked against the model and the run's options; None when there
+    is none yet."""
     if checkpoint is None or not Path(checkpoint).exists():
         return None
     state = read_checkpoint(checkpoint)
     check_compatible(state, model, checkpoint, input_spec)
+    stored = state.get("training") or {}
+    changed = [f"{key}: checkpoint {stored.get(key)!r}, now {value!r}" for key, value in training.items()
+               if key in stored and stored[key] != value]
+    if changed:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} was trained with other options — " + "; ".join(changed)
+                         + "; resume with the same options, or train into a new checkpoint path")
+    if state["iteration"] > iterations:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is at step {state['iteration']}, past the {iterations} "
+                         "steps asked for; ask for at least as many, or train into a new checkpoint path")
     if state["version"] != CHECKPOINT_VERSION:
         raise ValueError(f"{str(checkpoint)!r} was written by the version-{state['version']} training loop, which drew "
                          "its noise differently: resuming would not continue that run. Train into a new checkpoint "
@@ -191,7 +205,8 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
                          f"choose a batch size that is a multiple of {processes}")
     optimizer = torch.optim.Adadelta(model.parameters(), lr=lr)
     start, history = 0, []
-    state = dist_utils.on_main(lambda: _resume_state(checkpoint, model, input_spec), distributed)
+    options = dict(seed=seed, batch_size=global_batch, lr=lr, num_sets=len(data))
+    state = dist_utils.on_main(lambda: _resume_state(checkpoint, model, input_spec, options, iterations), distributed)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -223,7 +238,7 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
             bar.update()
             done = iteration + 1
             if checkpoint is not None and rank == 0 and (done % checkpoint_every == 0 or done == iterations):
-                save_checkpoint(checkpoint, model, optimizer, done, history, input_spec)
+                save_checkpoint(checkpoint, model, optimizer, done, history, input_spec, options)
     model.eval()
     return history
 

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fvkernels.encode import NORM_FLOOR, fv_vae_encode
+from fvkernels.encode import fv_vae_encode, improved_normalisation
 from fvkernels.params import FVVAEParams
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -106,10 +106,7 @@ def video_fisher_vectors(frame_maps: Iterable[Tuple[int, Tensor]], num_videos: i
     if sums is None:
         return torch.zeros((num_videos, params.dim), dtype=torch.float32)
     fv = sums / counts.clamp_min(1).to(sums.device)[:, None]
-    if normalize:
-        fv = fv.sign() * fv.abs().sqrt()
-        fv = fv / fv.norm(dim=1, keepdim=True).clamp_min(NORM_FLOOR)
-    return fv
+    return improved_normalisation(fv) if normalize else fv
 
 
 def frame_batches(videos: Sequence[Sequence], load: Callable[[Sequence], Tensor], extract: Callable[[Tensor], Tensor],

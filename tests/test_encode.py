@@ -218,3 +218,20 @@ def test_out_buffer_is_filled_in_place():
     assert torch.equal(out, fv_vae_encode(maps, params))
     with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(4, 24\)"):
         fv_vae_encode(maps, params, out=torch.empty(4, 23))
+
+
+@pytest.mark.parametrize("prenorm", ["descriptor", "map"])
+def test_float16_never_gives_nan(prenorm):
+    """1e-12 floors are 0 in float16: zero descriptors and maps and zero Fisher entries must stay finite."""
+    params = random_params(6, 3, prenorm=prenorm, norm_scale=3.0).to(torch.float16)
+    params.fisher[0] = 0
+    maps = torch.rand(3, 6, 4, 4, dtype=torch.float16) * 300  # sums of squares beyond float16's 65504
+    maps[0, :, 0, 0] = 0  # a zero descriptor, as after a ReLU
+    maps[2] = 0  # an all-zero map
+    for requires_grad in (False, True):
+        out = fv_vae_encode(maps.clone().requires_grad_(requires_grad), params, backend="torch")
+        assert torch.isfinite(out).all()
+    wide = params.to(torch.float64)
+    wide.fisher.clamp_(min=torch.finfo(torch.float16).tiny)  # the floor float16 can represent
+    expected = fv_vae_encode(maps.double(), wide, backend="torch")
+    assert relative_error(out * out.abs(), expected * expected.abs()) <= 2e-2

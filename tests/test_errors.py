@@ -114,3 +114,14 @@ def test_params_shapes_rejected():
         FVVAEParams(good.encoder, good.dec_weight, good.dec_bias, good.sigma_x, torch.rand(4, 3))
     with pytest.raises(TypeError, match="share one dtype and device"):
         FVVAEParams(good.encoder, good.dec_weight.double(), good.dec_bias, good.sigma_x)
+
+
+def test_empty_batch_and_empty_lengths_list():
+    z, x, w, b, s, f, _ = [t if t is None or not t.is_floating_point() else t[:0] if t.dim() == 3 else t
+                           for t in problem32()]
+    assert fvkernels.fv_accumulate(z, x, w, b, s, f, [], backend="torch").shape == (0, 4, 4)
+
+
+def test_to_official_layout_rejects_zero_channels():
+    with pytest.raises(ValueError, match="multiple of C = 0"):
+        fvkernels.to_official_layout(torch.zeros(1, 8), 0)

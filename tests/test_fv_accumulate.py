@@ -138,33 +138,71 @@ def test_torch_compile_fullgraph():
 
     def encode(z, x):
         fv = fvkernels.fv_accumulate(torch.tanh(z), x, w, b, s, f, lengths, backend=backend)
-        return fv.flatten(1).sign() * fv.flatten(1).abs().sqrt()
+        return torch.tanh(fv.flatten(1))
 
     compiled = torch.compile(encode, fullgraph=True, backend="aot_eager")
     expected = encode(z, x)
     assert torch.allclose(compiled(z, x), expected, rtol=1e-5, atol=1e-6)
+    z_grad = z.clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(encode(z_grad, x).square().sum(), z_grad)
+    (compiled_grad,) = torch.autograd.grad(compiled(z_grad, x).square().sum(), z_grad)
+    assert torch.allclose(compiled_grad, expected_grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_backends(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("channels,latent,set_size", [(3, 1, 1), (17, 7, 50), (512, 256, 130), (512, 256, 1250)])
-def test_gpu_backends(backend, dtype, channels, latent, set_size):
+@pytest.mark.parametrize("channels,latent,set_size", [(3, 1, 1), (17, 7, 50), (512, 256, 130), (512, 256, 1250),
+                                                      (100, 300, 70), (64, 520, 40)])  # d-tiles on both kernels
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_gpu_backends(backend, dtype, channels, latent, set_size, epilogue):
+    """On a GPU machine: x_scale on an NCHW-strided x, signed sqrt and row sums with epilogue=True."""
     if backend not in gpu_backends():
         pytest.skip(f"{backend} not available on this GPU machine")
-    problem = random_problem(4, set_size, channels, latent, device="cuda")
-    expected = reference.fv_accumulate_reference(*problem)
-    inputs = [t.to(dtype) for t in problem[:6]]
-    out = torch.full((4, channels, latent + 1), float("nan"), dtype=dtype, device="cuda")
-    dispatch.launch(backend, *inputs, problem[6], out)
+    z, x, w, b, s, f, lengths = random_problem(4, set_size, channels, latent, device="cuda")
+    x_scale = None
+    if epilogue:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channel-major, as a view of NCHW maps
+        x_scale = torch.rand(4, set_size, dtype=torch.float64, device="cuda") + 0.5
+    expected = reference.fv_accumulate_reference(z, x, w, b, s, f, lengths, x_scale)
+    if epilogue:
+        expected = reference.apply_signed_sqrt(expected)
+    inputs = [t.to(dtype) for t in (z, x, w, b, s, f)]
+    out = poisoned_output(4, channels, latent, dtype, set_padding=3, device="cuda")
+    row_sumsq = torch.full((4, channels), float("nan"), device="cuda") if epilogue else None
+    dispatch.launch(backend, *inputs, lengths, out, x_scale=None if x_scale is None else x_scale.to(dtype),
+                    signed_sqrt=epilogue, row_sumsq=row_sumsq)
     torch.cuda.synchronize()
     assert not out.isnan().any()
+    # signed sqrt turns an error ε near 0 into √ε: compare sign(v)·v² then
+    measure = (lambda v: v * v.abs()) if epilogue else (lambda v: v)  # noqa: E731
     if dtype == torch.float32:
-        assert relative_error(out, expected) <= 1e-5
+        assert relative_error(measure(out), measure(expected)) <= 1e-5
     else:  # judged against torch's own error at this precision (flash-attention's rule)
-        torch_error = relative_error(reference.fv_accumulate_reference(*inputs, problem[6]), expected)
-        assert relative_error(out, expected) <= 2 * torch_error + 1e-3
+        low = reference.fv_accumulate_reference(*inputs, lengths, None if x_scale is None else x_scale.to(dtype))
+        low = reference.apply_signed_sqrt(low) if epilogue else low
+        assert relative_error(measure(out), measure(expected)) <= 2 * relative_error(measure(low), measure(expected)) + 1e-3
+    if epilogue:
+        assert relative_error(row_sumsq, out.float().square().sum(-1)) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_backends(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_gradients_match_reference(backend):
+    if backend not in gpu_backends():
+        pytest.skip(f"{backend} not available on this GPU machine")
+    problem = random_problem(3, 40, 33, 20, device="cuda")
+    grad_out = torch.randn(3, 33, 21, dtype=torch.float64, device="cuda")
+
+    def grads(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in problem[:6]]
+        return torch.autograd.grad(fn(*inputs, problem[6]), inputs, grad_out.to(dtype))
+    expected = grads(reference.fv_accumulate_reference, torch.float64)
+    actual = grads(lambda *a: fvkernels.fv_accumulate(*a, backend=backend), torch.float32)
+    for got, want in zip(actual, expected):
+        assert relative_error(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

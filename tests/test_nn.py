@@ -1,4 +1,5 @@
 """The FVVAE layer: forward/backbone gradients, losses of Algorithm 1, Fisher buffer, official weights."""
+import dataclasses
 import math
 
 import numpy as np
@@ -97,9 +98,7 @@ def test_fisher_buffer_streams_and_round_trips(tmp_path):
 
 
 def _without_fisher(layer):
-    params = layer.to_params()
-    params.fisher = params.fisher_rsqrt = None
-    return params
+    return dataclasses.replace(layer.to_params(), fisher=None)
 
 
 def test_fit_fisher_skips_empty_sets():

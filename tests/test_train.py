@@ -81,3 +81,16 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_save({"a": Unpicklable()}, path)
     assert torch.load(path) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_resume_refuses_other_training_options(tmp_path):
+    path = tmp_path / "fvvae.pt"
+    train(new_layer(), toy_data(), iterations=4, batch_size=16, seed=3, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match=r"other options — seed: checkpoint 3, now 4"):
+        train(new_layer(), toy_data(), iterations=8, batch_size=16, seed=4, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size: checkpoint 16, now 8"):
+        train(new_layer(), toy_data(), iterations=8, batch_size=8, seed=3, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match=r"num_sets: checkpoint 48, now 40"):
+        train(new_layer(), toy_data(40), iterations=8, batch_size=16, seed=3, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="at step 4, past the 2 steps asked for"):
+        train(new_layer(), toy_data(), iterations=2, batch_size=16, seed=3, checkpoint=path, progress=False)

@@ -58,6 +58,7 @@ def check_lengths(lengths, num_sets: int, set_size: int, device: torch.device) -
         return None
     if not isinstance(lengths, Tensor):
         lengths = torch.as_tensor(lengths, device=device)
+        lengths = lengths.long() if lengths.numel() == 0 else lengths  # [] would be float32
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
     if lengths.shape != (num_sets,):

