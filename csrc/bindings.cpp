@@ -55,7 +55,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("latent", &FVAccumulateArgs::latent)
       .def_readwrite("dtype", &FVAccumulateArgs::dtype)
       .def_readwrite("out_stride_n", &FVAccumulateArgs::out_stride_n)
-      .def_readwrite("signed_sqrt", &FVAccumulateArgs::signed_sqrt);
+      .def_readwrite("signed_sqrt", &FVAccumulateArgs::signed_sqrt)
+      .def_readwrite("workspace_floats", &FVAccumulateArgs::workspace_floats);
   def_pointer(args, "z", &FVAccumulateArgs::z);
   def_pointer(args, "x", &FVAccumulateArgs::x);
   def_pointer(args, "x_scale", &FVAccumulateArgs::x_scale);
@@ -66,6 +67,7 @@ PYBIND11_MODULE(_C, m) {
   def_pointer(args, "lengths", &FVAccumulateArgs::lengths);
   def_pointer(args, "out", &FVAccumulateArgs::out);
   def_pointer(args, "row_sumsq", &FVAccumulateArgs::row_sumsq);
+  def_pointer(args, "workspace", &FVAccumulateArgs::workspace);
   def_strides(args, "z_stride", &FVAccumulateArgs::z_stride);
   def_strides(args, "x_stride", &FVAccumulateArgs::x_stride);
   def_strides(args, "x_scale_stride", &FVAccumulateArgs::x_scale_stride);
@@ -83,6 +85,7 @@ PYBIND11_MODULE(_C, m) {
         fvk::fv_accumulate_cuda(a, reinterpret_cast<void*>(stream));
       },
       py::arg("args"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("fv_accumulate_cuda_workspace_floats", &fvk::fv_accumulate_cuda_workspace_floats, py::arg("args"));
   m.attr("built_with_cuda") = true;
 #else
   m.attr("built_with_cuda") = false;

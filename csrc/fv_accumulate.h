@@ -45,6 +45,10 @@ struct FVAccumulateArgs {
   int64_t out_stride_n = 0;
   bool signed_sqrt = false;
   float* row_sumsq = nullptr;  // (N, C) contiguous, or null
+
+  // CUDA only: float32 scratch of workspace_floats elements, at least fv_accumulate_cuda_workspace_floats.
+  float* workspace = nullptr;
+  int64_t workspace_floats = 0;
 };
 
 }  // namespace fvk

@@ -217,3 +217,34 @@ def test_out_buffer(backend):
         fvkernels.fv_accumulate(z, x, w, b, s, f, lengths, backend=backend, out=torch.empty(3, 5, 4))
     with pytest.raises(ValueError, match="out= skips autograd"):
         fvkernels.fv_accumulate(z.requires_grad_(), x, w, b, s, f, lengths, backend=backend, out=out)
+
+
+def _sparse_float32(elements: int):
+    """A float32 tensor of `elements` backed by reserved, untouched address space (only the pages written
+    become memory), or None where the system refuses such a mapping."""
+    import mmap
+    no_reserve = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13 lacks the name; 0x4000 on Linux
+    try:
+        mapping = mmap.mmap(-1, elements * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | no_reserve)
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    return mapping, torch.frombuffer(mapping, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_offsets_beyond_32_bits(backend):
+    """A time-major view whose row stride puts the last descriptors 2^31 elements past the set's start
+    (a (T, N, C) tensor of a large batch, transposed): 32-bit offset arithmetic would read elsewhere."""
+    num_sets, set_size, channels, latent = 1, 5, 16, 7
+    stride_t = 2 ** 29  # descriptor 4 starts at element 2^31
+    mapping, storage = _sparse_float32(stride_t * (set_size - 1) + channels)
+    if storage is None:
+        pytest.skip("this system refuses an 8 GiB MAP_NORESERVE mapping")
+    z, x, w, b, s, f, lengths = random_problem(num_sets, set_size, channels, latent, ragged=False)
+    x_far = storage.as_strided((num_sets, set_size, channels), (0, stride_t, 1))
+    x_far.copy_(x)
+    out = poisoned_output(num_sets, channels, latent, torch.float32)
+    dispatch.launch(backend, *[t.float() for t in (z, x_far, w, b, s, f)], None, out)
+    assert relative_error(out, reference.fv_accumulate_reference(z, x, w, b, s, f)) <= 1e-5
+    del x_far, storage
+    mapping.close()

@@ -75,7 +75,7 @@ def test_fp32_matches_float64_reference(channels, latent, set_size):
 @pytest.mark.parametrize("t_splits", [1, 3])
 def test_epilogue_options(latent, signed_sqrt, t_splits):
     """x_scale on a channel-major (NCHW-like) x, signed sqrt and row sums of squares, on the direct
-    path (t_splits=1) and through the split workspace, which a d-tiled row_sumsq always takes."""
+    path (t_splits=1; d-tiled, the row sums come from a read of out) and through the split workspace."""
     num_sets, set_size, channels = 3, 37, 17
     problem = list(make_problem(num_sets, set_size, channels, latent))
     maps = torch.rand(num_sets, channels, set_size, dtype=torch.float64, device=DEVICE)
@@ -162,3 +162,21 @@ def test_split_heuristic():
 def test_rejects_nonpositive_t_splits():
     with pytest.raises(ValueError, match="t_splits"):
         run_kernel(make_problem(2, 5, 3, 7), torch.float32, t_splits=0)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="torch < 2.9 has only the legacy allow_tf32 flag")
+@pytest.mark.parametrize("setting", ["matmul", "global"])
+def test_dot_precision_follows_torch_tf32_api(setting):
+    """torch's fp32_precision API, per matmul or global: reading the legacy flag after it raises in torch,
+    so the launcher must read the new one."""
+    owner = torch.backends.cuda.matmul if setting == "matmul" else torch.backends
+    saved = owner.fp32_precision
+    try:
+        owner.fp32_precision = "tf32"
+        assert triton_fv.fp32_dot_precision() == "tf32"
+        owner.fp32_precision = "ieee"
+        assert triton_fv.fp32_dot_precision() == "ieee"
+    finally:
+        owner.fp32_precision = saved
+    assert triton_fv.fp32_dot_precision() == "ieee"

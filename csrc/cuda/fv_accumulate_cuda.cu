@@ -20,6 +20,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace fvk {
@@ -500,31 +501,6 @@ void launch_kernel(void (*kernel)(Params...), int64_t blocks, std::size_t shared
   check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), what);
 }
 
-// fp32 scratch in stream order: cudaMallocAsync now, cudaFreeAsync after the kernels that use it.
-class StreamWorkspace {
- public:
-  StreamWorkspace(std::size_t floats, cudaStream_t stream, const char* what) : stream_(stream) {
-    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&data_), floats * sizeof(float), stream), what);
-  }
-  StreamWorkspace(const StreamWorkspace&) = delete;
-  StreamWorkspace& operator=(const StreamWorkspace&) = delete;
-  // Frees only when release() was not reached, i.e. a launch threw: the stream order still makes the
-  // free safe, and its own error (if any) must not replace the one being reported.
-  ~StreamWorkspace() {
-    if (data_ != nullptr) cudaFreeAsync(data_, stream_);
-  }
-  float* data() const { return data_; }
-  void release() {
-    float* data = data_;
-    data_ = nullptr;
-    check_cuda(cudaFreeAsync(data, stream_), "freeing the workspace (cudaFreeAsync)");
-  }
-
- private:
-  cudaStream_t stream_;
-  float* data_ = nullptr;
-};
-
 struct DeviceLimits {
   int multiprocessors;
   int shared_bytes_per_block;  // with the opt-in
@@ -550,8 +526,15 @@ int choose_splits(int64_t blocks_without_split, int64_t resident_blocks, int set
   return static_cast<int>(min_of(ceil_div(resident_blocks, blocks_without_split), most_by_work));
 }
 
+// How one problem runs: the grid and the fp32 scratch it needs. Depends on shapes and the device only.
+struct LaunchPlan {
+  int channel_blocks = 0, latent_tiles = 0, splits = 1;
+  int64_t blocks_without_split = 0;
+  int64_t workspace_floats = 0;  // split partials, or per-latent-tile row sums, or none
+};
+
 template <typename T, int kLatentTile>
-void launch_with_tile(KernelParams<T> p, float* row_sumsq, const DeviceLimits& limits, cudaStream_t stream) {
+LaunchPlan plan_with_tile(const FVAccumulateArgs& args, const DeviceLimits& limits) {
   const std::size_t shared_bytes = SharedLayout<kLatentTile>::kBytes;
   const auto kernel = accumulate_kernel<T, kLatentTile>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)),
@@ -563,35 +546,63 @@ void launch_with_tile(KernelParams<T> p, float* row_sumsq, const DeviceLimits& l
     throw std::runtime_error("fv_accumulate_cuda: the kernel (" + std::to_string(shared_bytes) +
                              " bytes of shared memory, " + std::to_string(kThreads) +
                              " threads) cannot run on this device");
-
-  p.channel_blocks = ceil_div(p.channels, kBlockChannels);
-  p.latent_tiles = p.latent > kLatentTile ? ceil_div(p.latent, kLatentTile) : 1;
-  const int64_t blocks_without_split = static_cast<int64_t>(p.channel_blocks) * p.latent_tiles * p.num_sets;
+  LaunchPlan plan;
+  const int latent = static_cast<int>(args.latent);
+  plan.channel_blocks = ceil_div(static_cast<int>(args.channels), kBlockChannels);
+  plan.latent_tiles = latent > kLatentTile ? ceil_div(latent, kLatentTile) : 1;
+  plan.blocks_without_split = static_cast<int64_t>(plan.channel_blocks) * plan.latent_tiles * args.num_sets;
   const int64_t resident_blocks = static_cast<int64_t>(limits.multiprocessors) * blocks_per_multiprocessor;
-  p.splits = choose_splits(blocks_without_split, resident_blocks, p.set_size);
+  plan.splits = choose_splits(plan.blocks_without_split, resident_blocks, static_cast<int>(args.set_size));
+  const int64_t rows = args.num_sets * args.channels;
+  if (plan.splits > 1)
+    plan.workspace_floats = rows * plan.splits * (args.latent + 1);
+  else if (args.row_sumsq != nullptr && plan.latent_tiles > 1)
+    plan.workspace_floats = rows * plan.latent_tiles;
+  return plan;
+}
+
+// Calls run(std::integral_constant<int, kLatentTile>) with the widest latent tile that covers d (fewest
+// recomputations of P), if the device's shared memory holds it.
+template <typename Run>
+auto with_latent_tile(int64_t latent, const DeviceLimits& limits, Run&& run) {
+  const bool widest_fits =
+      SharedLayout<kMaxLatentTile>::kBytes <= static_cast<std::size_t>(limits.shared_bytes_per_block);
+  if (latent <= 32) return run(std::integral_constant<int, 32>{});
+  if (latent <= 64) return run(std::integral_constant<int, 64>{});
+  if (latent <= 128 || !widest_fits) return run(std::integral_constant<int, 128>{});
+  return run(std::integral_constant<int, 256>{});
+}
+
+template <typename T, int kLatentTile>
+void launch_with_tile(KernelParams<T> p, const FVAccumulateArgs& args, const DeviceLimits& limits,
+                      cudaStream_t stream) {
+  const LaunchPlan plan = plan_with_tile<T, kLatentTile>(args, limits);
+  if (args.workspace_floats < plan.workspace_floats)
+    throw std::invalid_argument("fv_accumulate_cuda: this problem needs a float32 workspace of " +
+                                std::to_string(plan.workspace_floats) + " elements (fv_accumulate_cuda_workspace_floats), got " +
+                                std::to_string(args.workspace_floats));
+  const std::size_t shared_bytes = SharedLayout<kLatentTile>::kBytes;
+  const auto kernel = accumulate_kernel<T, kLatentTile>;
+  p.channel_blocks = plan.channel_blocks;
+  p.latent_tiles = plan.latent_tiles;
+  p.splits = plan.splits;
   const int64_t rows = static_cast<int64_t>(p.num_sets) * p.channels;
 
   if (p.splits > 1) {
-    StreamWorkspace partials(static_cast<std::size_t>(rows) * p.splits * (p.latent + 1), stream,
-                             "allocating the split workspace (cudaMallocAsync)");
-    p.split_partials = partials.data();
+    p.split_partials = args.workspace;
     p.row_sumsq = nullptr;
-    launch_kernel(kernel, blocks_without_split * p.splits, shared_bytes, stream, "launching accumulate_kernel", p);
+    launch_kernel(kernel, plan.blocks_without_split * p.splits, shared_bytes, stream, "launching accumulate_kernel", p);
     launch_kernel(finish_splits_kernel<T>, ceil_div<int64_t>(rows, kWarps), 0, stream,
-                  "launching finish_splits_kernel", p, row_sumsq);
-    partials.release();
-  } else if (row_sumsq != nullptr && p.latent_tiles > 1) {
-    StreamWorkspace tile_sums(static_cast<std::size_t>(rows) * p.latent_tiles, stream,
-                              "allocating the row-sum workspace (cudaMallocAsync)");
-    p.row_sumsq = tile_sums.data();
-    launch_kernel(kernel, blocks_without_split, shared_bytes, stream, "launching accumulate_kernel", p);
+                  "launching finish_splits_kernel", p, args.row_sumsq);
+  } else if (args.row_sumsq != nullptr && p.latent_tiles > 1) {
+    p.row_sumsq = args.workspace;
+    launch_kernel(kernel, plan.blocks_without_split, shared_bytes, stream, "launching accumulate_kernel", p);
     launch_kernel(sum_latent_tiles_kernel, ceil_div<int64_t>(rows, kThreads), 0, stream,
-                  "launching sum_latent_tiles_kernel", static_cast<const float*>(tile_sums.data()), rows,
-                  p.channels, p.latent_tiles, row_sumsq);
-    tile_sums.release();
+                  "launching sum_latent_tiles_kernel", static_cast<const float*>(args.workspace), rows,
+                  p.channels, p.latent_tiles, args.row_sumsq);
   } else {
-    p.row_sumsq = row_sumsq;
-    launch_kernel(kernel, blocks_without_split, shared_bytes, stream, "launching accumulate_kernel", p);
+    p.row_sumsq = args.row_sumsq;
+    launch_kernel(kernel, plan.blocks_without_split, shared_bytes, stream, "launching accumulate_kernel", p);
   }
 }
 
@@ -622,18 +633,8 @@ void launch(const FVAccumulateArgs& args, cudaStream_t stream) {
   p.out_stride_n = args.out_stride_n;
   p.signed_sqrt = args.signed_sqrt;
 
-  // The widest latent tile that covers d (fewest recomputations of P), if the device's shared memory holds it.
   const DeviceLimits limits = device_limits();
-  const bool widest_fits =
-      SharedLayout<kMaxLatentTile>::kBytes <= static_cast<std::size_t>(limits.shared_bytes_per_block);
-  if (p.latent <= 32)
-    launch_with_tile<T, 32>(p, args.row_sumsq, limits, stream);
-  else if (p.latent <= 64)
-    launch_with_tile<T, 64>(p, args.row_sumsq, limits, stream);
-  else if (p.latent <= 128 || !widest_fits)
-    launch_with_tile<T, 128>(p, args.row_sumsq, limits, stream);
-  else
-    launch_with_tile<T, 256>(p, args.row_sumsq, limits, stream);
+  with_latent_tile(args.latent, limits, [&](auto tile) { launch_with_tile<T, decltype(tile)::value>(p, args, limits, stream); });
 }
 
 void check_size(const char* name, int64_t value) {
@@ -642,9 +643,8 @@ void check_size(const char* name, int64_t value) {
                                 " is outside [0, 2^31 - 1]");
 }
 
-}  // namespace
-
-void fv_accumulate_cuda(const FVAccumulateArgs& args, void* stream) {
+// Validates args; false when the output is empty and nothing runs.
+bool check_args(const FVAccumulateArgs& args) {
   if (args.dtype == DType::Float64)
     throw std::invalid_argument(
         "fv_accumulate_cuda: float64 is not supported by the CUDA kernel; use the \"torch\" backend for float64");
@@ -657,15 +657,38 @@ void fv_accumulate_cuda(const FVAccumulateArgs& args, void* stream) {
   check_size("latent (d)", args.latent);
   if (args.latent == std::numeric_limits<int>::max())
     throw std::invalid_argument("fv_accumulate_cuda: latent (d) leaves no room for the bias column");
-  if (args.num_sets == 0 || args.channels == 0) return;  // the output is empty
+  return args.num_sets > 0 && args.channels > 0;
+}
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename Run>
+auto with_element_type(DType dtype, Run&& run) {
+  if (dtype == DType::Float32) return run(TypeTag<float>{});
+  if (dtype == DType::BFloat16) return run(TypeTag<__nv_bfloat16>{});
+  return run(TypeTag<__half>{});
+}
+
+}  // namespace
+
+int64_t fv_accumulate_cuda_workspace_floats(const FVAccumulateArgs& args) {
+  if (!check_args(args)) return 0;
+  const DeviceLimits limits = device_limits();
+  return with_element_type(args.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return with_latent_tile(args.latent, limits, [&](auto tile) {
+      return plan_with_tile<T, decltype(tile)::value>(args, limits).workspace_floats;
+    });
+  });
+}
+
+void fv_accumulate_cuda(const FVAccumulateArgs& args, void* stream) {
+  if (!check_args(args)) return;  // the output is empty
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
-  if (args.dtype == DType::Float32)
-    launch<float>(args, cuda_stream);
-  else if (args.dtype == DType::BFloat16)
-    launch<__nv_bfloat16>(args, cuda_stream);
-  else
-    launch<__half>(args, cuda_stream);
+  with_element_type(args.dtype, [&](auto type) { launch<typename decltype(type)::type>(args, cuda_stream); });
 }
 
 }  // namespace fvk

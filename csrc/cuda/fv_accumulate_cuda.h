@@ -5,7 +5,13 @@
 namespace fvk {
 
 // Fused FV accumulation on the GPU, enqueued on `stream` (a cudaStream_t; null = legacy default).
-// All pointers are device pointers. Throws std::runtime_error on a CUDA error.
+// All pointers are device pointers; args.workspace must hold fv_accumulate_cuda_workspace_floats(args)
+// floats. Throws std::invalid_argument on bad arguments, std::runtime_error on a CUDA error.
 void fv_accumulate_cuda(const FVAccumulateArgs& args, void* stream);
+
+// The float32 scratch fv_accumulate_cuda needs for these args on the current device (0 for most
+// problems: only T-splits of small batches and row sums over several latent tiles use it). The caller
+// allocates it from its own allocator, in the order of the stream the kernel runs on.
+int64_t fv_accumulate_cuda_workspace_floats(const FVAccumulateArgs& args);
 
 }  // namespace fvk

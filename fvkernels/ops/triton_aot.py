@@ -105,7 +105,8 @@ FLAG_VARIANTS = {
 # Compiled for the first viable config only, on the first arch: they share the main loop with "all"
 # (fp16 with bf16, tf32 with ieee); only the prologue, epilogue or operand types differ.
 EXTRA_VARIANTS = (("bf16", "plain", "ieee"), ("bf16", "split", "ieee"), ("bf16", "all+nchw", "ieee"),
-                  ("fp16", "all", "ieee"), ("fp32", "all+tf32", "tf32"))
+                  ("fp16", "all", "ieee"), ("fp32", "all+tf32", "tf32"), ("bf16", "all+wide", "ieee"),
+                  ("fp32", "all+wide", "ieee"))
 
 
 def tuning_problem(arch: int, dtype: str, latent: int, precision: str, problem: Problem):
@@ -122,7 +123,7 @@ def accumulate_job(arch: int, dtype: str, latent: int, config, variant: str, pre
     flags = dict(FLAG_VARIANTS[variant.split("+")[0]])
     flags["HAS_ROW_SUMSQ"] = flags["FINISH"] and plan.resident_w
     constexprs = dict(LATENT=latent, BLOCK_D=plan.block_d, D_TILES=plan.d_tiles, BLOCK_K=plan.block_k,
-                      DOT_PRECISION=precision, **flags, **config.kwargs)
+                      DOT_PRECISION=precision, WIDE_OFFSETS=variant.endswith("+wide"), **flags, **config.kwargs)
     return Job("accumulate", arch, dtype, latent, variant, tuple(constexprs.items()), config.num_warps,
                config.num_stages, problem)
 

@@ -9,8 +9,9 @@ tile width is a power of two ≥ d rather than ≥ d+1 (d = 255 gives 256-wide t
 
 Long sets on few programs (whole videos) split T across programs: each split writes its raw partial
 sums to an fp32 workspace and a second kernel adds the splits in a fixed order (deterministic) and
-applies the epilogue. The same workspace path serves row_sumsq when d spans several d-tiles, since a
-row's sum of squares must have a single writer.
+applies the epilogue. A row's sum of squares (row_sumsq) needs a single writer: the program itself when
+one d-tile covers d, the split reduction when T is split, and otherwise one read of `out` after the
+kernel (a workspace as large as the output would double the memory of a d-tiled fp32 encode).
 """
 from __future__ import annotations
 
@@ -175,7 +176,10 @@ def _prune_configs(configs, named_args, **kwargs):
 # ---- kernels -------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_tile(base, rows, cols, stride_row, stride_col, row_mask, col_mask):
+def _load_tile(base, rows, cols, stride_row, stride_col, row_mask, col_mask, WIDE_OFFSETS: tl.constexpr):
+    if WIDE_OFFSETS:  # 64-bit index arithmetic costs registers: only where 32 bits would wrap
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
     return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col,
                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
 
@@ -216,7 +220,7 @@ def _fv_accumulate_kernel(
         LATENT: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_X_SCALE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_FISHER: tl.constexpr,
         SIGNED_SQRT: tl.constexpr, HAS_ROW_SUMSQ: tl.constexpr, FINISH: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     """G[c-block, d-tile] of one set over one T-split. FINISH: apply the epilogue and write `out`;
     otherwise write raw fp32 sums to the (splits, N, C, d+1) workspace."""
@@ -249,14 +253,14 @@ def _fv_accumulate_kernel(
     z_set = z_ptr + n * stride_zn
     x_set = x_ptr + n * stride_xn
     if D_TILES == 1:  # the whole W block fits one tile: load it once, like K/V in the attention backward
-        w_resident = _load_tile(w_ptr, rows, chunk, stride_wc, stride_wk, row_mask, chunk < LATENT)
+        w_resident = _load_tile(w_ptr, rows, chunk, stride_wc, stride_wk, row_mask, chunk < LATENT, WIDE_OFFSETS)
 
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_C, 1), dtype=tl.float32)
     for t_start in range(t_begin, t_end, BLOCK_T):
         t = t_start + tl.arange(0, BLOCK_T)
         t_mask = t < t_end
-        z_tile = _load_tile(z_set, t, cols, stride_zt, stride_zk, t_mask, col_mask)
+        z_tile = _load_tile(z_set, t, cols, stride_zt, stride_zk, t_mask, col_mask, WIDE_OFFSETS)
         pre_t = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32) + bias[:, None]
         if D_TILES == 1:
             pre_t = tl.dot(w_resident, tl.trans(z_tile), pre_t, input_precision=DOT_PRECISION)
@@ -264,10 +268,10 @@ def _fv_accumulate_kernel(
             for k_start in range(0, LATENT, BLOCK_K):
                 ks = k_start + tl.arange(0, BLOCK_K)
                 k_mask = ks < LATENT
-                w_chunk = _load_tile(w_ptr, rows, ks, stride_wc, stride_wk, row_mask, k_mask)
-                z_chunk = _load_tile(z_set, t, ks, stride_zt, stride_zk, t_mask, k_mask)
+                w_chunk = _load_tile(w_ptr, rows, ks, stride_wc, stride_wk, row_mask, k_mask, WIDE_OFFSETS)
+                z_chunk = _load_tile(z_set, t, ks, stride_zt, stride_zk, t_mask, k_mask, WIDE_OFFSETS)
                 pre_t = tl.dot(w_chunk, tl.trans(z_chunk), pre_t, input_precision=DOT_PRECISION)
-        x_t = _load_tile(x_set, rows, t, stride_xc, stride_xt, row_mask, t_mask).to(tl.float32)
+        x_t = _load_tile(x_set, rows, t, stride_xc, stride_xt, row_mask, t_mask, WIDE_OFFSETS).to(tl.float32)
         if HAS_X_SCALE:
             x_scale = tl.load(x_scale_ptr + n * stride_sn + t * stride_st, mask=t_mask, other=0.0)
             x_t = x_t * x_scale.to(tl.float32)[None, :]
@@ -326,7 +330,22 @@ def fp32_dot_precision() -> str:
     """How tl.dot treats fp32 operands (fp16/bf16 ones ignore it): "ieee" keeps the ≤ 1e-5 contract
     against float64; "tf32" (10-bit mantissa, ~1e-3) only when the user allowed TF32 matmuls in torch.
     "tf32x3" compiles without spills for the narrower configs but is unmeasured on hardware, so not used."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    matmul = torch.backends.cuda.matmul
+    # torch ≥ 2.9 has fp32_precision (which also reflects the legacy flag and the global setting); reading
+    # the legacy allow_tf32 there raises once anyone has used the new API.
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    return "tf32" if precision == "tf32" else "ieee"
+
+
+def needs_wide_offsets(z, x, x_scale, dec_weight) -> bool:
+    """Whether an element offset the kernel forms within one set (or within W) can reach 2^31, as for a
+    time-major view of a large batch or a very long set; the set offset itself is always 64-bit."""
+    def reach(tensor, first_dim):
+        return sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape[first_dim:], tensor.stride()[first_dim:]))
+    reaches = [reach(z, 1), reach(x, 1), reach(dec_weight, 0)] + ([reach(x_scale, 1)] if x_scale is not None else [])
+    return max(reaches) >= 2 ** 31
 
 
 def reduce_block_j(row_length: int) -> int:
@@ -364,7 +383,7 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
         t_splits = choose_t_splits(num_sets, set_size, channels, plan.d_tiles, z.device)
     if t_splits < 1:
         raise ValueError(f"t_splits must be a positive number of T-splits, got {t_splits}")
-    finish_in_place = t_splits == 1 and (row_sumsq is None or plan.resident_w)
+    finish_in_place = t_splits == 1
     row_length = latent + 1
     if finish_in_place:
         dst, dst_stride_set, dst_stride_split = out, out.stride(0), 0
@@ -391,8 +410,8 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
             LATENT=latent, BLOCK_D=plan.block_d, D_TILES=plan.d_tiles, BLOCK_K=plan.block_k,
             HAS_X_SCALE=x_scale is not None, HAS_LENGTHS=lengths is not None,
             HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
-            HAS_ROW_SUMSQ=row_sumsq is not None and finish_in_place, FINISH=finish_in_place,
-            DOT_PRECISION=fp32_dot_precision())
+            HAS_ROW_SUMSQ=row_sumsq is not None and finish_in_place and plan.resident_w, FINISH=finish_in_place,
+            DOT_PRECISION=fp32_dot_precision(), WIDE_OFFSETS=needs_wide_offsets(z, x, x_scale, dec_weight))
         if not finish_in_place:
             _fv_reduce_splits_kernel[(triton.cdiv(channels, REDUCE_BLOCK_C) * num_sets,)](
                 dst, out, placeholder if fisher_rsqrt is None else fisher_rsqrt,
@@ -401,3 +420,6 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
                 ROW_LENGTH=row_length, HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
                 HAS_ROW_SUMSQ=row_sumsq is not None, BLOCK_C=REDUCE_BLOCK_C,
                 BLOCK_J=reduce_block_j(row_length), num_warps=4)
+        elif row_sumsq is not None and not plan.resident_w:  # no program held a whole row
+            torch.linalg.vector_norm(out, dim=2, dtype=torch.float32, out=row_sumsq)
+            row_sumsq.square_()

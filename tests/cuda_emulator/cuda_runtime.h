@@ -60,7 +60,7 @@ struct Config {
   int order = 0;                 // 0 forward, 1 reverse, 2 random fiber order
   unsigned seed = 1;
   bool guard_before = false;     // guard page before buffers instead of after
-  long launches = 0, blocks_run = 0, outstanding_allocs = 0;
+  long launches = 0, blocks_run = 0;
   std::vector<std::string> log;
 };
 inline Config& config() { static Config c; return c; }
@@ -254,21 +254,6 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F*, int t
   *blocks = static_cast<int>(std::min<long>(by_smem, emu::config().blocks_per_sm_cap));
   return cudaSuccess;
 }
-inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) {
-  *p = emu::guarded_alloc(bytes);
-  // poison: a read of something never written shows up as NaN
-  std::memset(*p, 0xff, bytes);
-  ++emu::config().outstanding_allocs;
-  emu::config().log.push_back("malloc " + std::to_string(bytes));
-  return cudaSuccess;
-}
-inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
-  emu::guarded_free(p);
-  --emu::config().outstanding_allocs;
-  emu::config().log.push_back("free");
-  return cudaSuccess;
-}
-
 template <typename... Exp, typename... Act>
 cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Exp...), Act&&... args) {
   const dim3 grid = config->gridDim, block = config->blockDim;
