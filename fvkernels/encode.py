@@ -49,11 +49,13 @@ def _check_inputs(acts, params: FVVAEParams, lengths):
     if not acts.dtype.is_floating_point:
         raise TypeError(f"acts must be a floating tensor, got {acts.dtype}")
     if acts.dtype != params.dtype:
-        raise TypeError(f"acts is {acts.dtype} but params are {params.dtype}; convert one side, "
-                        f"e.g. params.to({acts.dtype})")
+        raise TypeError(f"acts is {acts.dtype} but the FV-VAE parameters are {params.dtype}; convert one side: "
+                        f"acts.to({params.dtype}), or the parameters (params.to({acts.dtype}), or layer.to("
+                        f"{acts.dtype}) for an fvkernels.nn.FVVAE layer)")
     if acts.device != params.device:
-        raise ValueError(f"acts is on {acts.device} but params are on {params.device}; "
-                         f"move one side, e.g. params.to({str(acts.device)!r})")
+        raise ValueError(f"acts is on {acts.device} but the FV-VAE parameters are on {params.device}; move one "
+                         f"side: acts.to({str(params.device)!r}), or the parameters (params.to({str(acts.device)!r}), "
+                         f"or layer.to({str(acts.device)!r}) for an fvkernels.nn.FVVAE layer)")
     channels = params.channels
     if acts.dim() == 4:
         if acts.shape[1] != channels:

@@ -136,11 +136,13 @@ class FVVAE(nn.Module):
     def fit_fisher(self, batches: Iterable, *, distributed: bool = False) -> Tensor:
         """Sets the diagonal Fisher F = mean over sets of G² (DESIGN §1.6) from a stream of batches.
 
-        batches yields acts, or (acts, lengths) pairs; only running sums are kept, never the FVs.
-        Empty sets (length 0) carry no information and are not counted. distributed: every process of
-        the torch.distributed job calls this with its share of the sets; (Σ G², #sets) are all-reduced,
-        so each gets the F of all the shares together.
+        batches yields acts, or (acts, lengths) pairs (a single acts tensor is one batch); only running
+        sums are kept, never the FVs. Empty sets (length 0) carry no information and are not counted.
+        distributed: every process of the torch.distributed job calls this with its share of the sets;
+        (Σ G², #sets) are all-reduced, so each gets the F of all the shares together.
         """
+        if isinstance(batches, Tensor):  # iterating it would take each set as a batch of its rows
+            batches = [batches]
         params = dataclasses.replace(self.to_params(), fisher=None)
         total = torch.zeros(self.fisher.numel() + 1, dtype=torch.float64, device=self.fisher.device)
         squares, count = total[:-1].view_as(self.fisher), total[-1:]  # one all-reduce for both
@@ -221,6 +223,7 @@ class FVVAE(nn.Module):
         reg = kl.mul(mask.squeeze(-1)).sum(1)
         losses = {"rec": rec.mean(), "reg": reg.mean()}
         if self.classifier is not None and labels is not None:
+            labels = self._check_labels(labels, x_hat.shape[0])
             scores = self.classifier(z).masked_fill(~valid, -math.inf).amax(1)
             nonempty = valid.any(1).squeeze(-1)  # an empty set has no scores to pool
             losses["cls"] = F.cross_entropy(scores[nonempty], labels.to(acts.device)[nonempty])
@@ -228,6 +231,17 @@ class FVVAE(nn.Module):
             losses["cls"] = rec.new_zeros(())
         losses["total"] = self.lambda_rec * losses["rec"] + self.lambda_reg * losses["reg"] + self.lambda_cls * losses["cls"]
         return losses
+
+    def _check_labels(self, labels, num_sets: int) -> Tensor:
+        labels = torch.as_tensor(labels)
+        num_classes = self.classifier.out_features
+        if labels.shape != (num_sets,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be {num_sets} integer class indices, one per set, got {labels.dtype} "
+                             f"of shape {tuple(labels.shape)}")
+        if num_sets and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes - 1}] for this layer's num_classes={num_classes}, "
+                             f"got values from {int(labels.min())} to {int(labels.max())} (0-based class indices?)")
+        return labels.long()
 
     def _input_dropout(self, x_hat: Tensor, generators: Optional[List[torch.Generator]]) -> Tensor:
         if generators is None:

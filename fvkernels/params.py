@@ -173,7 +173,11 @@ def load_official_weights(path) -> FVVAEParams:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no official FV-VAE weight file at {path!r}")
-    contents = loadmat(path, squeeze_me=False, struct_as_record=True)
+    try:
+        contents = loadmat(path, squeeze_me=False, struct_as_record=True)
+    except (ValueError, TypeError, NotImplementedError, OSError) as error:
+        raise ValueError(f"{path!r} is not a MATLAB .mat file scipy can read ({error}); expected a "
+                         "caffe_vae_weights_*.mat of the official release (github.com/fv-vae/fv-vae, vae_models/)") from error
     if "caffe_vae_weights" not in contents:
         variables = [k for k in contents if not k.startswith("__")]
         raise ValueError(f"{path!r} holds no 'caffe_vae_weights' struct (variables: {variables})")

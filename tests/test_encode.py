@@ -1,4 +1,6 @@
 """fv_vae_encode against a plain transcription of DESIGN §1, and the official release's format (§3)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -184,6 +186,22 @@ def test_official_weights_reproduce_the_release(tmp_path, hidden):
     assert relative_error(video, torch.from_numpy(expected)) <= 1e-10
 
 
+OFFICIAL_WEIGHTS = os.environ.get("FVK_OFFICIAL_WEIGHTS")
+
+
+@pytest.mark.skipif(not OFFICIAL_WEIGHTS, reason="set FVK_OFFICIAL_WEIGHTS to a caffe_vae_weights_*.mat of the "
+                    "official release (github.com/fv-vae/fv-vae, vae_models/) to check the real weights")
+def test_real_official_weights_reproduce_the_release():
+    params = load_official_weights(OFFICIAL_WEIGHTS)
+    channels = params.channels
+    frames = np.random.default_rng(1).random((3, channels, 7, 7)).astype(np.float32)
+    expected = official_extraction(frames, OFFICIAL_WEIGHTS)
+    raw = fv_vae_encode(torch.from_numpy(frames).double(), params.to(torch.float64), normalize=False)
+    assert relative_error(to_official_layout(raw.mean(0), channels), torch.from_numpy(expected)) <= 1e-10
+    fp32 = fv_vae_encode(torch.from_numpy(frames), params, normalize=False)  # the default backend, float32
+    assert relative_error(to_official_layout(fp32.mean(0).double(), channels), torch.from_numpy(expected)) <= 1e-5
+
+
 def test_official_weights_errors(tmp_path):
     from scipy.io import savemat
 
@@ -192,6 +210,9 @@ def test_official_weights_errors(tmp_path):
     savemat(tmp_path / "other.mat", {"weights": np.zeros(3)})
     with pytest.raises(ValueError, match=r"holds no 'caffe_vae_weights' struct \(variables: \['weights'\]\)"):
         load_official_weights(tmp_path / "other.mat")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    with pytest.raises(ValueError, match=r"image.png' is not a MATLAB \.mat file"):
+        load_official_weights(tmp_path / "image.png")
 
 
 def test_to_official_layout_is_column_major():

@@ -67,8 +67,8 @@ def params32(**kwargs):
     (torch.rand(2, 6, 4), dict(lengths=[7, 2]), ValueError, r"lengths must lie in \[0, T\] = \[0, 6\]"),
     (torch.rand(2, 6, 4), dict(lengths=[-1, 2]), ValueError, r"lengths must lie in \[0, T\]"),
     (torch.randint(0, 4, (2, 6, 4)), {}, TypeError, r"acts must be a floating tensor"),
-    (torch.rand(2, 6, 4, dtype=torch.float64), {}, TypeError, r"acts is torch.float64 but params are torch.float32"),
-    (torch.rand(2, 4, 3, 3, device="meta"), {}, ValueError, r"acts is on meta but params are on cpu"),
+    (torch.rand(2, 6, 4, dtype=torch.float64), {}, TypeError, r"acts is torch.float64 but the FV-VAE parameters are torch.float32; convert one side: acts.to\(torch.float32\)"),
+    (torch.rand(2, 4, 3, 3, device="meta"), {}, ValueError, r"acts is on meta but the FV-VAE parameters are on cpu; move one side"),
     ("not a tensor", {}, TypeError, r"acts must be a torch.Tensor"),
 ])
 def test_fv_vae_encode_rejects(acts, kwargs, error, message):

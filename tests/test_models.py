@@ -288,3 +288,5 @@ def test_layer_activations_on_efficientnet_submodules():
         tapped = layer_activations(model, "blocks.15.expand", images)
         torch.testing.assert_close(tapped, model.features(images, "block15.expanded")["block15.expanded"])
         assert layer_activations(model, "blocks.3.depthwise.conv", images).shape == (1, 144, 5, 5)
+        with pytest.raises(RuntimeError, match=r"never ran submodule 'blocks.5'; .*model.features\(images, name\)"):
+            layer_activations(model, "blocks.5", images)  # MBConv.taps runs the parts, not MBConv.forward

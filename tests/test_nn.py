@@ -101,6 +101,22 @@ def _without_fisher(layer):
     return dataclasses.replace(layer.to_params(), fisher=None)
 
 
+def test_fit_fisher_takes_a_tensor_as_one_batch():
+    layer, acts = small_layer().eval(), torch.rand(5, 6, 3, 3)
+    expected = layer.fit_fisher([acts]).clone()
+    assert torch.equal(layer.fit_fisher(acts), expected) and int(layer.fisher_sets) == 5
+
+
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0.0, 1.0]), r"labels must be 2 integer class indices, one per set, got torch.float32"),
+    (torch.tensor([0, 1, 2]), r"got torch.int64 of shape \(3,\)"),
+    (torch.tensor([1, 3]), r"labels must lie in \[0, 2\] for this layer's num_classes=3, got values from 1 to 3"),
+])
+def test_loss_rejects_bad_labels(labels, message):
+    with pytest.raises(ValueError, match=message):
+        small_layer().loss(torch.rand(2, 6, 3, 3), labels)
+
+
 def test_fit_fisher_skips_empty_sets():
     layer = small_layer(prenorm=None).eval()
     acts, lengths = torch.rand(4, 5, 6), torch.tensor([5, 0, 3, 0])

@@ -66,8 +66,11 @@ def layer_activations(model: nn.Module, layer_name: str, images: Tensor) -> Tens
         return captured[0]
     finally:
         handle.remove()
-    raise RuntimeError(f"the forward of {type(model).__name__} never ran submodule {layer_name!r}; "
-                       "tap a layer on the path from input to output")
+    hint = "tap a layer on the path from input to output"
+    if hasattr(model, "features") and hasattr(model, "feature_layers"):  # fvkernels' own backbones
+        hint = (f"{type(model).__name__} runs its blocks' parts without their forward, so hooks on them stay silent: "
+                f"use model.features(images, name) with a name from model.feature_layers(), e.g. 'block5.depthwise'")
+    raise RuntimeError(f"the forward of {type(model).__name__} never ran submodule {layer_name!r}; {hint}")
 
 
 @contextmanager

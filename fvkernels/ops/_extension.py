@@ -14,7 +14,10 @@ try:
     IMPORT_ERROR: Optional[str] = None
 except ImportError as error:  # the package stays usable with the "torch" (and "triton") backends
     _C = None
-    IMPORT_ERROR = f"{error}"
+    # A missing module reads as a circular import in Python's words; a present one that fails to load
+    # (another Python, a missing CUDA runtime) keeps the loader's message.
+    IMPORT_ERROR = ("this installation has no compiled fvkernels._C" if "cannot import name '_C'" in str(error)
+                    else f"fvkernels._C failed to load: {error}")
 
 _DTYPES = {}
 if _C is not None:
