@@ -50,23 +50,25 @@ def backend_demo(args) -> int:
     return 0
 
 
-def run_demo(args) -> int:
-    from fvkernels import demo
-
-    return demo.run(args)
-
-
 def reporting_errors(run):
-    """A command whose input errors (ValueError, FileNotFoundError: bad list, mismatched checkpoint or output
-    folder, unreadable input with --strict) end it with their message and status 2, not a traceback."""
+    """A command whose input errors (ValueError, OSError: bad list, mismatched checkpoint or output folder,
+    unreadable input with --strict, a path that is missing, a folder or not writable) end it with their
+    message and status 2, not a traceback."""
     @functools.wraps(run)
     def wrapper(args) -> int:
         try:
             return run(args)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:
             print(f"fvkernels {args.command}: error: {error}", file=sys.stderr)
             return 2
     return wrapper
+
+
+@reporting_errors
+def run_demo(args) -> int:
+    from fvkernels import demo
+
+    return demo.run(args)
 
 
 @reporting_errors
@@ -122,13 +124,25 @@ def run_extract(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes: refused here, 0 or less would fail only after work was done or
+    --out was claimed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", required=True, type=Path,
                         help="list file, one sample per line: 'relative/path [label]' (an image or a frame folder)")
     parser.add_argument("--root", required=True, type=Path, help="the folder the listed paths are relative to")
-    parser.add_argument("--frames-per-video", type=int, default=None,
+    parser.add_argument("--frames-per-video", type=positive_int, default=None,
                         help="frames taken evenly spaced from each frame folder (default: all)")
-    parser.add_argument("--image-batch", type=int, default=32, help="images per backbone batch")
+    parser.add_argument("--image-batch", type=positive_int, default=32, help="images per backbone batch")
     parser.add_argument("--strict", action="store_true",
                         help="fail on an unreadable image or frame instead of reporting and skipping it")
 
@@ -157,12 +171,12 @@ def main(argv=None) -> int:
     demo_module.add_arguments(demo)
     demo.set_defaults(run=run_demo)
     backends = commands.add_parser("backends", help="encode random activations with every backend (agreement, speed)")
-    backends.add_argument("--batch", type=int, default=16)
-    backends.add_argument("--channels", type=int, default=512)
-    backends.add_argument("--size", type=int, default=14, help="spatial size H = W of the maps")
-    backends.add_argument("--latent", type=int, default=256)
-    backends.add_argument("--hidden", type=int, default=512)
-    backends.add_argument("--repeats", type=int, default=3)
+    backends.add_argument("--batch", type=positive_int, default=16)
+    backends.add_argument("--channels", type=positive_int, default=512)
+    backends.add_argument("--size", type=positive_int, default=14, help="spatial size H = W of the maps")
+    backends.add_argument("--latent", type=positive_int, default=256)
+    backends.add_argument("--hidden", type=positive_int, default=512)
+    backends.add_argument("--repeats", type=positive_int, default=3)
     backends.add_argument("--seed", type=int, default=0)
     backends.set_defaults(run=backend_demo)
 
@@ -176,17 +190,17 @@ def main(argv=None) -> int:
     train.add_argument("--checkpoint", required=True, type=Path, help="checkpoint to write, and to resume from")
     train.add_argument("--backbone", choices=sorted(BACKBONES), default="efficientnet_lite0")
     train.add_argument("--layer", default="block5.depthwise", help="the backbone's feature layer")
-    train.add_argument("--image-size", type=int, default=112, help="images are resized to this square size")
-    train.add_argument("--latent-dim", type=int, default=64)
-    train.add_argument("--hidden", type=int, nargs="*", default=[256], help="hidden widths of the encoder MLP")
+    train.add_argument("--image-size", type=positive_int, default=112, help="images are resized to this square size")
+    train.add_argument("--latent-dim", type=positive_int, default=64)
+    train.add_argument("--hidden", type=positive_int, nargs="*", default=[256], help="hidden widths of the encoder MLP")
     train.add_argument("--lambda-cls", type=float, default=None,
                        help="weight of the classification loss (default 1e3 with labels; 0 is FV-VAE⁻)")
-    train.add_argument("--iterations", type=int, default=1000)
-    train.add_argument("--batch-size", type=int, default=128,
+    train.add_argument("--iterations", type=positive_int, default=1000)
+    train.add_argument("--batch-size", type=positive_int, default=128,
                        help="sets per global batch, split over the processes (a multiple of their number)")
     train.add_argument("--lr", type=float, default=1.0, help="AdaDelta learning rate")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--checkpoint-every", type=positive_int, default=100)
     train.set_defaults(run=run_train)
     extract = commands.add_parser("extract", help="encode images/videos into sharded FV-VAE Fisher vectors",
                                   description="Writes Fisher vector shards and a manifest; a rerun resumes.")
@@ -194,7 +208,7 @@ def main(argv=None) -> int:
     extract.add_argument("--model", required=True, type=Path, help="a checkpoint written by `fvkernels train`")
     extract.add_argument("--out", required=True, type=Path, help="output folder (new, empty, or an unfinished run)")
     extract.add_argument("--dtype", choices=DTYPES, default="float16")
-    extract.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    extract.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard")
     extract.set_defaults(run=run_extract)
     args = parser.parse_args(argv)
     return args.run(args)

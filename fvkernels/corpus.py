@@ -37,6 +37,9 @@ class Unreadable:
 def read_sample_list(path) -> List[Sample]:
     """The samples of a list file, sorted by id (so the order does not depend on the file's order).
     Either every line has a label or none has."""
+    if Path(path).is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; the sample list (--list) must be a file with one "
+                         "'relative/path [label]' per line")
     samples = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         fields = line.split()
@@ -60,6 +63,21 @@ def read_sample_list(path) -> List[Sample]:
 
 def digest_samples(samples: Sequence[Sample]) -> str:
     return hashlib.sha256("".join(f"{s.id}\t{s.label}\n" for s in samples).encode()).hexdigest()
+
+
+def digest_corpus(samples: Sequence[Sample], root, frames_per_video: Optional[int]) -> str:
+    """sha256 of what decides a corpus's images: its samples and labels, its root folder and the frames
+    taken per video."""
+    identity = f"{digest_samples(samples)}\n{Path(root).resolve()}\n{frames_per_video}\n"
+    return hashlib.sha256(identity.encode()).hexdigest()
+
+
+def check_root(root) -> None:
+    """Refuses, before any work, a root under which every sample would be unreadable."""
+    if not Path(root).is_dir():
+        problem = "is not a folder" if Path(root).exists() else "does not exist"
+        raise ValueError(f"root {str(root)!r} {problem}; --root must be the folder that the list's paths are "
+                         "relative to")
 
 
 # ---- backbones -------------------------------------------------------------------------------------------

@@ -34,11 +34,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fvkernels import distributed as dist_utils
-from fvkernels.corpus import Backbone, Sample, Unreadable, activation_batches, digest_samples, state_digest
+from fvkernels.corpus import (Backbone, Sample, Unreadable, activation_batches, check_root, digest_samples,
+                              state_digest)
 from fvkernels.nn import FVVAE
 from fvkernels.ops import dispatch
 from fvkernels.train import atomic_write
-from fvkernels.video import video_fisher_vectors
+from fvkernels.video import check_frames_per_video, video_fisher_vectors
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "fvkernels.extract"
@@ -58,12 +59,15 @@ def extract(samples: Sequence[Sample], root, model: FVVAE, backbone: Backbone, o
     others. batch_size: images per backbone batch (part of the hash: it decides the exact arithmetic).
     strict: an unreadable input fails the run instead of being skipped. distributed: every process of
     the job calls this with the same arguments and writes its shards; process 0 writes the manifest.
-    on_shard_written(shard index) is called after each shard this process writes.
+    on_shard_written(shard index) is called after each shard this process writes. A root that is not a
+    folder is refused before `out` is touched; a corpus none of whose samples could be read is refused
+    after, and its files are removed, so that the corrected command can use the same `out`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
+    check_frames_per_video(frames_per_video)
     rank, processes = dist_utils.rank_and_size(distributed)
     device = torch.device(device) if device is not None else dist_utils.default_device(distributed)
     model.to(device)
@@ -83,7 +87,12 @@ def extract(samples: Sequence[Sample], root, model: FVVAE, backbone: Backbone, o
     job_hash = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
     out = Path(out)
     shards = [list(samples[begin: begin + shard_size]) for begin in range(0, len(samples), shard_size)]
-    dist_utils.on_main(lambda: _claim_folder(out, job, job_hash), distributed)
+
+    def check_inputs_and_claim_output():
+        check_root(root)
+        _claim_folder(out, job, job_hash)
+
+    dist_utils.on_main(check_inputs_and_claim_output, distributed)
 
     params = model.to_params()
     mine = range(rank, len(shards), processes)
@@ -139,6 +148,9 @@ def _claim_folder(out: Path, job: dict, job_hash: str) -> None:
     """Checks that `out` is new, empty, or an extraction with this hash; starts its manifest; removes the
     temporary files a killed run left."""
     path = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; extract into a new or empty folder, or an unfinished "
+                         "extraction's folder")
     if path.exists():
         previous = read_manifest(out)
         if previous["hash"] != job_hash:
@@ -221,6 +233,16 @@ def _write_manifest(out: Path, job: dict, job_hash: str, num_shards: int, dim: i
               for index, entry in enumerate(indexes)]
     unreadable = [record for entry in indexes for record in entry["unreadable"]]
     dropped = [sample for entry in indexes for sample in entry["dropped"]]
+    if dropped and len(dropped) == job["samples"]["count"]:
+        # Most likely the wrong root: clear this job's files, so that the folder takes the corrected command
+        for index in range(num_shards):
+            for name in _shard_names(index):
+                (out / name).unlink()
+        (out / MANIFEST).unlink()
+        paths = [record["path"] for record in unreadable[:3]]
+        raise ValueError(f"none of the {len(dropped)} samples could be read (unreadable: {', '.join(paths)}"
+                         f"{', …' if len(unreadable) > 3 else ''}); check --root {job['options']['root']!r} and the "
+                         f"list. Nothing was kept in {str(out)!r}")
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "hash": job_hash, "job": job, "complete": True,
         "dtype": dtype, "dim": dim, "layout": LAYOUT,

@@ -2,6 +2,8 @@
 process or data-parallel on several (torchrun)."""
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import tempfile
 from dataclasses import dataclass
@@ -13,8 +15,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fvkernels import distributed as dist_utils
-from fvkernels.corpus import Backbone, Sample, activation_batches
+from fvkernels.corpus import Backbone, Sample, activation_batches, check_root, digest_corpus
 from fvkernels.nn import FVVAE
+from fvkernels.video import check_frames_per_video
 
 CHECKPOINT_FORMAT = "fvkernels.FVVAE"
 # Version 2 added `input_spec` and draws each set's training noise from its own seed; a version-1 file
@@ -32,6 +35,10 @@ class SetData:
     lengths: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
+        for name in ("acts", "labels", "lengths"):  # numpy arrays and lists welcome
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Tensor):
+                setattr(self, name, torch.as_tensor(value))
         for name in ("labels", "lengths"):
             value = getattr(self, name)
             if value is not None and (value.dim() != 1 or len(value) != len(self.acts)):
@@ -40,6 +47,21 @@ class SetData:
 
     def __len__(self) -> int:
         return len(self.acts)
+
+    def fingerprint(self, values: int = 1 << 16) -> str:
+        """sha256 of the shapes, dtypes, labels and lengths, and of `values` activations evenly spaced over
+        all of them: reading a sample instead of every value keeps it instant for GBs of activations."""
+        digest = hashlib.sha256(f"{tuple(self.acts.shape)} {self.acts.dtype}\n".encode())
+        count = min(values, self.acts.numel())
+        positions = torch.linspace(0, self.acts.numel() - 1, count, dtype=torch.float64).round().long()
+        sampled = self.acts[torch.unravel_index(positions.to(self.acts.device), self.acts.shape)]
+        for tensor in (sampled, self.labels, self.lengths):
+            if tensor is None:
+                digest.update(b"none\n")
+                continue
+            digest.update(f"{tensor.dtype}\n".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def batch(self, indices: Tensor, device) -> tuple:
         def take(t):
@@ -89,8 +111,8 @@ def save_checkpoint(path, model: FVVAE, optimizer: Optional[torch.optim.Optimize
                     training: Optional[dict] = None) -> None:
     """input_spec: what turns raw data into the layer's input (the `fvkernels train` command stores its
     backbone, layer, image size and weights digest), checked again on resume and by `fvkernels extract`.
-    training: the run's options that decide its result (seed, batch size, lr, number of sets), checked on
-    resume so that a changed command line does not silently continue another run."""
+    training: the run's options that decide its result (seed, batch size, lr, number of sets, data
+    fingerprint), checked on resume so that a changed command line does not silently continue another run."""
     atomic_save({
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dict(model.config),
         "model": model.state_dict(), "optimizer": None if optimizer is None else optimizer.state_dict(),
@@ -100,12 +122,18 @@ def save_checkpoint(path, model: FVVAE, optimizer: Optional[torch.optim.Optimize
 
 def read_checkpoint(path) -> dict:
     """Loads and checks a checkpoint's format and version (errors say what is wrong with the file)."""
+    written_by = "written by `fvkernels train` / fvkernels.train.train"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}") from None
-    except Exception as error:
-        raise ValueError(f"{str(path)!r} is not a readable fvkernels checkpoint ({error})") from error
+    except IsADirectoryError:
+        raise ValueError(f"{str(path)!r} is a folder, not an fvkernels checkpoint ({written_by})") from None
+    except OSError:
+        raise  # permissions, I/O: the file may well be a checkpoint, and the error says what went wrong
+    except Exception as error:  # torch.load explains in paragraphs why a file does not unpickle; its type is enough
+        raise ValueError(f"{str(path)!r} is not an fvkernels checkpoint ({written_by}): torch.load cannot read it "
+                         f"({type(error).__name__})") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not an fvkernels FVVAE checkpoint (format {state.get('format')!r} "
                          f"if a dict, expected {CHECKPOINT_FORMAT!r})" if isinstance(state, dict) else
@@ -143,18 +171,28 @@ def load_checkpoint(path, model: Optional[FVVAE] = None) -> FVVAE:
 
 def _resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training: dict,
                   iterations: int) -> Optional[dict]:
-    """The checkpoint to resume from, checked against the model and the run's options; None when there
-    is none yet."""
-    if checkpoint is None or not Path(checkpoint).exists():
+    """The checkpoint to resume from, checked against the model and the run's options (those of `training`
+    given: train_on_corpus checks some before it computes the sets); None when there is none yet. Also
+    checks that the checkpoint can be written, so that a bad path fails before training, not after."""
+    if checkpoint is None:
+        return None
+    _check_writable_folder(checkpoint)
+    if not Path(checkpoint).exists():
         return None
     state = read_checkpoint(checkpoint)
     check_compatible(state, model, checkpoint, input_spec)
     stored = state.get("training") or {}
     changed = [f"{key}: checkpoint {stored.get(key)!r}, now {value!r}" for key, value in training.items()
-               if key in stored and stored[key] != value]
+               if key != "data_fingerprint" and key in stored and stored[key] != value]
     if changed:
         raise ValueError(f"checkpoint {str(checkpoint)!r} was trained with other options — " + "; ".join(changed)
                          + "; resume with the same options, or train into a new checkpoint path")
+    fingerprint = training["data_fingerprint"]
+    if stored.get("data_fingerprint", fingerprint) != fingerprint:  # checkpoints before fingerprints: unchecked
+        raise ValueError(f"the training data differ from those checkpoint {str(checkpoint)!r} was trained on "
+                         f"(fingerprint {stored['data_fingerprint'][:12]}…, now {fingerprint[:12]}…); resume with the "
+                         "same data (`fvkernels train`: the same list, --root and --frames-per-video), or train into "
+                         "a new checkpoint path")
     if state["iteration"] > iterations:
         raise ValueError(f"checkpoint {str(checkpoint)!r} is at step {state['iteration']}, past the {iterations} "
                          "steps asked for; ask for at least as many, or train into a new checkpoint path")
@@ -163,6 +201,22 @@ def _resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training
                          "its noise differently: resuming would not continue that run. Train into a new checkpoint "
                          "path (load_checkpoint still reads the model)")
     return state
+
+
+def _check_writable_folder(path) -> None:
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise ValueError(f"cannot write checkpoint {str(path)!r} into folder {str(folder)!r} "
+                         f"({error.strerror or error}); choose a path in a folder you can write") from error
+
+
+def _check_counts(iterations: int, batch_size: int, checkpoint_every: int) -> None:
+    if min(iterations, batch_size, checkpoint_every) < 1:
+        raise ValueError(f"iterations, batch_size and checkpoint_every must be positive, got {iterations}, "
+                         f"{batch_size} and {checkpoint_every}")
 
 
 # ---- training --------------------------------------------------------------------------------------------
@@ -180,14 +234,16 @@ class _Objective(nn.Module):
 
 def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: int = 128, lr: float = 1.0,
           seed: int = 0, device=None, checkpoint=None, checkpoint_every: int = 500, progress: bool = True,
-          distributed: bool = False, input_spec: Optional[dict] = None) -> List[Dict[str, float]]:
+          distributed: bool = False, input_spec: Optional[dict] = None,
+          data_fingerprint: Optional[str] = None) -> List[Dict[str, float]]:
     """Algorithm 1: `iterations` AdaDelta steps on random batches of `batch_size` sets.
 
     Deterministic given `seed`: batch order comes from a seeded generator and each set's dropout and ε
     from a seed of its own (step, position in the batch); the caller's global RNG is left as it was.
     With `checkpoint` (a path) the state is saved atomically every `checkpoint_every` steps and at the
     end, and a run that finds a compatible checkpoint there resumes from it, giving the same result as
-    an uninterrupted run. input_spec is stored in the checkpoint and must match on resume.
+    an uninterrupted run. input_spec is stored in the checkpoint and must match on resume, and so must
+    data_fingerprint, which identifies the data (default: data.fingerprint()).
 
     distributed: this is one process of a torch.distributed job (fvkernels.distributed.init_from_env());
     every process calls train with the same data and arguments and takes its share of each global
@@ -196,6 +252,7 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     floor comes from the whole first batch; process 0 writes the checkpoint and every process resumes
     from its copy. Returns the loss history (one dict of floats per step, means over the global batch).
     """
+    _check_counts(iterations, batch_size, checkpoint_every)
     device = torch.device(device) if device is not None else data.acts.device
     model.to(device).train()
     rank, processes = dist_utils.rank_and_size(distributed)
@@ -205,7 +262,8 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
                          f"choose a batch size that is a multiple of {processes}")
     optimizer = torch.optim.Adadelta(model.parameters(), lr=lr)
     start, history = 0, []
-    options = dict(seed=seed, batch_size=global_batch, lr=lr, num_sets=len(data))
+    options = dict(seed=seed, batch_size=global_batch, lr=lr, num_sets=len(data),
+                   data_fingerprint=data_fingerprint or data.fingerprint())
     state = dist_utils.on_main(lambda: _resume_state(checkpoint, model, input_spec, options, iterations), distributed)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -256,21 +314,42 @@ def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpo
     are gathered (every global batch draws from all sets), and each process fits the Fisher on its own.
     The result does not depend on the number of processes, up to rounding.
     """
+    # train's options with its defaults filled in: some are checked before the long part, the activations
+    options = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()
+               if parameter.kind is parameter.KEYWORD_ONLY} | training
+    _check_counts(options["iterations"], options["batch_size"], options["checkpoint_every"])
+    check_frames_per_video(frames_per_video)
+    if image_batch < 1:
+        raise ValueError(f"image_batch must be positive, got {image_batch}")
     rank, processes = dist_utils.rank_and_size(distributed)
     device = torch.device(device) if device is not None else dist_utils.default_device(distributed)
     backbone.to(device)
+    with torch.no_grad():  # the maps' shape, known before any image is read, sizes the layer
+        no_maps = backbone.features(torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device))[:0]
+    labelled = samples[0].label is not None
+    layer_options = dict(layer_options or {})
+    if labelled and layer_options.get("lambda_cls", None) != 0:
+        layer_options["num_classes"] = max(sample.label for sample in samples) + 1
+    with torch.random.fork_rng(devices=[]):  # the same initial layer in every process and every run
+        torch.manual_seed(options["seed"])
+        model = FVVAE(no_maps.shape[1], **layer_options)
+    data_fingerprint = digest_corpus(samples, root, frames_per_video)
+
+    def check_root_and_checkpoint():
+        check_root(root)
+        _resume_state(checkpoint, model, backbone.spec, dict(seed=options["seed"], lr=options["lr"],
+                                                             data_fingerprint=data_fingerprint), options["iterations"])
+
+    dist_utils.on_main(check_root_and_checkpoint, distributed)
+
     share = samples[rank * len(samples) // processes: (rank + 1) * len(samples) // processes]
-    owners, maps = [torch.zeros(0, dtype=torch.int64)], []
+    owners, maps = [torch.zeros(0, dtype=torch.int64)], [no_maps]  # no_maps: a share without readable images
     for batch_owners, batch_maps in activation_batches(share, root, backbone, frames_per_video=frames_per_video,
                                                        batch_size=image_batch, strict=strict, device=device,
                                                        progress=progress and rank == 0):
         owners.append(batch_owners)
         maps.append(batch_maps)
-    if not maps:  # this share had no readable image; gathering still needs the maps' shape
-        with torch.no_grad():
-            maps.append(backbone.features(torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device))[:0])
     local_acts = torch.cat(maps)
-    labelled = samples[0].label is not None
     local_labels = torch.tensor([share[owner].label for owner in torch.cat(owners).tolist()], dtype=torch.int64,
                                 device=device) if labelled else None
     data = SetData(dist_utils.gather_rows(local_acts, distributed),
@@ -278,14 +357,8 @@ def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpo
     if len(data) == 0:
         raise ValueError(f"none of the {len(samples)} samples had a readable image; check the list and --root")
 
-    layer_options = dict(layer_options or {})
-    if labelled and layer_options.get("lambda_cls", None) != 0:
-        layer_options["num_classes"] = max(sample.label for sample in samples) + 1
-    with torch.random.fork_rng(devices=[]):  # the same initial layer in every process and every run
-        torch.manual_seed(training.get("seed", 0))
-        model = FVVAE(data.acts.shape[1], **layer_options)
     train(model, data, checkpoint=checkpoint, distributed=distributed, input_spec=backbone.spec, device=device,
-          progress=progress, **training)
+          progress=progress, data_fingerprint=data_fingerprint, **training)
     model.fit_fisher(local_acts.split(256), distributed=distributed)
     if rank == 0:
         state = read_checkpoint(checkpoint)

@@ -62,8 +62,14 @@ def video_frame_paths(root, video: str) -> List[Path]:
     return frames
 
 
+def check_frames_per_video(count: Optional[int]) -> None:
+    if count is not None and count < 1:
+        raise ValueError(f"frames per video must be a positive number, or None for all frames; got {count}")
+
+
 def sample_frames(frames: Sequence, count: Optional[int]) -> list:
     """`count` frames evenly spaced over the video (all frames when count is None or larger)."""
+    check_frames_per_video(count)
     if count is None or count >= len(frames):
         return list(frames)
     step = len(frames) / count

@@ -2,6 +2,7 @@
 reported, a changed job is refused; and `fvkernels train` / `extract` end to end under torchrun."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +178,41 @@ def test_a_changed_job_is_refused(tmp_path):
         extract_corpus(list_file, out)
     with pytest.raises(ValueError, match="is not empty and has no manifest.json"):
         extract_corpus(list_file, tmp_path / "data")
+
+
+def test_a_wrong_root_or_out_is_refused_before_the_output_is_claimed(tmp_path):
+    list_file = make_corpus(tmp_path, images=2, frames=())
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"root '.*missing' does not exist; --root must be the folder"):
+        extract(read_sample_list(list_file), tmp_path / "missing", tiny_layer(), tiny_backbone(), out, progress=False)
+    with pytest.raises(ValueError, match="frames per video must be a positive number"):
+        extract_corpus(list_file, out, frames_per_video=0)
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"--out '.*list\.txt' is a file"):
+        extract_corpus(list_file, list_file)
+
+
+def _extract_from_root(rank, folder, list_file, root):
+    try:
+        extract(read_sample_list(list_file), root, tiny_layer(), tiny_backbone(), folder / "out", shard_size=SHARD_SIZE,
+                progress=False, distributed=True)
+    except ValueError as error:
+        (folder / f"refused{rank}.txt").write_text(str(error))
+
+
+def test_a_corpus_with_nothing_readable_is_refused_and_its_folder_cleared(tmp_path):
+    """Most likely a wrong --root: every process refuses (none is left waiting), and the corrected
+    command can use the same --out."""
+    list_file = make_corpus(tmp_path, images=3, frames=(2,))
+    wrong_root = tmp_path / "elsewhere"
+    wrong_root.mkdir()
+    run_processes(_extract_from_root, tmp_path, list_file, wrong_root)
+    for rank in range(2):
+        refusal = (tmp_path / f"refused{rank}.txt").read_text()
+        assert re.match(r"none of the 4 samples could be read \(unreadable: .*elsewhere/img0\.png, .*, …\); check "
+                        r"--root '.*elsewhere' and the list\. Nothing was kept in '.*out'$", refusal), refusal
+    assert list((tmp_path / "out").iterdir()) == []
+    assert extract_corpus(list_file, tmp_path / "out")["counts"]["encoded"] == 4
 
 
 def run_command(*args, env=None):

@@ -1,4 +1,5 @@
 """Training loop: the loss goes down, runs are deterministic, checkpoints resume exactly and refuse mismatches."""
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +68,14 @@ def test_checkpoint_refuses_unknown_files_and_versions(tmp_path):
         load_checkpoint(future)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt")
+    features = tmp_path / "features.npy"
+    np.save(features, np.zeros(3))
+    with pytest.raises(ValueError, match=r"features\.npy' is not an fvkernels checkpoint \(written by `fvkernels "
+                                         r"train` / fvkernels\.train\.train\): torch\.load cannot read it "
+                                         r"\(UnpicklingError\)$"):
+        load_checkpoint(features)
+    with pytest.raises(ValueError, match="is a folder, not an fvkernels checkpoint"):
+        load_checkpoint(tmp_path)
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -94,3 +103,47 @@ def test_resume_refuses_other_training_options(tmp_path):
         train(new_layer(), toy_data(40), iterations=8, batch_size=16, seed=3, checkpoint=path, progress=False)
     with pytest.raises(ValueError, match="at step 4, past the 2 steps asked for"):
         train(new_layer(), toy_data(), iterations=2, batch_size=16, seed=3, checkpoint=path, progress=False)
+
+
+@pytest.mark.parametrize("option", ["iterations", "batch_size", "checkpoint_every"])
+def test_counts_must_be_positive(tmp_path, option):
+    options = dict(dict(iterations=2, batch_size=16, checkpoint_every=1), **{option: 0})
+    with pytest.raises(ValueError, match=r"iterations, batch_size and checkpoint_every must be positive, got"):
+        train(new_layer(), toy_data(), checkpoint=tmp_path / "fvvae.pt", progress=False, **options)
+    assert not (tmp_path / "fvvae.pt").exists()
+
+
+def test_unwritable_checkpoint_fails_before_training(tmp_path):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    with pytest.raises(ValueError, match=r"cannot write checkpoint '.*a-file/fvvae\.pt' into folder '.*a-file'"):
+        train(new_layer(), toy_data(), iterations=1, checkpoint=in_the_way / "fvvae.pt", progress=False)
+
+
+def test_resume_refuses_other_data_of_the_same_size(tmp_path):
+    path, data = tmp_path / "fvvae.pt", toy_data()
+    train(new_layer(), data, iterations=4, batch_size=16, checkpoint=path, progress=False)
+    others = [SetData(data.acts + 1e-3, data.labels), SetData(data.acts, 1 - data.labels)]
+    for other in others:  # a finished run too: it would return the old model
+        for iterations in (4, 8):
+            with pytest.raises(ValueError, match=r"training data differ from those checkpoint '.*fvvae\.pt' was "
+                                                 r"trained on \(fingerprint \w{12}…, now \w{12}…\)"):
+                train(new_layer(), other, iterations=iterations, batch_size=16, checkpoint=path, progress=False)
+
+
+def test_data_fingerprint_tells_data_apart_without_reading_it_all():
+    data = toy_data()
+    assert data.fingerprint() == SetData(data.acts.clone(), data.labels.clone()).fingerprint()
+    variants = [data, SetData(data.acts + 1e-3, data.labels), SetData(data.acts, 1 - data.labels), SetData(data.acts),
+                SetData(data.acts.double(), data.labels), SetData(data.acts.flatten(2).transpose(1, 2), data.labels),
+                SetData(data.acts.flatten(2).transpose(1, 2), data.labels, torch.full((48,), 5))]
+    assert len({variant.fingerprint() for variant in variants}) == len(variants)
+    huge = SetData(torch.rand(1, 64, 7, 7).expand(10 ** 6, 64, 7, 7))  # 12.5 GB if it were read or copied
+    assert len(huge.fingerprint()) == 64
+
+
+def test_set_data_takes_numpy_arrays():
+    import numpy as np
+
+    data = SetData(np.zeros((3, 4, 2, 2), dtype=np.float32), labels=[0, 1, 0])
+    assert isinstance(data.acts, torch.Tensor) and data.labels.dtype == torch.int64 and len(data) == 3

