@@ -31,8 +31,14 @@ def init_from_env(backend: Optional[str] = None) -> bool:
     return True
 
 
-def shutdown(distributed: bool) -> None:
+def shutdown(distributed: bool, *, finished: bool) -> None:
+    """Leaves the job. finished: this process completed its work, as every other one must have too; it
+    then waits for all of them first, since gloo aborts a process (std::terminate) whose peer tears the
+    group down while it is still at work (process 0 writing the checkpoint, say). After an error no
+    process waits: an error raised on one process alone would leave the others blocked."""
     if distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

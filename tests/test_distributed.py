@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fvkernels import distributed
 from fvkernels.nn import FVVAE
 from fvkernels.train import load_checkpoint, read_checkpoint, train
 
@@ -28,10 +29,12 @@ def _join_and_run(rank, processes, store, task, args):
     torch.set_num_threads(1)  # two processes on two cores
     torch.manual_seed(0)  # as conftest seeds every test, so both sides make the same data
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=processes)
+    finished = False
     try:
         task(rank, *args)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(True, finished=finished)
 
 
 def fisher_shares(data, rank=None):
