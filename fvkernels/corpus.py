@@ -65,10 +65,10 @@ def digest_samples(samples: Sequence[Sample]) -> str:
     return hashlib.sha256("".join(f"{s.id}\t{s.label}\n" for s in samples).encode()).hexdigest()
 
 
-def digest_corpus(samples: Sequence[Sample], root, frames_per_video: Optional[int]) -> str:
-    """sha256 of what decides a corpus's images: its samples and labels, its root folder and the frames
-    taken per video."""
-    identity = f"{digest_samples(samples)}\n{Path(root).resolve()}\n{frames_per_video}\n"
+def digest_corpus(samples: Sequence[Sample], frames_per_video: Optional[int]) -> str:
+    """sha256 of what names a corpus's training sets: its samples and labels and the frames taken per video.
+    Not the root folder, so that a job resumes after its data moved (staged to another node's disk)."""
+    identity = f"{digest_samples(samples)}\n{frames_per_video}\n"
     return hashlib.sha256(identity.encode()).hexdigest()
 
 

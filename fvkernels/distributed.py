@@ -37,9 +37,11 @@ def shutdown(distributed: bool, *, finished: bool) -> None:
     group down while it is still at work (process 0 writing the checkpoint, say). After an error no
     process waits: an error raised on one process alone would leave the others blocked."""
     if distributed and dist.is_initialized():
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
+        try:
+            if finished:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def local_rank() -> int:

@@ -238,7 +238,9 @@ class FVVAE(nn.Module):
         if labels.shape != (num_sets,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels must be {num_sets} integer class indices, one per set, got {labels.dtype} "
                              f"of shape {tuple(labels.shape)}")
-        if num_sets and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+        # The range check reads the values: on the CPU only (on a GPU it would wait for the device every
+        # step; train() checks the whole label set once instead).
+        if num_sets and labels.device.type == "cpu" and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes - 1}] for this layer's num_classes={num_classes}, "
                              f"got values from {int(labels.min())} to {int(labels.max())} (0-based class indices?)")
         return labels.long()

@@ -175,7 +175,9 @@ def load_official_weights(path) -> FVVAEParams:
         raise FileNotFoundError(f"no official FV-VAE weight file at {path!r}")
     try:
         contents = loadmat(path, squeeze_me=False, struct_as_record=True)
-    except (ValueError, TypeError, NotImplementedError, OSError) as error:
+    except OSError:
+        raise  # permissions, I/O: the message already says what went wrong with the file
+    except (ValueError, TypeError, NotImplementedError) as error:
         raise ValueError(f"{path!r} is not a MATLAB .mat file scipy can read ({error}); expected a "
                          "caffe_vae_weights_*.mat of the official release (github.com/fv-vae/fv-vae, vae_models/)") from error
     if "caffe_vae_weights" not in contents:

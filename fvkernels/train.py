@@ -191,7 +191,7 @@ def _resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training
     if stored.get("data_fingerprint", fingerprint) != fingerprint:  # checkpoints before fingerprints: unchecked
         raise ValueError(f"the training data differ from those checkpoint {str(checkpoint)!r} was trained on "
                          f"(fingerprint {stored['data_fingerprint'][:12]}…, now {fingerprint[:12]}…); resume with the "
-                         "same data (`fvkernels train`: the same list, --root and --frames-per-video), or train into "
+                         "same data (`fvkernels train`: the same list and --frames-per-video), or train into "
                          "a new checkpoint path")
     if state["iteration"] > iterations:
         raise ValueError(f"checkpoint {str(checkpoint)!r} is at step {state['iteration']}, past the {iterations} "
@@ -213,10 +213,10 @@ def _check_writable_folder(path) -> None:
                          f"({error.strerror or error}); choose a path in a folder you can write") from error
 
 
-def _check_counts(iterations: int, batch_size: int, checkpoint_every: int) -> None:
-    if min(iterations, batch_size, checkpoint_every) < 1:
-        raise ValueError(f"iterations, batch_size and checkpoint_every must be positive, got {iterations}, "
-                         f"{batch_size} and {checkpoint_every}")
+def _check_counts(iterations: int, batch_size: int, checkpoint_every: int, checkpoint) -> None:
+    if iterations < 0 or batch_size < 1 or (checkpoint is not None and checkpoint_every < 1):
+        raise ValueError(f"iterations must be ≥ 0, batch_size and (with a checkpoint) checkpoint_every ≥ 1; got "
+                         f"{iterations}, {batch_size} and {checkpoint_every}")
 
 
 # ---- training --------------------------------------------------------------------------------------------
@@ -252,7 +252,9 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     floor comes from the whole first batch; process 0 writes the checkpoint and every process resumes
     from its copy. Returns the loss history (one dict of floats per step, means over the global batch).
     """
-    _check_counts(iterations, batch_size, checkpoint_every)
+    _check_counts(iterations, batch_size, checkpoint_every, checkpoint)
+    if model.classifier is not None and data.labels is not None:  # once here: loss() checks ranges on CPU only
+        model._check_labels(data.labels.cpu(), len(data))
     device = torch.device(device) if device is not None else data.acts.device
     model.to(device).train()
     rank, processes = dist_utils.rank_and_size(distributed)
@@ -317,7 +319,7 @@ def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpo
     # train's options with its defaults filled in: some are checked before the long part, the activations
     options = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()
                if parameter.kind is parameter.KEYWORD_ONLY} | training
-    _check_counts(options["iterations"], options["batch_size"], options["checkpoint_every"])
+    _check_counts(options["iterations"], options["batch_size"], options["checkpoint_every"], checkpoint)
     check_frames_per_video(frames_per_video)
     if image_batch < 1:
         raise ValueError(f"image_batch must be positive, got {image_batch}")
@@ -333,7 +335,7 @@ def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpo
     with torch.random.fork_rng(devices=[]):  # the same initial layer in every process and every run
         torch.manual_seed(options["seed"])
         model = FVVAE(no_maps.shape[1], **layer_options)
-    data_fingerprint = digest_corpus(samples, root, frames_per_video)
+    data_fingerprint = digest_corpus(samples, frames_per_video)
 
     def check_root_and_checkpoint():
         check_root(root)
@@ -360,10 +362,13 @@ def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpo
     train(model, data, checkpoint=checkpoint, distributed=distributed, input_spec=backbone.spec, device=device,
           progress=progress, data_fingerprint=data_fingerprint, **training)
     model.fit_fisher(local_acts.split(256), distributed=distributed)
-    if rank == 0:
+
+    def store_fisher():
         state = read_checkpoint(checkpoint)
         state["model"] = model.state_dict()
         atomic_save(state, checkpoint)
+
+    dist_utils.on_main(store_fisher, distributed)  # a failure reaches every process, none waits for process 0
     return model
 
 

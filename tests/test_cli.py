@@ -118,7 +118,7 @@ def test_train_refuses_to_resume_on_another_corpus_of_the_same_size(capsys, trai
     error = refusal(capsys, "train", *corpus_arguments(folder, relabelled), *TINY_TRAINING, "--checkpoint",
                     str(checkpoint))
     assert "training data differ from those checkpoint" in error
-    assert "the same list, --root and --frames-per-video" in error
+    assert "the same list and --frames-per-video" in error
     error = refusal(capsys, "train", *corpus_arguments(folder, list_file), *TINY_TRAINING, "--frames-per-video", "1",
                     "--checkpoint", str(checkpoint))
     assert "training data differ from those checkpoint" in error

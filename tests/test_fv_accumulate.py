@@ -237,7 +237,7 @@ def test_offsets_beyond_32_bits(backend):
     (a (T, N, C) tensor of a large batch, transposed): 32-bit offset arithmetic would read elsewhere."""
     num_sets, set_size, channels, latent = 1, 5, 16, 7
     stride_t = 2 ** 29  # descriptor 4 starts at element 2^31
-    mapping, storage = _sparse_float32(stride_t * (set_size - 1) + channels)
+    mapping, storage = _sparse_float32(stride_t * (set_size - 1) + channels + 1)
     if storage is None:
         pytest.skip("this system refuses an 8 GiB MAP_NORESERVE mapping")
     z, x, w, b, s, f, lengths = random_problem(num_sets, set_size, channels, latent, ragged=False)
@@ -246,5 +246,12 @@ def test_offsets_beyond_32_bits(backend):
     out = poisoned_output(num_sets, channels, latent, torch.float32)
     dispatch.launch(backend, *[t.float() for t in (z, x_far, w, b, s, f)], None, out)
     assert relative_error(out, reference.fv_accumulate_reference(z, x, w, b, s, f)) <= 1e-5
-    del x_far, storage
+    # the folded prenorm scale read as far apart (an (N, T) view of a time-major layout)
+    x_scale = torch.rand(num_sets, set_size, dtype=torch.float64) + 0.5
+    scale_far = storage.as_strided((num_sets, set_size), (0, stride_t), storage_offset=channels)
+    scale_far.copy_(x_scale)
+    out = poisoned_output(num_sets, channels, latent, torch.float32)
+    dispatch.launch(backend, *[t.float() for t in (z, x, w, b, s, f)], None, out, x_scale=scale_far)
+    assert relative_error(out, reference.fv_accumulate_reference(z, x, w, b, s, f, None, x_scale)) <= 1e-5
+    del x_far, scale_far, storage
     mapping.close()

@@ -105,12 +105,15 @@ def test_resume_refuses_other_training_options(tmp_path):
         train(new_layer(), toy_data(), iterations=2, batch_size=16, seed=3, checkpoint=path, progress=False)
 
 
-@pytest.mark.parametrize("option", ["iterations", "batch_size", "checkpoint_every"])
-def test_counts_must_be_positive(tmp_path, option):
-    options = dict(dict(iterations=2, batch_size=16, checkpoint_every=1), **{option: 0})
-    with pytest.raises(ValueError, match=r"iterations, batch_size and checkpoint_every must be positive, got"):
+@pytest.mark.parametrize("option, value", [("iterations", -1), ("batch_size", 0), ("checkpoint_every", 0)])
+def test_counts_are_checked(tmp_path, option, value):
+    options = dict(dict(iterations=2, batch_size=16, checkpoint_every=1), **{option: value})
+    with pytest.raises(ValueError, match=r"iterations must be ≥ 0, batch_size and \(with a checkpoint\) "
+                                         r"checkpoint_every ≥ 1; got"):
         train(new_layer(), toy_data(), checkpoint=tmp_path / "fvvae.pt", progress=False, **options)
     assert not (tmp_path / "fvvae.pt").exists()
+    # without a checkpoint, checkpoint_every means nothing; zero iterations train nothing
+    assert train(new_layer(), toy_data(), iterations=0, checkpoint_every=0, progress=False) == []
 
 
 def test_unwritable_checkpoint_fails_before_training(tmp_path):

@@ -183,16 +183,13 @@ def test_dot_precision_follows_torch_tf32_api(setting):
 
 
 def test_deterministic_mode_pins_the_config(monkeypatch):
-    """Under torch.use_deterministic_algorithms the autotuner gets one candidate: no timing-dependent choice."""
+    """Under torch.use_deterministic_algorithms the autotuner gets one candidate (no timing-dependent choice),
+    under its own key, so that a shape tuned before deterministic mode was switched on does not keep its pick."""
+    assert "DETERMINISTIC" in triton_fv._fv_accumulate_kernel.keys
     monkeypatch.setattr(triton_fv, "_device_shared_memory", lambda index: 227 * 1024)
     z = torch.zeros(2, 50, 256, dtype=torch.bfloat16)
     named_args = dict(z_ptr=z, stride_zn=50 * 256, stride_zt=256)
     meta = dict(BLOCK_D=256, D_TILES=1, BLOCK_K=256, DOT_PRECISION="ieee")
-    tuned = triton_fv._prune_configs(triton_fv.GPU_CONFIGS, named_args, **meta)
+    tuned = triton_fv._prune_configs(triton_fv.GPU_CONFIGS, named_args, DETERMINISTIC=False, **meta)
     assert len(tuned) > 1
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert triton_fv._prune_configs(triton_fv.GPU_CONFIGS, named_args, **meta) == tuned[:1]
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    assert triton_fv._prune_configs(triton_fv.GPU_CONFIGS, named_args, DETERMINISTIC=True, **meta) == tuned[:1]

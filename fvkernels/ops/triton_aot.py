@@ -123,7 +123,8 @@ def accumulate_job(arch: int, dtype: str, latent: int, config, variant: str, pre
     flags = dict(FLAG_VARIANTS[variant.split("+")[0]])
     flags["HAS_ROW_SUMSQ"] = flags["FINISH"] and plan.resident_w
     constexprs = dict(LATENT=latent, BLOCK_D=plan.block_d, D_TILES=plan.d_tiles, BLOCK_K=plan.block_k,
-                      DOT_PRECISION=precision, WIDE_OFFSETS=variant.endswith("+wide"), **flags, **config.kwargs)
+                      DOT_PRECISION=precision, WIDE_OFFSETS=variant.endswith("+wide"),
+                      DETERMINISTIC=False, **flags, **config.kwargs)
     return Job("accumulate", arch, dtype, latent, variant, tuple(constexprs.items()), config.num_warps,
                config.num_stages, problem)
 

@@ -173,7 +173,7 @@ def _prune_configs(configs, named_args, **kwargs):
     viable = viable_configs(configs, problem)
     # Timing picks the config, and BLOCK_T decides the summation order: under torch's deterministic mode
     # the first viable config is taken, so that every process and every rerun computes the same bits.
-    return viable[:1] if torch.are_deterministic_algorithms_enabled() else viable
+    return viable[:1] if args["DETERMINISTIC"] else viable
 
 
 # ---- kernels -------------------------------------------------------------------------------------------
@@ -207,8 +207,10 @@ def _store_rows(ptrs, values, mask):
     return tl.sum(stored * stored, axis=1)
 
 
-# Keyed also on what the pruning depends on (precision, z's row stride); tensor dtypes are added by triton.
-@triton.autotune(configs=CONFIGS, key=["C", "LATENT", "t_splits", "DOT_PRECISION", "stride_zt"],
+# Keyed also on what the pruning depends on (precision, z's row stride, deterministic mode) and on the index
+# width; tensor dtypes are added by triton. The autotuner prunes only for a key it has not seen yet.
+@triton.autotune(configs=CONFIGS, key=["C", "LATENT", "t_splits", "DOT_PRECISION", "stride_zt", "WIDE_OFFSETS",
+                                       "DETERMINISTIC"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _fv_accumulate_kernel(
@@ -223,10 +225,11 @@ def _fv_accumulate_kernel(
         LATENT: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_X_SCALE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_FISHER: tl.constexpr,
         SIGNED_SQRT: tl.constexpr, HAS_ROW_SUMSQ: tl.constexpr, FINISH: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DETERMINISTIC: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     """G[c-block, d-tile] of one set over one T-split. FINISH: apply the epilogue and write `out`;
-    otherwise write raw fp32 sums to the (splits, N, C, d+1) workspace."""
+    otherwise write raw fp32 sums to the (splits, N, C, d+1) workspace. DETERMINISTIC only selects the
+    autotuning (see _prune_configs)."""
     # One flat grid, channel blocks fastest: programs that run together share the set's Z and X tiles
     # in L2, and N·splits is not bounded by the 65535 limit of the other grid axes.
     pid = tl.program_id(0)
@@ -276,7 +279,8 @@ def _fv_accumulate_kernel(
                 pre_t = tl.dot(w_chunk, tl.trans(z_chunk), pre_t, input_precision=DOT_PRECISION)
         x_t = _load_tile(x_set, rows, t, stride_xc, stride_xt, row_mask, t_mask, WIDE_OFFSETS).to(tl.float32)
         if HAS_X_SCALE:
-            x_scale = tl.load(x_scale_ptr + n * stride_sn + t * stride_st, mask=t_mask, other=0.0)
+            t_scale = t.to(tl.int64) if WIDE_OFFSETS else t
+            x_scale = tl.load(x_scale_ptr + n * stride_sn + t_scale * stride_st, mask=t_mask, other=0.0)
             x_t = x_t * x_scale.to(tl.float32)[None, :]
         # Padding rows of the T-block have Pᵀ = b, which may be positive: t_mask keeps them out.
         active = (pre_t > 0) & t_mask[None, :]
@@ -414,7 +418,8 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
             HAS_X_SCALE=x_scale is not None, HAS_LENGTHS=lengths is not None,
             HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
             HAS_ROW_SUMSQ=row_sumsq is not None and finish_in_place and plan.resident_w, FINISH=finish_in_place,
-            DOT_PRECISION=fp32_dot_precision(), WIDE_OFFSETS=needs_wide_offsets(z, x, x_scale, dec_weight))
+            DOT_PRECISION=fp32_dot_precision(), WIDE_OFFSETS=needs_wide_offsets(z, x, x_scale, dec_weight),
+            DETERMINISTIC=torch.are_deterministic_algorithms_enabled())
         if not finish_in_place:
             _fv_reduce_splits_kernel[(triton.cdiv(channels, REDUCE_BLOCK_C) * num_sets,)](
                 dst, out, placeholder if fisher_rsqrt is None else fisher_rsqrt,
