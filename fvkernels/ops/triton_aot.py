@@ -121,7 +121,7 @@ def accumulate_job(arch: int, dtype: str, latent: int, config, variant: str, pre
     problem = Problem(channel_major_x=variant.endswith("+nchw"))
     plan = tuning_problem(arch, dtype, latent, precision, problem).plan
     flags = dict(FLAG_VARIANTS[variant.split("+")[0]])
-    flags["HAS_ROW_SUMSQ"] = flags["FINISH"] and plan.resident_w
+    flags["HAS_ROW_SUMSQ"] = flags["FINISH"]
     constexprs = dict(LATENT=latent, BLOCK_D=plan.block_d, D_TILES=plan.d_tiles, BLOCK_K=plan.block_k,
                       DOT_PRECISION=precision, WIDE_OFFSETS=variant.endswith("+wide"),
                       DETERMINISTIC=False, **flags, **config.kwargs)

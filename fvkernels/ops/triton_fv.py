@@ -9,9 +9,9 @@ tile width is a power of two ≥ d rather than ≥ d+1 (d = 255 gives 256-wide t
 
 Long sets on few programs (whole videos) split T across programs: each split writes its raw partial
 sums to an fp32 workspace and a second kernel adds the splits in a fixed order (deterministic) and
-applies the epilogue. A row's sum of squares (row_sumsq) needs a single writer: the program itself when
-one d-tile covers d, the split reduction when T is split, and otherwise one read of `out` after the
-kernel (a workspace as large as the output would double the memory of a d-tiled fp32 encode).
+applies the epilogue. A row's sum of squares (row_sumsq) comes from what the program stores: when d
+spans several d-tiles each writes its tile's share to a small (d-tiles, N, C) workspace that the launcher
+adds up, and when T is split the reduction kernel computes it.
 """
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def _store_rows(ptrs, values, mask):
     """Stores values in the destination's dtype; returns each row's sum of squares of what was stored."""
     stored = values.to(ptrs.dtype.element_ty)
     tl.store(ptrs, stored, mask=mask)
-    stored = stored.to(tl.float32)
+    stored = tl.where(mask, stored.to(tl.float32), 0.0)
     return tl.sum(stored * stored, axis=1)
 
 
@@ -300,8 +300,8 @@ def _fv_accumulate_kernel(
         bias_acc = _epilogue(bias_acc, fisher_ptr + bias_offsets, bias_mask, HAS_FISHER, SIGNED_SQRT)
     row_sumsq = (_store_rows(dst_set + weight_offsets, acc, weight_mask)
                  + _store_rows(dst_set + bias_offsets, bias_acc, bias_mask))
-    if HAS_ROW_SUMSQ:  # only with FINISH and a single d-tile: this program holds whole rows
-        tl.store(row_sumsq_ptr + n * C + rows, row_sumsq, mask=row_mask)
+    if HAS_ROW_SUMSQ:  # with FINISH: this d-tile's share of its rows, one writer each
+        tl.store(row_sumsq_ptr + (d_tile * N + n) * C + rows, row_sumsq, mask=row_mask)
 
 
 @triton.jit
@@ -397,6 +397,11 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
     else:
         dst = torch.empty((t_splits, num_sets, channels, row_length), dtype=torch.float32, device=z.device)
         dst_stride_set, dst_stride_split = dst.stride(1), dst.stride(0)
+    # Row sums written by the accumulate kernel: straight into row_sumsq when one d-tile holds whole rows.
+    tile_row_sums = None
+    if finish_in_place and row_sumsq is not None:
+        tile_row_sums = row_sumsq if plan.resident_w else torch.empty(
+            (plan.d_tiles, num_sets, channels), dtype=torch.float32, device=z.device)
     # Absent optional tensors are never read (their flags are compile-time False); any pointer will do.
     placeholder = inv_sigma2
     x_scale_strides = x_scale.stride() if x_scale is not None else (0, 0)
@@ -410,14 +415,14 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
             z, x, placeholder if x_scale is None else x_scale, dec_weight, dec_bias, inv_sigma2,
             placeholder if fisher_rsqrt is None else fisher_rsqrt,
             placeholder if lengths is None else lengths, dst,
-            placeholder if row_sumsq is None else row_sumsq,
+            placeholder if tile_row_sums is None else tile_row_sums,
             num_sets, set_size, channels, t_splits,
             *z.stride(), *x.stride(), *x_scale_strides, *dec_weight.stride(),
             dst_stride_set, dst_stride_split,
             LATENT=latent, BLOCK_D=plan.block_d, D_TILES=plan.d_tiles, BLOCK_K=plan.block_k,
             HAS_X_SCALE=x_scale is not None, HAS_LENGTHS=lengths is not None,
             HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
-            HAS_ROW_SUMSQ=row_sumsq is not None and finish_in_place and plan.resident_w, FINISH=finish_in_place,
+            HAS_ROW_SUMSQ=tile_row_sums is not None, FINISH=finish_in_place,
             DOT_PRECISION=fp32_dot_precision(), WIDE_OFFSETS=needs_wide_offsets(z, x, x_scale, dec_weight),
             DETERMINISTIC=torch.are_deterministic_algorithms_enabled())
         if not finish_in_place:
@@ -428,6 +433,5 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
                 ROW_LENGTH=row_length, HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
                 HAS_ROW_SUMSQ=row_sumsq is not None, BLOCK_C=REDUCE_BLOCK_C,
                 BLOCK_J=reduce_block_j(row_length), num_warps=4)
-        elif row_sumsq is not None and not plan.resident_w:  # no program held a whole row
-            torch.linalg.vector_norm(out, dim=2, dtype=torch.float32, out=row_sumsq)
-            row_sumsq.square_()
+        elif tile_row_sums is not None and tile_row_sums is not row_sumsq:
+            torch.sum(tile_row_sums, 0, out=row_sumsq)
