@@ -78,8 +78,7 @@ def run_train(args) -> int:
     from fvkernels.train import train_on_corpus
 
     parallel = distributed.init_from_env()
-    finished = False
-    try:
+    with distributed.leaving_at_exit(parallel):
         samples = read_sample_list(args.list)
         backbone = BACKBONES[args.backbone](args.layer, args.image_size)
         layer_options = dict(latent_dim=args.latent_dim, hidden=args.hidden, lambda_cls=args.lambda_cls)
@@ -91,9 +90,6 @@ def run_train(args) -> int:
         if distributed.rank_and_size(parallel)[0] == 0:
             print(f"FV-VAE layer {model.in_channels} → {model.latent_dim} trained for {args.iterations} steps, Fisher "
                   f"from {int(model.fisher_sets)} sets: {args.checkpoint}")
-        finished = True
-    finally:
-        distributed.shutdown(parallel, finished=finished)
     return 0
 
 
@@ -105,8 +101,7 @@ def run_extract(args) -> int:
     from fvkernels.train import load_checkpoint, read_checkpoint
 
     parallel = distributed.init_from_env()
-    finished = False
-    try:
+    with distributed.leaving_at_exit(parallel):
         input_spec = read_checkpoint(args.model)["input_spec"]
         if not input_spec:
             raise ValueError(f"{args.model} does not say which backbone made its inputs (it was saved without an "
@@ -122,9 +117,6 @@ def run_extract(args) -> int:
             print(f"{counts['encoded']} of {counts['samples']} samples encoded into {len(manifest['shards'])} shards of "
                   f"{manifest['dim']}-d {manifest['dtype']} Fisher vectors in {args.out} ({counts['dropped']} dropped, "
                   f"{counts['unreadable_inputs']} unreadable inputs: see manifest.json)")
-        finished = True
-    finally:
-        distributed.shutdown(parallel, finished=finished)
     return 0
 
 

@@ -8,7 +8,8 @@ distributed=True)`, the sharded extraction `fvkernels.extract.extract(..., distr
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Tuple, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,16 +32,18 @@ def init_from_env(backend: Optional[str] = None) -> bool:
     return True
 
 
-def shutdown(distributed: bool, *, finished: bool) -> None:
-    """Leaves the job. finished: this process completed its work, as every other one must have too; it
-    then waits for all of them first, since gloo aborts a process (std::terminate) whose peer tears the
-    group down while it is still at work (process 0 writing the checkpoint, say). After an error no
-    process waits: an error raised on one process alone would leave the others blocked."""
-    if distributed and dist.is_initialized():
-        try:
-            if finished:
-                dist.barrier()
-        finally:
+@contextmanager
+def leaving_at_exit(distributed: bool) -> Iterator[None]:
+    """The block is this process's part of the job; the process group is destroyed when it ends. After a
+    normal end every process first waits for the others, since gloo aborts a process (std::terminate)
+    whose peer tears the group down while it is still at work (process 0 writing the checkpoint, say).
+    After an error none waits: an error raised on one process alone would leave the others blocked."""
+    try:
+        yield
+        if distributed:
+            dist.barrier()
+    finally:
+        if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -233,7 +233,8 @@ def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_siz
     copies_rows = acts.dim() == 4 and params.spp is None  # NCHW views are copied row block by row block
     sets_per_chunk, max_rows = _workspace_plan(params, num_sets, set_size, acts.element_size(), copies_rows)
     inv_sigma2 = params.inv_sigma2.contiguous()
-    fisher_rsqrt = None if params.fisher_rsqrt is None else params.fisher_rsqrt.contiguous()
+    fisher_rsqrt = params.fisher_rsqrt  # derived on each access: once here for every chunk
+    fisher_rsqrt = None if fisher_rsqrt is None else fisher_rsqrt.contiguous()
     for start in range(0, num_sets, sets_per_chunk):
         chunk = slice(start, start + sets_per_chunk)
         acts_chunk = acts[chunk]

@@ -264,8 +264,9 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
                          f"choose a batch size that is a multiple of {processes}")
     optimizer = torch.optim.Adadelta(model.parameters(), lr=lr)
     start, history = 0, []
-    options = dict(seed=seed, batch_size=global_batch, lr=lr, num_sets=len(data),
-                   data_fingerprint=data_fingerprint or data.fingerprint())
+    if checkpoint is not None and data_fingerprint is None:  # only a checkpoint records and checks it
+        data_fingerprint = data.fingerprint()
+    options = dict(seed=seed, batch_size=global_batch, lr=lr, num_sets=len(data), data_fingerprint=data_fingerprint)
     state = dist_utils.on_main(lambda: _resume_state(checkpoint, model, input_spec, options, iterations), distributed)
     if state is not None:
         model.load_state_dict(state["model"])

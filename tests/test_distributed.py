@@ -29,12 +29,8 @@ def _join_and_run(rank, processes, store, task, args):
     torch.set_num_threads(1)  # two processes on two cores
     torch.manual_seed(0)  # as conftest seeds every test, so both sides make the same data
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=processes)
-    finished = False
-    try:
+    with distributed.leaving_at_exit(True):
         task(rank, *args)
-        finished = True
-    finally:
-        distributed.shutdown(True, finished=finished)
 
 
 def fisher_shares(data, rank=None):
