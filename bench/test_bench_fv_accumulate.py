@@ -4,8 +4,7 @@ import torch
 
 from fvkernels.ops.reference import fv_accumulate_reference
 
-from bench.cases import (FV_ACCUMULATE_CASES, fv_accumulate_flops, fv_accumulate_inputs, tensor_bytes,
-                         valid_descriptors)
+from bench.cases import FV_ACCUMULATE_CASES, fv_accumulate_flops, fv_accumulate_inputs, tensor_bytes, valid_descriptors
 from bench.measure import TOLERANCE, relative_error
 from bench.providers import PROVIDERS, fv_accumulate_fn
 

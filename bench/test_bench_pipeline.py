@@ -5,8 +5,7 @@ import torch
 
 from bench.cases import PIPELINE_CASE, pipeline_flops, pipeline_inputs, tensor_bytes, vlfeat_gmm
 from bench.measure import TOLERANCE, peak_extra_bytes, relative_error
-from bench.providers import (PROVIDERS, VLFEAT_PROVIDER, eager_fv_vae_pipeline, pipeline_fn,
-                             vlfeat_improved_fisher)
+from bench.providers import PROVIDERS, VLFEAT_PROVIDER, eager_fv_vae_pipeline, pipeline_fn, vlfeat_improved_fisher
 
 
 def signed_square(fv):

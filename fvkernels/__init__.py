@@ -1,12 +1,18 @@
 """fvkernels: FV-VAE Fisher vectors (Qiu, Yao & Mei, CVPR 2017) with fused Triton, CUDA and C++ kernels.
 
 Public API (DESIGN.md §2): fv_accumulate, FVVAEParams, fv_vae_encode, load_official_weights,
-to_official_layout, available_backends.
+to_official_layout, available_backends. The package's layers, each importing only those below it:
+common → ops (the op family and its kernels) → pipeline → nn (the layer) → training → evaluation → app.
 """
-from fvkernels.encode import fv_vae_encode
-from fvkernels.ops import available_backends, fv_accumulate
-from fvkernels.params import FVVAEParams, load_official_weights, to_official_layout
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+from fvkernels.ops import available_backends, fv_accumulate
+from fvkernels.pipeline import FVVAEParams, fv_vae_encode, load_official_weights, to_official_layout
+
+try:
+    __version__ = version("fvkernels")  # one version string: pyproject.toml's
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "unknown"
+
 __all__ = ["FVVAEParams", "available_backends", "fv_accumulate", "fv_vae_encode", "load_official_weights",
            "to_official_layout"]

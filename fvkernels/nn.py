@@ -1,7 +1,6 @@
 """`FVVAE`: the FV-VAE layer as an nn.Module to put after any CNN layer (DESIGN §4, Algorithm 1)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -9,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvkernels import encode
-from fvkernels.distributed import sum_over_processes
-from fvkernels.params import FVVAEParams, load_official_weights
-
+from fvkernels.common.collectives import sum_over_processes
+from fvkernels.common.tensors import length_mask
+from fvkernels.pipeline.encode import encoder_forward, fv_vae_encode, prenormalised_sets
+from fvkernels.pipeline.official import load_official_weights
+from fvkernels.pipeline.params import FVVAEParams
 
 OFFICIAL_LAMBDA_CLS = 1e3
 
@@ -32,11 +32,11 @@ class FVVAE(nn.Module):
     1/σx² explodes (DESIGN §5).
     """
 
-    def __init__(self, in_channels: int, latent_dim: int = 256, hidden: Sequence[int] = (512,),
+    def __init__(self, in_channels: int, latent_dim: int = 256, hidden: Sequence[int] = (512,), *,
                  num_classes: Optional[int] = None, prenorm: Optional[str] = "descriptor",
-                 norm_scale: Optional[float] = None,
-                 spp: Optional[str] = None, dropout: float = 0.5, lambda_rec: float = 1.0, lambda_reg: float = 1.0,
-                 lambda_cls: Optional[float] = None, sigma_floor: float = 0.05, backend: str = "auto") -> None:
+                 norm_scale: Optional[float] = None, spp: Optional[str] = None, dropout: float = 0.5,
+                 lambda_rec: float = 1.0, lambda_reg: float = 1.0, lambda_cls: Optional[float] = None,
+                 sigma_floor: float = 0.05, backend: str = "auto") -> None:
         super().__init__()
         if lambda_cls is None:  # the official prototxt's weight when there are labels, else FV-VAE⁻
             lambda_cls = OFFICIAL_LAMBDA_CLS if num_classes else 0.0
@@ -66,6 +66,10 @@ class FVVAE(nn.Module):
         self.register_buffer("sigma_x_min", torch.zeros(()))
         self.register_buffer("fisher", torch.zeros(in_channels, latent_dim + 1))
         self.register_buffer("fisher_sets", torch.zeros((), dtype=torch.int64))
+        # What the buffers say, kept on the host so that no forward or training step reads them back from a GPU:
+        # whether the Fisher is fitted (fisher_sets > 0) and the σx floor set (sigma_x_min > 0).
+        self.has_fisher = self.has_sigma_floor = False
+        self.register_load_state_dict_post_hook(FVVAE._read_buffer_flags)
         self.prenorm, self.norm_scale, self.spp = prenorm, float(norm_scale), spp
         self.dropout, self.sigma_floor, self.backend = dropout, sigma_floor, backend
         self.lambda_rec, self.lambda_reg, self.lambda_cls = lambda_rec, lambda_reg, lambda_cls
@@ -95,16 +99,29 @@ class FVVAE(nn.Module):
         return self.in_channels * (self.latent_dim + 1)
 
     def sigma_x(self) -> Tensor:
-        return self.log_sigma_x.exp().clamp_min(self.sigma_x_min)
+        """exp(log σx), at least the floor and never 0 (an exp that underflows would make 1/σx² infinite)."""
+        tiny = torch.finfo(self.log_sigma_x.dtype).tiny
+        return torch.maximum(self.log_sigma_x.exp(), self.sigma_x_min).clamp_min(tiny)
 
     def to_params(self) -> FVVAEParams:
-        """The layer as FVVAEParams (tensors shared, so gradients flow); fisher only once fitted."""
+        """The layer as FVVAEParams, checked (tensors shared, so gradients flow); fisher only once fitted."""
+        return self._params(self.has_fisher, check_values=True)
+
+    def _params(self, with_fisher: bool, check_values: bool = False) -> FVVAEParams:
+        """FVVAEParams of the layer's current tensors; their values are not read unless check_values (σx > 0
+        holds by construction), so that forward and training steps never wait for a GPU."""
         last = len(self.encoder) - 1
         return FVVAEParams(
             encoder=[(layer.weight, layer.bias, index < last) for index, layer in enumerate(self.encoder)],
             dec_weight=self.decoder.weight, dec_bias=self.decoder.bias, sigma_x=self.sigma_x(),
-            fisher=self.fisher if int(self.fisher_sets) > 0 else None,
-            prenorm=self.prenorm, norm_scale=self.norm_scale, spp=self.spp)
+            fisher=self.fisher if with_fisher else None, prenorm=self.prenorm, norm_scale=self.norm_scale,
+            spp=self.spp, check_values=check_values)
+
+    @staticmethod
+    def _read_buffer_flags(module: "FVVAE", incompatible_keys) -> None:
+        """After load_state_dict: the host-side flags from the loaded buffers (one read per load)."""
+        module.has_fisher = int(module.fisher_sets) > 0
+        module.has_sigma_floor = float(module.sigma_x_min) > 0
 
     @classmethod
     def from_official(cls, path, **kwargs) -> "FVVAE":
@@ -130,7 +147,7 @@ class FVVAE(nn.Module):
     # ---- encoding --------------------------------------------------------------------------------------
 
     def forward(self, acts: Tensor, lengths=None) -> Tensor:
-        return encode.fv_vae_encode(acts, self.to_params(), lengths=lengths, backend=self.backend)
+        return fv_vae_encode(acts, self._params(self.has_fisher), lengths=lengths, backend=self.backend)
 
     @torch.no_grad()
     def fit_fisher(self, batches: Iterable, *, distributed: bool = False) -> Tensor:
@@ -143,19 +160,21 @@ class FVVAE(nn.Module):
         """
         if isinstance(batches, Tensor):  # iterating it would take each set as a batch of its rows
             batches = [batches]
-        params = dataclasses.replace(self.to_params(), fisher=None)
+        params = self._params(with_fisher=False, check_values=True)
         total = torch.zeros(self.fisher.numel() + 1, dtype=torch.float64, device=self.fisher.device)
         squares, count = total[:-1].view_as(self.fisher), total[-1:]  # one all-reduce for both
         for batch in batches:
             acts, lengths = batch if isinstance(batch, (tuple, list)) else (batch, None)
-            raw = encode.fv_vae_encode(acts, params, lengths=lengths, normalize=False, backend=self.backend)
+            raw = fv_vae_encode(acts, params, lengths=lengths, normalize=False, backend=self.backend)
             squares += raw.square().sum(0, dtype=torch.float64).view_as(squares)
-            count += raw.shape[0] if lengths is None else int((torch.as_tensor(lengths) > 0).sum())
+            count += raw.shape[0] if lengths is None else (torch.as_tensor(lengths, device=count.device) > 0).sum()
         sum_over_processes(total, distributed)
-        if int(count) == 0:
+        sets = int(count)
+        if sets == 0:
             raise ValueError("fit_fisher saw no non-empty set; pass batches of training activations")
-        self.fisher.copy_(squares / count)
-        self.fisher_sets.fill_(int(count))
+        self.fisher.copy_(squares / sets)
+        self.fisher_sets.fill_(sets)
+        self.has_fisher = True
         return self.fisher
 
     # ---- training --------------------------------------------------------------------------------------
@@ -167,7 +186,7 @@ class FVVAE(nn.Module):
         distributed: every process passes its share of one global batch and the floor is that of the
         whole batch (the sums behind the RMS are all-reduced).
         """
-        x_hat, lengths = encode.prenormalised_sets(acts, self.to_params(), lengths)
+        x_hat, lengths = prenormalised_sets(acts, self._params(self.has_fisher), lengths)
         self._set_sigma_floor(x_hat, self._valid_descriptors(x_hat, lengths), distributed)
 
     def _set_sigma_floor(self, x_hat: Tensor, valid: Tensor, distributed: bool) -> None:
@@ -176,14 +195,15 @@ class FVVAE(nn.Module):
                             valid.sum().double() * x_hat.shape[-1]])
         square_sum, count = sum_over_processes(sums, distributed).tolist()
         self.sigma_x_min.fill_(self.sigma_floor * math.sqrt(square_sum / max(count, 1)))
+        self.has_sigma_floor = True
 
     @staticmethod
     def _valid_descriptors(x_hat: Tensor, lengths: Optional[Tensor]) -> Tensor:
         """(N, T, 1) mask of the descriptors inside each set's length."""
-        num_sets, set_size, _ = x_hat.shape
-        if lengths is None:
-            return torch.ones(num_sets, set_size, 1, dtype=torch.bool, device=x_hat.device)
-        return (torch.arange(set_size, device=x_hat.device) < lengths[:, None]).unsqueeze(-1)
+        valid = length_mask(lengths, x_hat.shape[1])
+        if valid is None:
+            return torch.ones(*x_hat.shape[:2], 1, dtype=torch.bool, device=x_hat.device)
+        return valid.unsqueeze(-1)
 
     def loss(self, acts: Tensor, labels: Optional[Tensor] = None, lengths=None, *,
              noise_seeds: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
@@ -196,9 +216,10 @@ class FVVAE(nn.Module):
         that a set's draws do not depend on which other sets share its batch (data-parallel training
         splits each batch over processes).
         """
-        x_hat, lengths = encode.prenormalised_sets(acts, self.to_params(), lengths)
+        params = self._params(self.has_fisher)
+        x_hat, lengths = prenormalised_sets(acts, params, lengths)
         valid = self._valid_descriptors(x_hat, lengths)
-        if self.training and float(self.sigma_x_min) == 0:
+        if self.training and not self.has_sigma_floor:
             self._set_sigma_floor(x_hat, valid, distributed=False)
 
         generators = None
@@ -206,11 +227,7 @@ class FVVAE(nn.Module):
             if len(noise_seeds) != x_hat.shape[0]:
                 raise ValueError(f"noise_seeds has {len(noise_seeds)} seeds for {x_hat.shape[0]} sets; pass one per set")
             generators = [torch.Generator(device=x_hat.device).manual_seed(int(seed)) for seed in noise_seeds]
-        hidden = self._input_dropout(x_hat, generators)
-        for index, layer in enumerate(self.encoder):
-            hidden = layer(hidden)
-            hidden = F.relu(hidden) if index < len(self.encoder) - 1 else hidden
-        mu_z = hidden
+        mu_z = encoder_forward(self._input_dropout(x_hat, generators), params.encoder)
         sigma_z = self.log_sigma_z.exp()
         z = mu_z + self._standard_normal(mu_z, generators) * sigma_z if self.training else mu_z
         mu_x = F.relu(self.decoder(z))

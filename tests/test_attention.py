@@ -2,10 +2,9 @@
 import torch
 
 from fvkernels import fv_vae_encode
-from fvkernels.attention import descriptor_contributions
+from fvkernels.evaluation.attention import descriptor_contributions
 
-from conftest import relative_error
-from helpers import random_params
+from tests.helpers import random_params, relative_error
 
 
 def test_contributions_are_each_descriptors_share():

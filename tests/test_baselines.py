@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fvkernels import baselines
-from fvkernels.baselines import (AverageEncoder, BilinearEncoder, ConcatEncoder, DiagonalGMM, GMMFisherEncoder,
-                                 VLADEncoder, fit_gmm, kmeans)
+from fvkernels.evaluation.clustering import DiagonalGMM, fit_gmm, kmeans
+from fvkernels.evaluation.encoders import AverageEncoder, BilinearEncoder, ConcatEncoder, GMMFisherEncoder, VLADEncoder
+from fvkernels.evaluation.sets import DescriptorSets
 
 CHANNELS = 5
 
@@ -216,13 +216,13 @@ def test_fits_are_deterministic(make):
 
 def test_fit_subsamples_descriptors_from_the_sets():
     sets = ragged_sets()
-    data = baselines.DescriptorSets(sets)
+    data = DescriptorSets(sets)
     sample = data.sample(10, torch.Generator().manual_seed(0))
     everything = torch.cat(sets)
     assert sample.shape == (10, CHANNELS)
     assert all((everything == row).all(1).any() for row in sample)
     assert len({tuple(row.tolist()) for row in sample}) == 10
-    tensor_sample = baselines.DescriptorSets(torch.stack(sets[2:3] * 3)).sample(5, torch.Generator().manual_seed(0))
+    tensor_sample = DescriptorSets(torch.stack(sets[2:3] * 3)).sample(5, torch.Generator().manual_seed(0))
     assert all((sets[2] == row).all(1).any() for row in tensor_sample)
 
 
@@ -241,7 +241,7 @@ def test_input_forms_and_chunks_agree(make, monkeypatch):
     assert expected.shape == (7, encoder.dim)
     torch.testing.assert_close(encoder.transform(maps), expected, rtol=0, atol=0)
     torch.testing.assert_close(encoder.transform(list(sets)), expected, rtol=1e-12, atol=1e-14)
-    monkeypatch.setattr(baselines, "CHUNK_ELEMENTS", 1)  # one set per chunk
+    monkeypatch.setattr("fvkernels.evaluation.sets.CHUNK_ELEMENTS", 1)  # one set per chunk
     torch.testing.assert_close(encoder.transform(sets), expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(encoder.transform(list(sets)), expected, rtol=1e-12, atol=1e-14)
 
@@ -273,7 +273,7 @@ def test_errors_say_what_was_expected():
         encoder.fit(torch.ones(2, 3, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"sets\[1\] has C = 4"):
         encoder.fit([torch.randn(3, 5), torch.randn(3, 4)])
-    with pytest.raises(ValueError, match=r"sets \[1\] .*NaN"):
+    with pytest.raises(ValueError, match=r"NaN or Inf in the descriptors, in set\(s\) \[1\]"):
         encoder.transform(torch.stack([sets[0], torch.full_like(sets[1], float("nan"))]))
     with pytest.raises(ValueError, match="fitted on T = 6"):
         ConcatEncoder().fit(sets).transform(torch.randn(2, 5, CHANNELS))

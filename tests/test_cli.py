@@ -3,9 +3,9 @@ traceback; and `train` checks its checkpoint before it computes any activation."
 import numpy as np
 import pytest
 
-from fvkernels.__main__ import main
+from fvkernels.app.cli import main
 
-from test_extract import make_corpus
+from tests.helpers import make_corpus
 
 TINY_TRAINING = ["--image-size", "32", "--latent-dim", "2", "--hidden", "4", "--iterations", "2", "--batch-size", "2"]
 
@@ -87,7 +87,7 @@ def no_activations(monkeypatch):
     """Computing activations fails the test: the refusals below must come before them."""
     def computing(*args, **kwargs):
         raise AssertionError("activations computed before the checkpoint was checked")
-    monkeypatch.setattr("fvkernels.train.activation_batches", computing)
+    monkeypatch.setattr("fvkernels.app.corpus_training.activation_batches", computing)
 
 
 def test_train_checks_its_checkpoint_before_the_activations(capsys, trained, tmp_path, no_activations):

@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
+from fvkernels.common.tensors import signed_sqrt as signed_sqrt_of
 from fvkernels.ops import _extension, cpp, reference
+from fvkernels.ops.kernel_args import FVAccumulateArgs
 
-from conftest import relative_error
-from helpers import poisoned_output, random_problem
+from tests.helpers import poisoned_output, random_problem, relative_error
 
 pytestmark = pytest.mark.skipif(_extension.IMPORT_ERROR is not None,
                                 reason=f"the C++ extension is not built ({_extension.IMPORT_ERROR})")
@@ -46,7 +47,7 @@ def isa(request, monkeypatch):
 
 def expected_output(z, x, w, b, s, f, lengths, x_scale=None, signed_sqrt=False):
     fv = reference.fv_accumulate_reference(z, x, w, b, s, f, lengths, x_scale)
-    return reference.apply_signed_sqrt(fv) if signed_sqrt else fv
+    return signed_sqrt_of(fv) if signed_sqrt else fv
 
 
 def run_kernel(dtype, z, x, w, b, s, f, lengths, *, x_scale=None, signed_sqrt=False, row_sumsq=False,
@@ -58,7 +59,7 @@ def run_kernel(dtype, z, x, w, b, s, f, lengths, *, x_scale=None, signed_sqrt=Fa
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        cpp.launch(*cast[:6], lengths, out, x_scale=cast[6], signed_sqrt=signed_sqrt, row_sumsq=sums)
+        cpp.launch(FVAccumulateArgs(*cast[:6], lengths, out, x_scale=cast[6], signed_sqrt=signed_sqrt, row_sumsq=sums))
     finally:
         torch.set_num_threads(previous_threads)
     return out, sums
@@ -148,10 +149,10 @@ def test_independent_of_thread_count():
 def test_half_dtypes_are_refused_by_the_kernel():
     problem = random_problem(2, 5, 3, 4, dtype=torch.float32)
     out = torch.empty(2, 3, 5, dtype=torch.bfloat16)
-    args = _extension.kernel_args(*[t.bfloat16() if t.is_floating_point() else t for t in problem[:6]],
-                                  problem[6], out)
+    struct = _extension.kernel_struct(FVAccumulateArgs(
+        *[t.bfloat16() if t.is_floating_point() else t for t in problem[:6]], problem[6], out))
     with pytest.raises(ValueError, match="float32 or float64"):
-        _extension.extension().fv_accumulate_cpu(args, 1)
+        _extension.extension().fv_accumulate_cpu(struct, 1)
 
 
 def test_half_inputs_are_widened_by_the_launcher():

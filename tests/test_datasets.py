@@ -1,17 +1,12 @@
 """IDX reading (the Fashion-MNIST format) and stratified subsets, on files written here."""
-import gzip
 
 import numpy as np
 import pytest
 import torch
 
-from fvkernels.datasets import load_fashion_mnist, read_idx, stratified_subset
+from fvkernels.app.datasets import load_fashion_mnist, read_idx, stratified_subset
 
-
-def write_idx(path, array, compress):
-    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    (gzip.open if compress else open)(path, "wb").write(header + array.tobytes())
+from tests.helpers import write_idx
 
 
 @pytest.mark.parametrize("compress", [False, True])

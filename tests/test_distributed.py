@@ -1,36 +1,15 @@
 """Data-parallel training on torch.distributed (2 processes, gloo, CPU) against the single-process run."""
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from fvkernels import distributed
 from fvkernels.nn import FVVAE
-from fvkernels.train import load_checkpoint, read_checkpoint, train
+from fvkernels.training import load_checkpoint, read_checkpoint, train
 
-from conftest import relative_error
-from test_train import new_layer, toy_data
+from tests.helpers import PROCESSES, new_layer, relative_error, run_processes, toy_data
 
-PROCESSES = 2
 ITERATIONS = 4
 BATCH = dict(batch_size=16, seed=3, progress=False)
-
-
-def run_processes(task, folder, *args, processes=PROCESSES):
-    """task(rank, folder, *args) in `processes` fresh processes joined in a gloo group (a file store in
-    `folder`: no port to pick). An exception or a crash in any of them fails the caller."""
-    store = folder / f".process-group-{os.urandom(8).hex()}"  # a killed group leaves its file behind
-    mp.spawn(_join_and_run, args=(processes, str(store), task, (folder, *args)), nprocs=processes)
-
-
-def _join_and_run(rank, processes, store, task, args):
-    torch.set_num_threads(1)  # two processes on two cores
-    torch.manual_seed(0)  # as conftest seeds every test, so both sides make the same data
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=processes)
-    with distributed.leaving_at_exit(True):
-        task(rank, *args)
 
 
 def fisher_shares(data, rank=None):

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import fvkernels
-from fvkernels import encode, fv_vae_encode, load_official_weights, to_official_layout
+from fvkernels import fv_vae_encode, load_official_weights, to_official_layout
+from fvkernels.pipeline import encode
 
-from conftest import cpu_backends, relative_error
-from helpers import random_params
+from tests.helpers import cpu_backends, random_params, relative_error, write_official_mat
 
 BACKENDS = cpu_backends()
 
@@ -120,26 +120,6 @@ def test_differentiable_wrt_acts_and_params():
 
 
 # ---- the official release -------------------------------------------------------------------------------
-
-def write_official_mat(path, channels, hidden, latent, rng):
-    """A weight file laid out like caffe_vae_weights_*.mat (DESIGN §3), via scipy."""
-    from scipy.io import savemat
-
-    layer_type = [("w", object), ("b", object), ("act", object)]
-    widths = [channels, *hidden, latent]
-    encoder = np.empty((1, len(widths) - 1), dtype=layer_type)
-    for i, (inp, out) in enumerate(zip(widths[:-1], widths[1:])):
-        encoder[0, i] = ((rng.standard_normal((1, 1, inp, out)) / np.sqrt(inp)).astype(np.float32),
-                         (rng.standard_normal((out, 1)) * 0.1).astype(np.float32),
-                         "ReLU" if i < len(hidden) else "Linear")
-    decoder = np.empty((1, 1), dtype=layer_type)
-    decoder[0, 0] = ((rng.standard_normal((1, 1, channels, latent)) / np.sqrt(latent)).astype(np.float32),
-                     (rng.standard_normal((channels, 1)) * 0.1 + 0.05).astype(np.float32), "ReLU")
-    root = np.empty((1, 1), dtype=[("norm_scale", object), ("encoder", object), ("decoder", object),
-                                   ("decoder_sigma", object)])
-    root[0, 0] = (np.array([[158.0]]), encoder, decoder, (rng.random((channels, 1)) + 0.5).astype(np.float32))
-    savemat(path, {"caffe_vae_weights": root})
-
 
 def official_extraction(frames, mat_path):
     """extract_fv_vae_frame_sequence.m transcribed to numpy, MATLAB order kept: frames (F, C, 7, 7) → raw FV."""

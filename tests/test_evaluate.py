@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fvkernels.evaluate import (LinearSVM, accuracy, mean_average_precision, normalize, top_k_accuracy,
-                                train_svm)
+from fvkernels.evaluation import LinearSVM, accuracy, mean_average_precision, normalize, top_k_accuracy, train_svm
 
 # Four samples, three classes. Ranks of the true class: 1st, 2nd, 1st, 3rd.
 SCORES = torch.tensor([[0.9, 0.1, 0.0],

@@ -6,77 +6,23 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.multiprocessing import ProcessExitedException
 
 from fvkernels import fv_vae_encode
-from fvkernels.corpus import Backbone, read_sample_list, state_digest
-from fvkernels.extract import extract, load_fisher_vectors, read_manifest
-from fvkernels.nn import FVVAE
-from fvkernels.train import read_checkpoint
-from fvkernels.video import load_images
+from fvkernels.app.corpus import read_sample_list
+from fvkernels.app.extract import extract, load_fisher_vectors, read_manifest
+from fvkernels.app.video import load_images
+from fvkernels.training import read_checkpoint
 
-from conftest import relative_error
-from test_distributed import run_processes
+from tests.helpers import IMAGE_SIZE, make_corpus, relative_error, run_processes, tiny_backbone, tiny_layer, write_image
 
 Image = pytest.importorskip("PIL.Image")
 
-IMAGE_SIZE = 16
 SHARD_SIZE = 2
-
-
-class TinyCNN(nn.Module):
-    """A stand-in backbone: 16 px images → 6 × 7 × 7 post-ReLU maps; NaN maps for an all-white image."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, stride=2)
-
-    def forward(self, images):
-        maps = F.relu(self.conv(images))
-        white = images.flatten(1).amin(1) >= 1
-        return maps.masked_fill(white[:, None, None, None], float("nan"))
-
-
-def tiny_backbone():
-    torch.manual_seed(0)
-    cnn = TinyCNN().eval()
-    return Backbone(cnn, IMAGE_SIZE, {"backbone": "tiny-cnn", "image_size": IMAGE_SIZE,
-                                      "weights_sha256": state_digest(cnn)})
-
-
-def tiny_layer(seed=0):
-    torch.manual_seed(seed)
-    layer = FVVAE(6, 3, (5,)).eval()
-    layer.fit_fisher([torch.rand(8, 6, 7, 7)])
-    return layer
-
-
-def write_image(path, rng, pixels=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels if pixels is not None else (rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(path)
-
-
-def make_corpus(folder, images=7, frames=(4, 3)):
-    """images `img{i}.png` and videos `vid{v}/frame_*.png`, labelled; returns the list file."""
-    rng = np.random.default_rng(0)
-    lines = []
-    for index in range(images):
-        write_image(folder / "data" / f"img{index}.png", rng)
-        lines.append(f"img{index}.png {index % 2}")
-    for video, count in enumerate(frames):
-        for frame in range(count):
-            write_image(folder / "data" / f"vid{video}" / f"frame_{frame + 1:04d}.png", rng)
-        lines.append(f"vid{video} {video % 2}")
-    list_file = folder / "list.txt"
-    list_file.write_text("\n".join(lines) + "\n")
-    return list_file
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fvkernels.models import capture_activations, efficientnet_lite0, layer_activations, preprocess
-from fvkernels.models import efficientnet as lite
+from fvkernels.app import efficientnet as lite
+from fvkernels.app.backbones import capture_activations, layer_activations
+from fvkernels.app.efficientnet import efficientnet_lite0, preprocess
 
 MILITARY_UNIFORM = 652  # ImageNet class of the Grace Hopper portrait that matplotlib ships
 # Block strides of EfficientNet-Lite0, written out independently of the module's stage table.

@@ -11,8 +11,7 @@ from torch import nn
 from fvkernels import fv_vae_encode, load_official_weights
 from fvkernels.nn import FVVAE
 
-from conftest import relative_error
-from test_encode import write_official_mat
+from tests.helpers import relative_error, write_official_mat
 
 
 def small_layer(**kwargs):

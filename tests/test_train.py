@@ -3,22 +3,11 @@ import numpy as np
 import pytest
 import torch
 
+from fvkernels.common.files import atomic_save
 from fvkernels.nn import FVVAE
-from fvkernels.train import SetData, atomic_save, load_checkpoint, save_checkpoint, train
+from fvkernels.training import SetData, load_checkpoint, save_checkpoint, train
 
-
-def toy_data(num_sets=48):
-    """Two classes whose descriptors live on different channels: learnable in a few steps."""
-    labels = torch.arange(num_sets) % 2
-    acts = torch.rand(num_sets, 6, 3, 3) * 0.2
-    acts[labels == 0, :3] += 1.0
-    acts[labels == 1, 3:] += 1.0
-    return SetData(acts, labels)
-
-
-def new_layer():
-    torch.manual_seed(0)
-    return FVVAE(6, 4, (8,), num_classes=2, lambda_cls=10.0)
+from tests.helpers import new_layer, toy_data
 
 
 def test_training_reduces_the_loss():
@@ -71,7 +60,7 @@ def test_checkpoint_refuses_unknown_files_and_versions(tmp_path):
     features = tmp_path / "features.npy"
     np.save(features, np.zeros(3))
     with pytest.raises(ValueError, match=r"features\.npy' is not an fvkernels checkpoint \(written by `fvkernels "
-                                         r"train` / fvkernels\.train\.train\): torch\.load cannot read it "
+                                         r"train` / fvkernels\.training\.train\): torch\.load cannot read it "
                                          r"\(UnpicklingError\)$"):
         load_checkpoint(features)
     with pytest.raises(ValueError, match="is a folder, not an fvkernels checkpoint"):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fvkernels.ops import dispatch, reference
+from fvkernels.ops.kernel_args import FVAccumulateArgs
 
-from conftest import relative_error
-from helpers import poisoned_output, random_problem
+from tests.helpers import poisoned_output, random_problem, relative_error
 
 triton_fv = pytest.importorskip("fvkernels.ops.triton_fv", reason="triton is not installed")
 
@@ -40,9 +40,10 @@ def run_kernel(problem, dtype, *, x_scale=None, signed_sqrt=False, with_row_sums
     channels = x.shape[2]
     out = poisoned_output(num_sets, channels, latent, dtype, set_padding=3, device=DEVICE)
     row_sumsq = (torch.full((num_sets, channels), float("nan"), device=DEVICE) if with_row_sumsq else None)
-    triton_fv.launch(*floats, fisher_rsqrt.to(dtype) if with_fisher else None, lengths if with_lengths else None,
-                     out, x_scale=None if x_scale is None else x_scale.to(dtype), signed_sqrt=signed_sqrt,
-                     row_sumsq=row_sumsq, t_splits=t_splits)
+    triton_fv.launch(FVAccumulateArgs(*floats, fisher_rsqrt.to(dtype) if with_fisher else None,
+                                      lengths if with_lengths else None, out,
+                                      x_scale=None if x_scale is None else x_scale.to(dtype), signed_sqrt=signed_sqrt,
+                                      row_sumsq=row_sumsq), t_splits=t_splits)
     return out, row_sumsq
 
 

@@ -5,11 +5,17 @@ import torch
 from torch import nn
 
 from fvkernels import fv_vae_encode
-from fvkernels.video import (frame_batches, load_images, read_class_index, read_split, sample_frames,
-                             video_fisher_vectors, video_frame_paths)
+from fvkernels.app.video import (
+    frame_batches,
+    load_images,
+    read_class_index,
+    read_split,
+    sample_frames,
+    video_fisher_vectors,
+    video_frame_paths,
+)
 
-from conftest import relative_error
-from helpers import random_params
+from tests.helpers import random_params, relative_error
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -1,10 +1,11 @@
-"""Loads the compiled module and turns tensors into its framework-agnostic argument struct."""
+"""Loads the compiled module and turns a call's FVAccumulateArgs into its framework-agnostic struct."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from torch import Tensor
+
+from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 BUILD_HINT = ("build it with `make install` (or `pip install -e . --no-build-isolation`) from the fvkernels "
               "source tree; the CUDA kernel needs nvcc on PATH at build time (FVK_CUDA=1 to insist)")
@@ -32,29 +33,25 @@ def extension():
     return _C
 
 
-def kernel_args(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
-                fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor], out: Tensor, *,
-                x_scale: Optional[Tensor] = None, signed_sqrt: bool = False,
-                row_sumsq: Optional[Tensor] = None):
-    """Fills FVAccumulateArgs (csrc/fv_accumulate.h). The small per-channel tensors must already be
-    contiguous; z, x, x_scale and dec_weight may have any strides."""
-    args = extension().FVAccumulateArgs()
-    args.num_sets, args.set_size, args.latent = z.shape
-    args.channels = x.shape[2]
-    args.dtype = _DTYPES[z.dtype]
-    args.z, args.z_stride = z.data_ptr(), z.stride()
-    args.x, args.x_stride = x.data_ptr(), x.stride()
-    if x_scale is not None:
-        args.x_scale, args.x_scale_stride = x_scale.data_ptr(), x_scale.stride()
-    args.dec_weight, args.w_stride = dec_weight.data_ptr(), dec_weight.stride()
-    args.dec_bias = dec_bias.data_ptr()
-    args.inv_sigma2 = inv_sigma2.data_ptr()
-    if fisher_rsqrt is not None:
-        args.fisher_rsqrt = fisher_rsqrt.data_ptr()
-    if lengths is not None:
-        args.lengths = lengths.data_ptr()
-    args.out, args.out_stride_n = out.data_ptr(), out.stride(0)
-    args.signed_sqrt = signed_sqrt
-    if row_sumsq is not None:
-        args.row_sumsq = row_sumsq.data_ptr()
-    return args
+def kernel_struct(args: FVAccumulateArgs):
+    """The compiled module's FVAccumulateArgs (csrc/fv_accumulate.h) for a call: pointers and element strides."""
+    struct = extension().FVAccumulateArgs()
+    struct.num_sets, struct.set_size, struct.latent = args.z.shape
+    struct.channels = args.channels
+    struct.dtype = _DTYPES[args.z.dtype]
+    struct.z, struct.z_stride = args.z.data_ptr(), args.z.stride()
+    struct.x, struct.x_stride = args.x.data_ptr(), args.x.stride()
+    if args.x_scale is not None:
+        struct.x_scale, struct.x_scale_stride = args.x_scale.data_ptr(), args.x_scale.stride()
+    struct.dec_weight, struct.w_stride = args.dec_weight.data_ptr(), args.dec_weight.stride()
+    struct.dec_bias = args.dec_bias.data_ptr()
+    struct.inv_sigma2 = args.inv_sigma2.data_ptr()
+    if args.fisher_rsqrt is not None:
+        struct.fisher_rsqrt = args.fisher_rsqrt.data_ptr()
+    if args.lengths is not None:
+        struct.lengths = args.lengths.data_ptr()
+    struct.out, struct.out_stride_n = args.out.data_ptr(), args.out.stride(0)
+    struct.signed_sqrt = args.signed_sqrt
+    if args.row_sumsq is not None:
+        struct.row_sumsq = args.row_sumsq.data_ptr()
+    return struct

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from fvkernels.ops import _extension
+from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
 _LAUNCHER_MODULES = {"triton": "fvkernels.ops.triton_fv", "cuda": "fvkernels.ops.cuda",
@@ -86,7 +87,6 @@ def supports_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> bo
     return True
 
 
-def launch(backend: str, *args, **kwargs) -> None:
-    """Runs a resolved backend's launcher: (z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths,
-    out, *, x_scale=None, signed_sqrt=False, row_sumsq=None), inputs already validated."""
-    importlib.import_module(_LAUNCHER_MODULES[backend]).launch(*args, **kwargs)
+def launch(backend: str, args: FVAccumulateArgs) -> None:
+    """Runs a resolved backend's launcher on a validated call."""
+    importlib.import_module(_LAUNCHER_MODULES[backend]).launch(args)

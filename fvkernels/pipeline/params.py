@@ -1,12 +1,14 @@
-"""The parameters of a trained FV-VAE (DESIGN §2) and the official MATLAB/Caffe release's weight file (§3)."""
+"""The parameters of a trained FV-VAE (DESIGN §2): what the pipeline needs, checked once when they are made."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from dataclasses import InitVar, dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from fvkernels.common.checks import require
+from fvkernels.common.tensors import floor_for
 
 PRENORMS = ("descriptor", "map", None)
 SPP_MODES = ("official", None)
@@ -15,13 +17,7 @@ FISHER_FLOOR = 1e-12
 EncoderLayer = Tuple[Tensor, Tensor, bool]
 
 
-def floor_for(dtype: torch.dtype, floor: float) -> float:
-    """`floor`, raised to the smallest normal number of dtype: 1e-12 is 0 in float16, where a zero norm
-    would then divide to inf and 0·inf to NaN."""
-    return max(floor, torch.finfo(dtype).tiny)
-
-
-@dataclass
+@dataclass(repr=False)
 class FVVAEParams:
     """What `fv_vae_encode` needs: the inference MLP, the decoder, σx, and optionally the diagonal Fisher.
 
@@ -30,6 +26,10 @@ class FVVAEParams:
     prenorm: "descriptor" (each x_t to norm norm_scale), "map" (each set / feature map as one vector,
     the official release) or None; spp: "official" (the release's 50-cell max-pooling pyramid over
     7×7 maps) or None.
+
+    The structure (shapes, one dtype and device, the options) is always checked; the values (σx > 0) unless
+    check_values=False, which is for callers that guarantee them without reading the device (fvkernels.nn.FVVAE
+    builds its σx as a clamped exponential): that check reads the tensors back from a GPU.
     """
 
     encoder: List[EncoderLayer]
@@ -40,10 +40,13 @@ class FVVAEParams:
     prenorm: Optional[str] = "descriptor"
     norm_scale: float = 1.0
     spp: Optional[str] = None
+    check_values: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_values: bool) -> None:
         self.encoder = [(w, b, bool(relu)) for w, b, relu in self.encoder]
-        self._validate()
+        self._check_structure()
+        if check_values:
+            self._check_values()
 
     @property
     def fisher_rsqrt(self) -> Optional[Tensor]:
@@ -52,7 +55,7 @@ class FVVAEParams:
             return None
         return self.fisher.clamp_min(floor_for(self.fisher.dtype, FISHER_FLOOR)).rsqrt()
 
-    def _validate(self) -> None:
+    def _check_structure(self) -> None:
         if self.prenorm not in PRENORMS:
             raise ValueError(f"prenorm must be one of {PRENORMS}, got {self.prenorm!r}")
         if self.spp not in SPP_MODES:
@@ -79,8 +82,6 @@ class FVVAEParams:
         for name, value in (("dec_bias", self.dec_bias), ("sigma_x", self.sigma_x)):
             if value.shape != (channels,):
                 raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(value.shape)}")
-        if not bool((self.sigma_x > 0).all()):
-            raise ValueError("sigma_x must be positive in every channel")
         if self.fisher is not None and self.fisher.shape != (channels, latent + 1):
             raise ValueError(f"fisher must have shape (C, d+1) = ({channels}, {latent + 1}), "
                              f"got {tuple(self.fisher.shape)}")
@@ -90,6 +91,16 @@ class FVVAEParams:
         if len(dtypes) > 1 or len(devices) > 1:
             raise TypeError(f"all FVVAEParams tensors must share one dtype and device, got dtypes "
                             f"{sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}")
+
+    def _check_values(self) -> None:
+        require(self.sigma_x > 0, "sigma_x must be positive in every channel")
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{w.shape[1]}→{w.shape[0]}{' ReLU' if relu else ''}" for w, _, relu in self.encoder)
+        fisher = "None" if self.fisher is None else f"({self.channels}, {self.latent_dim + 1})"
+        return (f"FVVAEParams(C={self.channels}, d={self.latent_dim}, encoder=[{layers}], fisher={fisher}, "
+                f"prenorm={self.prenorm!r}, norm_scale={self.norm_scale:g}, spp={self.spp!r}, dtype={self.dtype}, "
+                f"device={self.device})")
 
     def tensors(self) -> List[Tensor]:
         flat = [t for w, b, _ in self.encoder for t in (w, b)] + [self.dec_weight, self.dec_bias, self.sigma_x]
@@ -127,77 +138,3 @@ class FVVAEParams:
         return replace(self, encoder=[(move(w), move(b), relu) for w, b, relu in self.encoder],
                        dec_weight=move(self.dec_weight), dec_bias=move(self.dec_bias),
                        sigma_x=move(self.sigma_x), fisher=move(self.fisher))
-
-
-def to_official_layout(fv: Tensor, channels: int) -> Tensor:
-    """Reorders (..., C·(d+1)) row-major Fisher vectors to the official MATLAB column-major order."""
-    if channels < 1 or fv.dim() < 1 or fv.shape[-1] % channels:
-        raise ValueError(f"fv's last dimension must be a multiple of C = {channels}, got shape {tuple(fv.shape)}")
-    width = fv.shape[-1] // channels
-    return fv.reshape(*fv.shape[:-1], channels, width).transpose(-1, -2).reshape(fv.shape)
-
-
-def _mat_field(struct, name: str, where: str):
-    if name not in (struct.dtype.names or ()):
-        raise ValueError(f"{where} has no field {name!r} (fields: {struct.dtype.names}); is this an official "
-                         "FV-VAE caffe_vae_weights_*.mat file?")
-    return struct[name]
-
-
-def _mat_vector(struct, name: str, where: str) -> Tensor:
-    return torch.from_numpy(_mat_field(struct, name, where).astype("float32").reshape(-1))
-
-
-def _caffe_matrix(struct, where: str) -> Tensor:
-    """Caffe's 1×1 conv weight (1, 1, in, out) → (in, out) float32."""
-    weight = _mat_field(struct, "w", where)
-    if weight.ndim != 4 or weight.shape[:2] != (1, 1):
-        raise ValueError(f"{where}.w must have the Caffe 1×1 conv shape (1, 1, in, out), got {weight.shape}")
-    return torch.from_numpy(weight[0, 0].astype("float32"))
-
-
-def _caffe_relu(struct, where: str) -> bool:
-    act = str(_mat_field(struct, "act", where).reshape(-1)[0])
-    if act not in ("ReLU", "Linear"):
-        raise ValueError(f"{where}.act must be 'ReLU' or 'Linear', got {act!r}")
-    return act == "ReLU"
-
-
-def load_official_weights(path) -> FVVAEParams:
-    """Reads `caffe_vae_weights_*.mat` of the official release (DESIGN §3) into FVVAEParams.
-
-    The result reproduces the release's extraction: prenorm="map" with its norm_scale and spp="official".
-    """
-    from scipy.io import loadmat  # only this loader needs scipy
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no official FV-VAE weight file at {path!r}")
-    try:
-        contents = loadmat(path, squeeze_me=False, struct_as_record=True)
-    except OSError:
-        raise  # permissions, I/O: the message already says what went wrong with the file
-    except (ValueError, TypeError, NotImplementedError) as error:
-        raise ValueError(f"{path!r} is not a MATLAB .mat file scipy can read ({error}); expected a "
-                         "caffe_vae_weights_*.mat of the official release (github.com/fv-vae/fv-vae, vae_models/)") from error
-    if "caffe_vae_weights" not in contents:
-        variables = [k for k in contents if not k.startswith("__")]
-        raise ValueError(f"{path!r} holds no 'caffe_vae_weights' struct (variables: {variables})")
-    root = contents["caffe_vae_weights"].reshape(-1)[0]
-    encoder = []
-    for index, layer in enumerate(_mat_field(root, "encoder", "caffe_vae_weights").reshape(-1)):
-        where = f"caffe_vae_weights.encoder({index + 1})"
-        weight = _caffe_matrix(layer, where)
-        encoder.append((weight.t().contiguous(), _mat_vector(layer, "b", where), _caffe_relu(layer, where)))
-    decoder = _mat_field(root, "decoder", "caffe_vae_weights").reshape(-1)[0]
-    if not _caffe_relu(decoder, "caffe_vae_weights.decoder"):
-        raise ValueError("caffe_vae_weights.decoder.act must be 'ReLU': FV-VAE's decoder ends in a ReLU")
-    return FVVAEParams(
-        encoder=encoder,
-        dec_weight=_caffe_matrix(decoder, "caffe_vae_weights.decoder").contiguous(),
-        dec_bias=_mat_vector(decoder, "b", "caffe_vae_weights.decoder"),
-        sigma_x=_mat_vector(root, "decoder_sigma", "caffe_vae_weights"),
-        prenorm="map",
-        norm_scale=float(_mat_vector(root, "norm_scale", "caffe_vae_weights")[0]),
-        spp="official",
-    )

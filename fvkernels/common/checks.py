@@ -1,0 +1,58 @@
+"""Checks of tensor values (not shapes) that work both eagerly and under torch.compile / torch.export.
+
+Eagerly a check reads one scalar back to the host and raises an exception that names what is wrong,
+down to the offending indices, computed only on failure. While torch.compile or torch.export traces, a
+host read would break the graph, so the same condition becomes torch._assert_async: it stays in the
+graph and raises a RuntimeError carrying the message when the compiled code runs on bad values.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+MAX_NAMED_INDICES = 10
+
+
+def tracing() -> bool:
+    """True while torch.compile or torch.export traces the calling code (no host reads then)."""
+    return torch.compiler.is_compiling()
+
+
+def require(condition: Tensor, message: str, *, details: Optional[Callable[[], str]] = None,
+            error: type = ValueError) -> None:
+    """Raises error(message) unless every element of the boolean tensor `condition` is true. details(),
+    called only on failure and only eagerly, is appended to the message (e.g. ", got values in [-1, 9]")."""
+    if tracing():
+        torch._assert_async(condition.all(), message)
+        return
+    if not bool(condition.all()):
+        raise error(message if details is None else message + details())
+
+
+def nonfinite_rows(tensor: Tensor) -> List[int]:
+    """Indices along dim 0 of the rows holding NaN or ±Inf (at most MAX_NAMED_INDICES); eager only.
+
+    NaN and ±Inf survive a sum, so a finite sum proves every entry finite without a mask as large as
+    the tensor; only a sum that is not finite (bad data, or an overflow of the sum) pays for the mask."""
+    values = tensor.detach()
+    if values.numel() == 0 or not values.dtype.is_floating_point:
+        return []
+    if bool(torch.isfinite(values.sum(dtype=torch.promote_types(values.dtype, torch.float32)))):
+        return []
+    finite = torch.isfinite(values.reshape(values.shape[0], -1) if values.dim() else values.reshape(1, 1)).all(1)
+    return (~finite).nonzero().flatten()[:MAX_NAMED_INDICES].tolist()
+
+
+def check_finite(tensor: Tensor, name: str, *, unit: str = "row", offset: int = 0,
+                 hint: str = "clean or drop those entries") -> None:
+    """Refuses NaN or ±Inf in `tensor` with a ValueError naming it and its first offending indices along
+    dim 0 (numbered from `offset`, e.g. the first set of a chunk): "NaN or Inf in acts, in set(s) [3]; …"."""
+    if tracing():
+        torch._assert_async(torch.isfinite(tensor).all(), f"NaN or Inf in {name}; {hint}")
+        return
+    bad = nonfinite_rows(tensor)
+    if bad:
+        where = f", in {unit}(s) {[index + offset for index in bad]}" if tensor.dim() else ""
+        raise ValueError(f"NaN or Inf in {name}{where}; {hint}")

@@ -1,0 +1,347 @@
+"""The baselines FV-VAE is compared with (paper §5.3, Table 2), as set encoders in scikit-learn style.
+
+Each encoder maps a descriptor set (the H·W positions of a conv map, or any T descriptors of dimension
+C) to one vector of `.dim` entries:
+
+| encoder          | what                                               | dim            |
+|------------------|----------------------------------------------------|----------------|
+| AverageEncoder   | AVE: mean of the descriptors                       | C              |
+| ConcatEncoder    | Concatenation of the T descriptors (fixed T)       | T·C            |
+| GMMFisherEncoder | FV of a diagonal GMM, as VLFeat's vl_fisher        | 2·K·C          |
+| VLADEncoder      | VLAD on k-means centres, intra-normalised          | K·C            |
+| BilinearEncoder  | BP: mean outer product xᵀx / T                     | C² or C(C+1)/2 |
+
+Sets are given as an (N, T, C) tensor, (N, C, H, W) feature maps (T = H·W, like fv_vae_encode), or a
+list of (T_i, C) tensors of different lengths. `fit(sets)` learns what the encoder needs (the GMM,
+the k-means centres, or only C), `transform(sets)` returns (N, dim) on the sets' device and dtype.
+Everything runs as GEMMs in torch over chunks of sets (posteriors (T×K) times descriptors (T×C)), so
+it runs on the GPU when the sets are there and never holds an N×T×K×C tensor. Fits are deterministic
+for a given `seed`.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fvkernels.common.tensors import improved_normalisation, l2_normalize, length_mask
+from fvkernels.evaluation.clustering import DiagonalGMM, fit_gmm, kmeans, squared_distances
+from fvkernels.evaluation.sets import DEFAULT_FIT_DESCRIPTORS, DescriptorSets, SetsLike
+from fvkernels.nn import FVVAE
+from fvkernels.training import SetData, train
+
+# VLFeat's vl_fisher skips posteriors below this, and components whose prior is below it (their
+# 1/sqrt(prior) factor would blow up any descriptor that lands there).
+POSTERIOR_FLOOR = 1e-6
+
+
+class SetEncoder:
+    """Base of the set encoders: fit(sets) → self, transform(sets) → (N, dim), fit_transform(sets)."""
+
+    progress: Optional[bool] = None
+    channels_: Optional[int] = None
+
+    @property
+    def dim(self) -> int:
+        """Length of the vector each set is encoded to."""
+        self._check_fitted()
+        return self._dim()
+
+    def fit(self, sets: SetsLike) -> "SetEncoder":
+        data = DescriptorSets(sets)
+        self._fit(data)
+        self.channels_ = data.channels
+        return self
+
+    def transform(self, sets: SetsLike) -> Tensor:
+        self._check_fitted()
+        data = DescriptorSets(sets)
+        if data.channels != self.channels_:
+            raise ValueError(f"sets have descriptors of C = {data.channels} but {type(self).__name__} was fitted "
+                             f"on C = {self.channels_}")
+        self._check_lengths(data)
+        out = torch.empty((data.num_sets, self._dim()), dtype=data.dtype, device=data.device)
+        for chunk, padded, lengths in data.chunks(self._elements_per_set(data.max_length), self.progress):
+            out[chunk] = self._encode(padded, lengths)
+        return out
+
+    def fit_transform(self, sets: SetsLike) -> Tensor:
+        return self.fit(sets).transform(sets)
+
+    def _check_fitted(self) -> None:
+        if self.channels_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted yet; call fit(sets) first")
+
+    def _check_lengths(self, data: DescriptorSets) -> None:
+        """Encoders that need a fixed set size override this."""
+
+    def _fit(self, data: DescriptorSets) -> None:
+        """Encoders that learn something from the sets override this."""
+
+    def _dim(self) -> int:
+        raise NotImplementedError
+
+    def _elements_per_set(self, set_size: int) -> int:
+        raise NotImplementedError
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        """(n, T, C) padded descriptors and (n,) lengths → (n, dim)."""
+        raise NotImplementedError
+
+
+class AverageEncoder(SetEncoder):
+    """AVE: the mean of each set's descriptors (an empty set gives zeros). dim = C."""
+
+    def _dim(self) -> int:
+        return self.channels_
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return set_size * self.channels_
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        valid = length_mask(lengths, padded.shape[1]).to(padded.dtype)
+        return torch.bmm(valid[:, None, :], padded)[:, 0] / lengths.clamp_min(1)[:, None].to(padded.dtype)
+
+
+class ConcatEncoder(SetEncoder):
+    """Concatenation of the T descriptors of each set (all sets must have the T seen in fit), position
+    by position: out[n, t·C + c] = x[n, t, c]. dim = T·C (25088 for VGG pool5's 7×7×512)."""
+
+    set_size_: Optional[int] = None
+
+    def _fit(self, data: DescriptorSets) -> None:
+        self.set_size_ = self._common_length(data)
+
+    @staticmethod
+    def _common_length(data: DescriptorSets) -> int:
+        sizes = data.lengths.unique()
+        if sizes.numel() != 1:
+            raise ValueError(f"ConcatEncoder needs sets of one size T, got sizes {sizes.tolist()[:10]}")
+        return int(sizes[0])
+
+    def _check_lengths(self, data: DescriptorSets) -> None:
+        size = self._common_length(data)
+        if size != self.set_size_:
+            raise ValueError(f"sets have T = {size} descriptors but ConcatEncoder was fitted on T = {self.set_size_}")
+
+    def _dim(self) -> int:
+        return self.set_size_ * self.channels_
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return set_size * self.channels_
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        return padded.reshape(padded.shape[0], -1)
+
+
+class GMMFisherEncoder(SetEncoder):
+    """Fisher vector of a diagonal GMM with K components, as VLFeat's vl_fisher computes it.
+
+    With posteriors q_tk (those below 1e-6 dropped, like VLFeat) of the T descriptors of a set:
+        u_k = 1/(T·sqrt(w_k))   Σ_t q_tk (x_t − µ_k)/σ_k
+        v_k = 1/(T·sqrt(2·w_k)) Σ_t q_tk [((x_t − µ_k)/σ_k)² − 1]
+    laid out [u_1 … u_K, v_1 … v_K] (dim = 2·K·C), then with normalize=True the "improved" FV: signed
+    square root and L2 (VLFeat's Improved flag). Components with prior < 1e-6 contribute zeros.
+
+    fit(sets) runs EM (`fit_gmm`) on at most max_fit_descriptors descriptors sampled with `seed`;
+    `from_gmm(gmm)` uses a given GMM instead (e.g. one trained by VLFeat). After fit: gmm_ (DiagonalGMM),
+    log_likelihoods_ (mean log-likelihood per EM iteration).
+
+    compute_dtype: the dtype of the fit and of the posteriors and statistics (the output has the sets'
+    dtype). The GEMM form expands (x − µ)²/σ² into x²/σ² − 2xµ/σ² + µ²/σ², which cancels in float32
+    when a component's variance is small next to its distance from the origin — common on post-ReLU
+    activations, where components fit the zeros with floored variances: there float32 is off by
+    percents of the largest FV entry, float64 agrees with VLFeat to rounding. float64 GEMMs cost about
+    twice float32 on CPUs; None computes in the sets' own dtype (for GPUs with slow float64).
+    """
+
+    def __init__(self, num_components: int, *, normalize: bool = True, max_iterations: int = 100,
+                 tolerance: float = 1e-6, variance_floor: float = 1e-4,
+                 max_fit_descriptors: int = DEFAULT_FIT_DESCRIPTORS, seed: int = 0,
+                 compute_dtype: Optional[torch.dtype] = torch.float64, progress: Optional[bool] = None):
+        if int(num_components) < 1:
+            raise ValueError(f"num_components must be ≥ 1, got {num_components}")
+        self.num_components = int(num_components)
+        self.normalize, self.compute_dtype = normalize, compute_dtype
+        self.max_iterations, self.tolerance, self.variance_floor = max_iterations, tolerance, variance_floor
+        self.max_fit_descriptors, self.seed, self.progress = max_fit_descriptors, seed, progress
+        self.gmm_: Optional[DiagonalGMM] = None
+        self.log_likelihoods_: List[float] = []
+
+    @classmethod
+    def from_gmm(cls, gmm: DiagonalGMM, *, normalize: bool = True,
+                 compute_dtype: Optional[torch.dtype] = torch.float64, progress: Optional[bool] = None
+                 ) -> "GMMFisherEncoder":
+        encoder = cls(gmm.num_components, normalize=normalize, compute_dtype=compute_dtype, progress=progress)
+        encoder.gmm_, encoder.channels_ = gmm, gmm.channels
+        return encoder
+
+    def _fit(self, data: DescriptorSets) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        sample = data.sample(self.max_fit_descriptors, generator)
+        if sample.shape[0] < self.num_components:
+            raise ValueError(f"{sample.shape[0]} descriptors cannot fit {self.num_components} GMM components")
+        self.gmm_, self.log_likelihoods_ = fit_gmm(
+            sample.to(self.compute_dtype or sample.dtype), self.num_components, max_iterations=self.max_iterations, tolerance=self.tolerance,
+            variance_floor=self.variance_floor, seed=self.seed, progress=self.progress)
+
+    def _dim(self) -> int:
+        return 2 * self.num_components * self.channels_
+
+    def _elements_per_set(self, set_size: int) -> int:
+        # a float64 copy counts twice against the float32 budget of the chunk
+        return 2 * (set_size * (self.num_components + 3 * self.channels_) + 3 * self.num_components * self.channels_)
+
+    def _encode(self, sets: Tensor, lengths: Tensor) -> Tensor:
+        padded = sets.to(self.compute_dtype or sets.dtype)
+        gmm = self.gmm_.to(device=padded.device, dtype=padded.dtype)
+        num_sets, set_size, channels = padded.shape
+        posteriors = gmm.log_joint(padded.reshape(-1, channels)).softmax(1).view(num_sets, set_size, -1)
+        keep = (posteriors >= POSTERIOR_FLOOR) & length_mask(lengths, padded.shape[1])[..., None] \
+            & (gmm.priors >= POSTERIOR_FLOOR)
+        posteriors = posteriors * keep
+        # Statistics about the mean of the means, for the same reason as in DiagonalGMM.log_joint.
+        origin = gmm.means.mean(0)
+        centred = padded - origin
+        means = gmm.means - origin
+        mass = posteriors.sum(1)[..., None]                                   # (n, K, 1)
+        first = torch.bmm(posteriors.transpose(1, 2), centred)                # (n, K, C)
+        second = torch.bmm(posteriors.transpose(1, 2), centred.square())      # (n, K, C)
+        deviation = first - mass * means                                      # Σ q (x − µ)
+        squared_deviation = second - 2 * means * first + mass * means.square()  # Σ q (x − µ)²
+        counts = lengths.clamp_min(1).to(padded.dtype)[:, None, None]
+        weights = gmm.priors.clamp_min(POSTERIOR_FLOOR)[:, None]
+        u = deviation / (gmm.variances.sqrt() * counts * weights.sqrt())
+        v = (squared_deviation / gmm.variances - mass) / (counts * (2 * weights).sqrt())
+        fv = torch.cat([u.flatten(1), v.flatten(1)], 1)
+        return (improved_normalisation(fv) if self.normalize else fv).to(sets.dtype)
+
+
+class VLADEncoder(SetEncoder):
+    """VLAD (Jégou et al. 2010) on K k-means centres: for each centre the sum of the residuals x_t − c_k
+    of the descriptors nearest to it, then with intra_normalization each centre's block L2-normalised
+    (Arandjelović & Zisserman 2013), then with normalize signed square root and L2 of the whole vector.
+    Layout centre-major: out[n, k·C + c]; dim = K·C.
+
+    fit(sets) runs k-means (`kmeans`) on at most max_fit_descriptors sampled descriptors. After fit:
+    centers_ (K, C), inertias_ (mean squared distance per iteration).
+    """
+
+    def __init__(self, num_clusters: int, intra_normalization: bool = True, *, normalize: bool = True,
+                 max_iterations: int = 100, tolerance: float = 1e-4,
+                 max_fit_descriptors: int = DEFAULT_FIT_DESCRIPTORS, seed: int = 0, progress: Optional[bool] = None):
+        if int(num_clusters) < 1:
+            raise ValueError(f"num_clusters must be ≥ 1, got {num_clusters}")
+        self.num_clusters = int(num_clusters)
+        self.intra_normalization, self.normalize = intra_normalization, normalize
+        self.max_iterations, self.tolerance = max_iterations, tolerance
+        self.max_fit_descriptors, self.seed, self.progress = max_fit_descriptors, seed, progress
+        self.centers_: Optional[Tensor] = None
+        self.inertias_: List[float] = []
+
+    def _fit(self, data: DescriptorSets) -> None:
+        sample = data.sample(self.max_fit_descriptors, torch.Generator().manual_seed(self.seed))
+        if sample.shape[0] < self.num_clusters:
+            raise ValueError(f"{sample.shape[0]} descriptors cannot make {self.num_clusters} k-means clusters")
+        self.centers_, self.inertias_ = kmeans(sample, self.num_clusters, max_iterations=self.max_iterations,
+                                               tolerance=self.tolerance, seed=self.seed, progress=self.progress)
+
+    def _dim(self) -> int:
+        return self.num_clusters * self.channels_
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return set_size * (2 * self.num_clusters + self.channels_) + 2 * self.num_clusters * self.channels_
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        centers = self.centers_.to(device=padded.device, dtype=padded.dtype)
+        num_sets, set_size, channels = padded.shape
+        flat = padded.reshape(-1, channels)
+        nearest = squared_distances(flat, flat.square().sum(1), centers).argmin(1).view(num_sets, set_size)
+        assignments = torch.nn.functional.one_hot(nearest, self.num_clusters).to(padded.dtype)
+        assignments *= length_mask(lengths, padded.shape[1])[..., None]
+        sums = torch.bmm(assignments.transpose(1, 2), padded)                  # (n, K, C)
+        residuals = sums - assignments.sum(1)[..., None] * centers
+        if self.intra_normalization:
+            residuals = l2_normalize(residuals, dim=2)
+        vlad = residuals.flatten(1)
+        return improved_normalisation(vlad) if self.normalize else vlad
+
+
+class BilinearEncoder(SetEncoder):
+    """Bilinear pooling (Lin et al. 2015) of a set with itself: B = Σ_t x_t x_tᵀ / T, then with
+    normalize signed square root and L2. dim = C² (full=True, row-major B; the paper's 262144 for C=512)
+    or C(C+1)/2 (full=False: the upper triangle row by row, off-diagonal entries × √2 after the square
+    root, so that inner products and norms equal those of the full vector)."""
+
+    def __init__(self, full: bool = True, *, normalize: bool = True, progress: Optional[bool] = None):
+        self.full, self.normalize, self.progress = full, normalize, progress
+
+    def _dim(self) -> int:
+        channels = self.channels_
+        return channels * channels if self.full else channels * (channels + 1) // 2
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return set_size * self.channels_ + 3 * self.channels_ * self.channels_
+
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        valid = padded * length_mask(lengths, padded.shape[1])[..., None]
+        pooled = torch.bmm(valid.transpose(1, 2), valid) / lengths.clamp_min(1).to(padded.dtype)[:, None, None]
+        if not self.full:
+            rows, cols = torch.triu_indices(self.channels_, self.channels_, device=padded.device)
+            # An off-diagonal entry stands for two of the full vector: ×√2 after the signed √ is ×2 under it.
+            off_diagonal = 2.0 if self.normalize else math.sqrt(2.0)
+            weight = torch.full(rows.shape, off_diagonal, dtype=padded.dtype, device=padded.device)
+            pooled = pooled[:, rows, cols] * weight.masked_fill_(rows == cols, 1.0)
+        flat = pooled.flatten(1)
+        return improved_normalisation(flat) if self.normalize else flat
+
+
+class FVVAEEncoder(SetEncoder):
+    """FV-VAE as a set encoder: fit(sets, labels) trains an FVVAE layer (Algorithm 1) and fits its
+    diagonal Fisher on the same sets; transform gives the improved Fisher vectors, dim = C·(d+1).
+
+    lambda_cls=0 (or no labels) is FV-VAE⁻. Options not named here go to fvkernels.nn.FVVAE; training
+    options (iterations, batch_size, lr, seed, checkpoint, …) go to fvkernels.training.train via `training`.
+    """
+
+    def __init__(self, latent_dim: int = 256, hidden: Sequence[int] = (512,), *, lambda_cls: Optional[float] = None,
+                 training: Optional[dict] = None, progress: Optional[bool] = None, **layer_options):
+        self.latent_dim, self.hidden, self.lambda_cls = latent_dim, tuple(hidden), lambda_cls
+        self.training, self.layer_options, self.progress = dict(training or {}), layer_options, progress
+        self.model_ = None
+        self.history_: List[dict] = []
+
+    def fit(self, sets: SetsLike, labels: Optional[Tensor] = None) -> "FVVAEEncoder":
+        data = DescriptorSets(sets)
+        padded = data.tensor if data.tensor is not None else torch.nn.utils.rnn.pad_sequence(data.items, batch_first=True)
+        lengths = None if data.items is None else data.lengths
+        use_labels = labels is not None and self.lambda_cls != 0
+        if use_labels and len(labels) != data.num_sets:
+            raise ValueError(f"labels has {len(labels)} entries for {data.num_sets} sets")
+        num_classes = int(labels.max()) + 1 if use_labels else None
+        self.model_ = FVVAE(data.channels, self.latent_dim, self.hidden, num_classes=num_classes,
+                            lambda_cls=self.lambda_cls if use_labels else 0.0, **self.layer_options)
+        options = dict(progress=self.progress is not False)
+        options.update(self.training)
+        self.history_ = train(self.model_.to(data.dtype), SetData(padded, labels if use_labels else None, lengths),
+                              **options)
+        self.channels_ = data.channels  # sizes the Fisher chunks below
+        chunks = ((padded_chunk, chunk_lengths) for _, padded_chunk, chunk_lengths in
+                  data.chunks(self._elements_per_set(data.max_length)))
+        self.model_.fit_fisher(chunks)
+        return self
+
+    def fit_transform(self, sets: SetsLike, labels: Optional[Tensor] = None) -> Tensor:
+        return self.fit(sets, labels).transform(sets)
+
+    def _dim(self) -> int:
+        return self.model_.dim
+
+    def _elements_per_set(self, set_size: int) -> int:
+        return (set_size + self.latent_dim + 1) * self.channels_  # the set, and its C·(d+1) Fisher vector
+
+    @torch.no_grad()
+    def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        return self.model_(padded, lengths)

@@ -1,0 +1,112 @@
+"""Argument checks of the op family's public entry points (DESIGN §2: errors name the argument and the shapes
+seen), shared by fv_accumulate and the pipeline. They run once per public call, outside the ops; the value
+check (lengths in range) reads the device once eagerly and becomes an in-graph assertion under torch.compile."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fvkernels.common.checks import require
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, value, ndim: int, dims: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have shape {dims} ({ndim} dims), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_float_dtypes(named: dict) -> torch.dtype:
+    dtypes = {}
+    for name, value in named.items():
+        if value is None:
+            continue
+        if value.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float32/float64/float16/bfloat16), got {value.dtype}")
+        dtypes.setdefault(value.dtype, []).append(name)
+    if len(dtypes) > 1:
+        seen = "; ".join(f"{dtype}: {', '.join(names)}" for dtype, names in dtypes.items())
+        raise TypeError(f"all floating inputs must share one dtype, got {seen}; convert them with .to(dtype)")
+    return next(iter(dtypes))
+
+
+def check_same_device(named: dict) -> torch.device:
+    devices = {}
+    for name, value in named.items():
+        if value is not None:
+            devices.setdefault(value.device, []).append(name)
+    if len(devices) > 1:
+        seen = "; ".join(f"{device}: {', '.join(names)}" for device, names in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {seen}; move them with .to(device)")
+    return next(iter(devices))
+
+
+def check_lengths(lengths, num_sets: int, set_size: int, device: torch.device) -> Optional[Tensor]:
+    """Validates `lengths` ((N,) integers in [0, T]) and returns it as an int64 tensor on `device`."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(lengths, device=device)
+        lengths = lengths.long() if lengths.numel() == 0 else lengths  # [] would be float32
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    if lengths.shape != (num_sets,):
+        raise ValueError(f"lengths must have shape (N,) = ({num_sets},), got {tuple(lengths.shape)}")
+    if lengths.device != device:
+        raise ValueError(f"lengths is on {lengths.device} but the descriptors are on {device}; "
+                         f"move it with lengths.to({str(device)!r})")
+    lengths = lengths.to(torch.int64).contiguous()
+    if num_sets:
+        require((lengths >= 0) & (lengths <= set_size), f"lengths must lie in [0, T] = [0, {set_size}]",
+                details=lambda: f", got values in [{int(lengths.min())}, {int(lengths.max())}]")
+    return lengths
+
+
+def check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths):
+    """Validates fv_accumulate's arguments (DESIGN §2); returns lengths as int64 or None."""
+    check_tensor("z", z, 3, "(N, T, d)")
+    check_tensor("x", x, 3, "(N, T, C)")
+    check_tensor("dec_weight", dec_weight, 2, "(C, d)")
+    check_tensor("dec_bias", dec_bias, 1, "(C,)")
+    check_tensor("inv_sigma2", inv_sigma2, 1, "(C,)")
+    if fisher_rsqrt is not None:
+        check_tensor("fisher_rsqrt", fisher_rsqrt, 2, "(C, d+1)")
+    num_sets, set_size, latent = z.shape
+    channels = x.shape[2]
+    if x.shape[:2] != z.shape[:2]:
+        raise ValueError(f"x (N, T, C) and z (N, T, d) must agree on N and T, got x {tuple(x.shape)} "
+                         f"and z {tuple(z.shape)}")
+    if dec_weight.shape != (channels, latent):
+        raise ValueError(f"dec_weight must have shape (C, d) = ({channels}, {latent}) to match x {tuple(x.shape)} "
+                         f"and z {tuple(z.shape)}, got {tuple(dec_weight.shape)}")
+    for name, value in (("dec_bias", dec_bias), ("inv_sigma2", inv_sigma2)):
+        if value.shape != (channels,):
+            raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(value.shape)}")
+    if fisher_rsqrt is not None and fisher_rsqrt.shape != (channels, latent + 1):
+        raise ValueError(f"fisher_rsqrt must have shape (C, d+1) = ({channels}, {latent + 1}), "
+                         f"got {tuple(fisher_rsqrt.shape)}")
+    floats = dict(z=z, x=x, dec_weight=dec_weight, dec_bias=dec_bias, inv_sigma2=inv_sigma2,
+                  fisher_rsqrt=fisher_rsqrt)
+    check_float_dtypes(floats)
+    device = check_same_device(floats)
+    return check_lengths(lengths, num_sets, set_size, device)
+
+
+def check_out(out, shape: tuple, like: Tensor, inputs: list) -> None:
+    """`out=` is for inference into a reused buffer: right shape/dtype/device, each row block contiguous,
+    and nothing for autograd to record (the custom op, which allocates, is the differentiable path)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor of shape {shape}, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must be a {like.dtype} tensor of shape {shape} on {like.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if out.dim() > 1 and out[0].numel() > 1 and not out[0].is_contiguous():
+        raise ValueError("out's per-set block must be contiguous (out[0].is_contiguous()); pass a contiguous tensor")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise ValueError("out= skips autograd; inputs require grad here: call without out= to differentiate, "
+                         "or inside torch.no_grad()")

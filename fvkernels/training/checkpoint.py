@@ -1,0 +1,131 @@
+"""The training checkpoint: its format, writing it atomically, reading it back, and deciding whether a run may
+resume from it."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from fvkernels.common.files import atomic_save
+from fvkernels.nn import FVVAE
+
+CHECKPOINT_FORMAT = "fvkernels.FVVAE"
+# Version 2 added `input_spec` and draws each set's training noise from its own seed; a version-1 file
+# still loads as a model, but resuming its training would not continue the run it came from.
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+def save_checkpoint(path, model: FVVAE, optimizer: Optional[torch.optim.Optimizer] = None, iteration: int = 0,
+                    history: Sequence[dict] = (), input_spec: Optional[dict] = None,
+                    training: Optional[dict] = None) -> None:
+    """input_spec: what turns raw data into the layer's input (the `fvkernels train` command stores its
+    backbone, layer, image size and weights digest), checked again on resume and by `fvkernels extract`.
+    training: the run's options that decide its result (seed, batch size, lr, number of sets, data
+    fingerprint), checked on resume so that a changed command line does not silently continue another run."""
+    atomic_save({
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dict(model.config),
+        "model": model.state_dict(), "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "iteration": iteration, "history": list(history), "input_spec": input_spec, "training": training,
+    }, path)
+
+
+def read_checkpoint(path) -> dict:
+    """Loads and checks a checkpoint's format and version (errors say what is wrong with the file)."""
+    written_by = "written by `fvkernels train` / fvkernels.training.train"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{str(path)!r} is a folder, not an fvkernels checkpoint ({written_by})") from None
+    except OSError:
+        raise  # permissions, I/O: the file may well be a checkpoint, and the error says what went wrong
+    except Exception as error:  # torch.load explains in paragraphs why a file does not unpickle; its type is enough
+        raise ValueError(f"{str(path)!r} is not an fvkernels checkpoint ({written_by}): torch.load cannot read it "
+                         f"({type(error).__name__})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not an fvkernels FVVAE checkpoint (format {state.get('format')!r} "
+                         f"if a dict, expected {CHECKPOINT_FORMAT!r})" if isinstance(state, dict) else
+                         f"{str(path)!r} is not an fvkernels FVVAE checkpoint")
+    if state.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{str(path)!r} has checkpoint version {state.get('version')!r}; this fvkernels reads "
+                         f"version {' or '.join(map(str, READABLE_VERSIONS))} — load it with the fvkernels release "
+                         "that wrote it")
+    state.setdefault("input_spec", None)
+    return state
+
+
+def check_compatible(state: dict, model: FVVAE, path, input_spec: Optional[dict] = None) -> None:
+    """Refuses a checkpoint written for another architecture, other options or (when input_spec is
+    given) other inputs, naming what differs."""
+    differences = [f"{key}: checkpoint {state['config'].get(key)!r}, model {value!r}"
+                   for key, value in model.config.items() if state["config"].get(key) != value]
+    if input_spec is not None:
+        stored = state["input_spec"] or {}
+        differences += [f"input {key}: checkpoint {stored.get(key)!r}, now {input_spec.get(key)!r}"
+                        for key in sorted(set(stored) | set(input_spec)) if stored.get(key) != input_spec.get(key)]
+    if differences:
+        raise ValueError(f"checkpoint {str(path)!r} does not match this model — " + "; ".join(differences))
+
+
+def load_checkpoint(path, model: Optional[FVVAE] = None) -> FVVAE:
+    """The model stored in a checkpoint; into `model` (after checking it matches) or a new FVVAE."""
+    state = read_checkpoint(path)
+    if model is None:
+        model = FVVAE(**state["config"])
+    check_compatible(state, model, path)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training: dict,
+                  iterations: int) -> Optional[dict]:
+    """The checkpoint to resume from, checked against the model and the run's options (those of `training`
+    given: train_on_corpus checks some before it computes the sets); None when there is none yet. Also
+    checks that the checkpoint can be written, so that a bad path fails before training, not after."""
+    if checkpoint is None:
+        return None
+    _check_writable_folder(checkpoint)
+    if not Path(checkpoint).exists():
+        return None
+    state = read_checkpoint(checkpoint)
+    check_compatible(state, model, checkpoint, input_spec)
+    stored = state.get("training") or {}
+    changed = [f"{key}: checkpoint {stored.get(key)!r}, now {value!r}" for key, value in training.items()
+               if key != "data_fingerprint" and key in stored and stored[key] != value]
+    if changed:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} was trained with other options — " + "; ".join(changed)
+                         + "; resume with the same options, or train into a new checkpoint path")
+    fingerprint = training["data_fingerprint"]
+    if stored.get("data_fingerprint", fingerprint) != fingerprint:  # checkpoints before fingerprints: unchecked
+        raise ValueError(f"the training data differ from those checkpoint {str(checkpoint)!r} was trained on "
+                         f"(fingerprint {stored['data_fingerprint'][:12]}…, now {fingerprint[:12]}…); resume with the "
+                         "same data (`fvkernels train`: the same list and --frames-per-video), or train into "
+                         "a new checkpoint path")
+    if state["iteration"] > iterations:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is at step {state['iteration']}, past the {iterations} "
+                         "steps asked for; ask for at least as many, or train into a new checkpoint path")
+    if state["version"] != CHECKPOINT_VERSION:
+        raise ValueError(f"{str(checkpoint)!r} was written by the version-{state['version']} training loop, which drew "
+                         "its noise differently: resuming would not continue that run. Train into a new checkpoint "
+                         "path (load_checkpoint still reads the model)")
+    return state
+
+
+def _check_writable_folder(path) -> None:
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise ValueError(f"cannot write checkpoint {str(path)!r} into folder {str(folder)!r} "
+                         f"({error.strerror or error}); choose a path in a folder you can write") from error
+
+
+def check_counts(iterations: int, batch_size: int, checkpoint_every: int, checkpoint) -> None:
+    if iterations < 0 or batch_size < 1 or (checkpoint is not None and checkpoint_every < 1):
+        raise ValueError(f"iterations must be ≥ 0, batch_size and (with a checkpoint) checkpoint_every ≥ 1; got "
+                         f"{iterations}, {batch_size} and {checkpoint_every}")
