@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fvkernels
 from fvkernels import fv_vae_encode, load_official_weights, to_official_layout
 from fvkernels.pipeline import encode
 
@@ -205,12 +204,6 @@ def test_to_official_layout_is_column_major():
         to_official_layout(fv, 5)
 
 
-def test_public_api_names():
-    for name in ("fv_accumulate", "FVVAEParams", "fv_vae_encode", "load_official_weights", "to_official_layout",
-                 "available_backends"):
-        assert callable(getattr(fvkernels, name))
-
-
 def test_out_buffer_is_filled_in_place():
     params = random_params(6, 3).to(torch.float32)
     maps = torch.rand(4, 6, 3, 3)
@@ -236,3 +229,40 @@ def test_float16_never_gives_nan(prenorm):
     wide.fisher.clamp_(min=torch.finfo(torch.float16).tiny)  # the floor float16 can represent
     expected = fv_vae_encode(maps.double(), wide, backend="torch")
     assert relative_error(out * out.abs(), expected * expected.abs()) <= 2e-2
+
+
+def compiled_encode(params):
+    return torch.compile(lambda acts, lengths: fv_vae_encode(acts, params, lengths=lengths), fullgraph=True,
+                         backend="aot_eager")
+
+
+@pytest.mark.parametrize("shape,prenorm,spp,ragged", CASES[1:3] + CASES[-1:])
+def test_traces_into_one_graph(shape, prenorm, spp, ragged):
+    """Inference has no graph break under torch.compile: the op family is the only door to the kernels, and
+    the value checks become in-graph assertions instead of host reads."""
+    params = random_params(17, 7, hidden=(13,), prenorm=prenorm, spp=spp).to(torch.float32)
+    acts = torch.rand(shape)
+    lengths = torch.tensor([23, 0, 5, 11]) if ragged else None
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(lambda a: fv_vae_encode(a, params, lengths=lengths))(acts)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        expected = fv_vae_encode(acts, params, lengths=lengths)
+        assert relative_error(compiled_encode(params)(acts, lengths), expected) <= 1e-6
+
+
+def test_value_checks_hold_in_compiled_code():
+    params = random_params(17, 7).to(torch.float32)
+    encode_compiled = compiled_encode(params)
+    sets = torch.rand(4, 23, 17)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\] = \[0, 23\]"):
+            encode_compiled(sets, torch.tensor([24, 0, 5, 11]))
+        sets[2, 3, 4] = float("nan")
+        with pytest.raises(RuntimeError, match="NaN or Inf in acts"):
+            encode_compiled(sets, torch.tensor([23, 0, 5, 11]))
+
+
+def test_params_print_their_shapes():
+    params = random_params(17, 7, hidden=(13,), prenorm="map", norm_scale=3.0)
+    assert repr(params) == ("FVVAEParams(C=17, d=7, encoder=[17→13 ReLU, 13→7], fisher=(17, 8), prenorm='map', "
+                            "norm_scale=3, spp=None, dtype=torch.float64, device=cpu)")

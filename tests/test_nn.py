@@ -33,6 +33,24 @@ def test_forward_matches_fv_vae_encode_and_trains_the_backbone():
     assert layer.decoder.weight.grad is not None and layer.encoder[0].weight.grad.abs().sum() > 0
 
 
+def test_eval_forward_is_one_graph_and_reads_no_values(monkeypatch):
+    """The layer's parameters are not re-validated per forward (σx > 0 holds by construction): a forward reads
+    nothing back from the device but the input check, and compiles into one graph equal to eager."""
+    layer = small_layer().eval()
+    acts = torch.rand(5, 6, 4, 3)
+    layer.fit_fisher([acts])
+
+    def fail(params):
+        raise AssertionError("the forward re-validated the parameters' values")
+    monkeypatch.setattr("fvkernels.pipeline.params.FVVAEParams._check_values", fail)
+    with torch.no_grad():
+        expected = layer(acts)
+        assert torch._dynamo.explain(layer)(acts).graph_break_count == 0
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        assert relative_error(compiled(acts), expected) <= 1e-6
+    assert torch._dynamo.explain(layer)(acts.requires_grad_()).graph_break_count == 0
+
+
 def test_loss_terms_follow_algorithm_1():
     layer = small_layer(prenorm=None, dropout=0.0)
     acts = torch.rand(3, 7, 6)

@@ -14,13 +14,12 @@ import torch
 
 from fvkernels.app.arguments import efficientnet_layer, layer_help, positive_int
 from fvkernels.common.collectives import rank_and_size
+from fvkernels.ops import dispatch
+from fvkernels.pipeline import FVVAEParams, fv_vae_encode
 
 
 def backend_demo(args) -> int:
     """Encodes random CNN-like activations with every available backend; prints agreement and speed."""
-    from fvkernels import FVVAEParams, available_backends, fv_vae_encode
-    from fvkernels.ops import dispatch
-
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     channels, latent, hidden = args.channels, args.latent, args.hidden
@@ -31,7 +30,7 @@ def backend_demo(args) -> int:
     acts = torch.relu(torch.randn(args.batch, channels, args.size, args.size))  # post-ReLU conv maps
     print(f"fvkernels backends: {args.batch} maps of {channels}×{args.size}×{args.size} → "
           f"{params.dim}-d FV-VAE (encoder {channels}→{hidden}→{latent}), device {device}")
-    print(f"available backends: {', '.join(available_backends())}")
+    print(f"available backends: {', '.join(dispatch.available_backends())}")
     expected = fv_vae_encode(acts.double(), params.to(torch.float64), backend="torch")
     print(f"{'backend':<8} {'max rel. error vs float64':>26} {'ms per map':>11}")
     for backend in dispatch.BACKENDS:
