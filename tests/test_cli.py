@@ -39,12 +39,14 @@ def refusal(capsys, *argv):
     ("train", "--iterations", "0"), ("train", "--batch-size", "0"), ("train", "--checkpoint-every", "0"),
     ("train", "--image-size", "-3"), ("train", "--frames-per-video", "0"), ("train", "--image-batch", "0"),
     ("extract", "--frames-per-video", "-1"), ("extract", "--shard-size", "0"), ("extract", "--image-batch", "x"),
-    ("backends", "--batch", "0"), ("backends", "--repeats", "0"),
+    ("backends", "--batch", "0"), ("backends", "--repeats", "0"), ("demo", "--train-size", "0"),
+    ("demo", "--latent", "-2"),
 ])
 def test_counts_and_sizes_must_be_positive(capsys, tmp_path, command, option, value):
     corpus = ["--list", "list.txt", "--root", "data"]
     required = {"train": [*corpus, "--checkpoint", str(tmp_path / "fvvae.pt")],
-                "extract": [*corpus, "--model", "fvvae.pt", "--out", str(tmp_path / "out")], "backends": []}[command]
+                "extract": [*corpus, "--model", "fvvae.pt", "--out", str(tmp_path / "out")], "backends": [],
+                "demo": ["--out", str(tmp_path / "demo")]}[command]
     with pytest.raises(SystemExit) as exit:
         main([command, *required, option, value])
     assert exit.value.code == 2
@@ -122,3 +124,39 @@ def test_train_refuses_to_resume_on_another_corpus_of_the_same_size(capsys, trai
     error = refusal(capsys, "train", *corpus_arguments(folder, list_file), *TINY_TRAINING, "--frames-per-video", "1",
                     "--checkpoint", str(checkpoint))
     assert "training data differ from those checkpoint" in error
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "half"])
+def test_the_validation_share_is_a_fraction(capsys, tmp_path, value):
+    with pytest.raises(SystemExit) as exit_status:
+        main(["demo", "--out", str(tmp_path / "demo"), "--val-fraction", value])
+    assert exit_status.value.code == 2
+    assert "argument --val-fraction: expected a number in [0, 1), got" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "backends", "train", "extract"])
+def test_help_shows_every_default_and_the_layer_names(capsys, command):
+    with pytest.raises(SystemExit) as exit_status:
+        main([command, "--help"])
+    assert exit_status.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    options = {word.rstrip(",") for word in text.split() if word.startswith("--") and word != "--help"}
+    for option in options:
+        description = text[text.index(f"{option} ", text.index("options:")):]
+        assert "(default:" in description.split(" --")[0] or "required" in description or option in REQUIRED, option
+    if command in ("demo", "train"):
+        assert "Valid names: stem, block0.depthwise, block0, block1.expanded" in text and "block15.expanded" in text
+
+
+REQUIRED = {"--list", "--root", "--checkpoint", "--model", "--out"}
+
+
+@pytest.mark.parametrize("command", ["demo", "train"])
+def test_an_unknown_layer_is_refused_with_the_names(capsys, tmp_path, command):
+    required = ["--list", "l.txt", "--root", ".", "--checkpoint", str(tmp_path / "c.pt")] if command == "train" else []
+    with pytest.raises(SystemExit) as exit_status:
+        main([command, *required, "--layer", "pool5"])
+    assert exit_status.value.code == 2
+    assert "'pool5' is not an EfficientNet-Lite0 feature layer; choose one of stem, block0.depthwise" in \
+        capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,13 @@ import argparse
 import functools
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default (required options have none to show)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required else super()._get_help_string(action)
+
+
 def positive_int(text: str) -> int:
     """argparse type of counts and sizes: refused here, 0 or less would fail only after work was done or
     --out was claimed."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fvkernels.app.arguments import efficientnet_layer, layer_help, positive_int
+from fvkernels.app.arguments import DefaultsHelpFormatter, efficientnet_layer, layer_help, positive_int
 from fvkernels.common.collectives import rank_and_size
 from fvkernels.ops import dispatch
 from fvkernels.pipeline import FVVAEParams, fv_vae_encode
@@ -129,7 +129,7 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
                         help="list file, one sample per line: 'relative/path [label]' (an image or a frame folder)")
     parser.add_argument("--root", required=True, type=Path, help="the folder the listed paths are relative to")
     parser.add_argument("--frames-per-video", type=positive_int, default=None,
-                        help="frames taken evenly spaced from each frame folder (None: all)")
+                        help="frames taken evenly spaced from each frame folder; None: every frame")
     parser.add_argument("--image-batch", type=positive_int, default=32, help="images per backbone batch")
     parser.add_argument("--strict", action="store_true",
                         help="fail on an unreadable image or frame instead of reporting and skipping it")
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     from fvkernels.app.extract import DTYPES
 
     keep_freed_memory()
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = DefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="fvkernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="FV-VAE vs classic encoders on Fashion-MNIST (table, plots)",

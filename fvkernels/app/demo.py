@@ -51,7 +51,7 @@ def add_arguments(parser) -> None:
     """The demo's options. Its FV-VAE is smaller and shorter-trained than the library's defaults (d = 256,
     5000 steps) so that the whole comparison runs in minutes on two CPU cores."""
     parser.add_argument("--data", type=Path, default=None,
-                        help="folder with the Fashion-MNIST IDX files (None: Debian's dataset-fashion-mnist)")
+                        help="folder with the Fashion-MNIST IDX files; None: Debian's dataset-fashion-mnist")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where results.json and the plots go")
     parser.add_argument("--train-size", type=positive_int, default=4000, help="training images (incl. validation)")
     parser.add_argument("--test-size", type=positive_int, default=2000, help="test images")
