@@ -77,7 +77,7 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     with tqdm(total=iterations, initial=start, desc="FV-VAE training", disable=not progress or rank != 0) as bar:
         for iteration in range(start, iterations):
             acts, labels, lengths = data.batch(next(order)[share], device)
-            if float(model.sigma_x_min) == 0:
+            if not model.has_sigma_floor:
                 model.init_sigma_floor(acts, lengths, distributed=distributed)
             noise_seeds = torch.randint(2 ** 62, (global_batch,),
                                         generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration))
