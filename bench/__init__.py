@@ -1,2 +1,2 @@
-"""fvkernels' benchmarks (README.md). A package, so that its conftest and modules keep their own names when
-pytest collects bench/ together with tests/ (whose modules import `conftest` by name)."""
+"""fvkernels' benchmarks (README.md). A package, like tests/, so that their conftests and modules keep their own
+names when pytest collects both."""

@@ -4,15 +4,10 @@ Public API (DESIGN.md §2): fv_accumulate, FVVAEParams, fv_vae_encode, load_offi
 to_official_layout, available_backends. The package's layers, each importing only those below it:
 common → ops (the op family and its kernels) → pipeline → nn (the layer) → training → evaluation → app.
 """
-from importlib.metadata import PackageNotFoundError, version
-
 from fvkernels.ops import available_backends, fv_accumulate
 from fvkernels.pipeline import FVVAEParams, fv_vae_encode, load_official_weights, to_official_layout
 
-try:
-    __version__ = version("fvkernels")  # one version string: pyproject.toml's
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "unknown"
+__version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
 
 __all__ = ["FVVAEParams", "available_backends", "fv_accumulate", "fv_vae_encode", "load_official_weights",
            "to_official_layout"]

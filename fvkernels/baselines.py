@@ -1,6 +1,7 @@
-"""Kept for existing imports (README, DESIGN §2): the set encoders live in fvkernels.evaluation.encoders."""
-from fvkernels.evaluation.clustering import DiagonalGMM, fit_gmm, kmeans
+"""Kept for earlier import paths (README, DESIGN §2): the set encoders live in fvkernels.evaluation."""
+from fvkernels.evaluation.clustering import DiagonalGMM, fit_gmm, kmeans, kmeans_plusplus
 from fvkernels.evaluation.encoders import (
+                                           POSTERIOR_FLOOR,
                                            AverageEncoder,
                                            BilinearEncoder,
                                            ConcatEncoder,
@@ -9,6 +10,8 @@ from fvkernels.evaluation.encoders import (
                                            SetEncoder,
                                            VLADEncoder,
 )
+from fvkernels.evaluation.sets import CHUNK_ELEMENTS, DEFAULT_FIT_DESCRIPTORS, DescriptorSets
 
-__all__ = ["AverageEncoder", "BilinearEncoder", "ConcatEncoder", "DiagonalGMM", "FVVAEEncoder", "GMMFisherEncoder",
-           "SetEncoder", "VLADEncoder", "fit_gmm", "kmeans"]
+__all__ = ["CHUNK_ELEMENTS", "DEFAULT_FIT_DESCRIPTORS", "POSTERIOR_FLOOR", "AverageEncoder", "BilinearEncoder",
+           "ConcatEncoder", "DescriptorSets", "DiagonalGMM", "FVVAEEncoder", "GMMFisherEncoder", "SetEncoder",
+           "VLADEncoder", "fit_gmm", "kmeans", "kmeans_plusplus"]

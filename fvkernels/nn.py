@@ -22,7 +22,7 @@ class FVVAE(nn.Module):
 
     forward(acts) → normalised Fisher vectors (N, C·(d+1)), differentiable w.r.t. this module and acts;
     loss(acts, labels) → the terms of Algorithm 1; fit_fisher(batches) → the diagonal Fisher buffer.
-    In a data-parallel job (fvkernels.train.train(distributed=True)) the statistics computed from data —
+    In a data-parallel job (fvkernels.training.train(distributed=True)) the statistics computed from data —
     the σx floor and the Fisher — are summed over the processes, so they equal the single-process ones.
 
     The encoder is `hidden` ReLU layers and a linear layer to the latent size (the official training
@@ -66,10 +66,10 @@ class FVVAE(nn.Module):
         self.register_buffer("sigma_x_min", torch.zeros(()))
         self.register_buffer("fisher", torch.zeros(in_channels, latent_dim + 1))
         self.register_buffer("fisher_sets", torch.zeros((), dtype=torch.int64))
-        # What the buffers say, kept on the host so that no forward or training step reads them back from a GPU:
-        # whether the Fisher is fitted (fisher_sets > 0) and the σx floor set (sigma_x_min > 0).
-        self.has_fisher = self.has_sigma_floor = False
-        self.register_load_state_dict_post_hook(FVVAE._read_buffer_flags)
+        # Whether the σx floor is set (sigma_x_min > 0), kept on the host so that no training step reads the
+        # buffer back from a GPU; load_state_dict and unpickling set it from the buffer.
+        self.has_sigma_floor = False
+        self.register_load_state_dict_post_hook(FVVAE._read_sigma_floor_flag)
         self.prenorm, self.norm_scale, self.spp = prenorm, float(norm_scale), spp
         self.dropout, self.sigma_floor, self.backend = dropout, sigma_floor, backend
         self.lambda_rec, self.lambda_reg, self.lambda_cls = lambda_rec, lambda_reg, lambda_cls
@@ -103,25 +103,38 @@ class FVVAE(nn.Module):
         tiny = torch.finfo(self.log_sigma_x.dtype).tiny
         return torch.maximum(self.log_sigma_x.exp(), self.sigma_x_min).clamp_min(tiny)
 
+    @property
+    def has_fisher(self) -> bool:
+        """Whether the diagonal Fisher is fitted (fit_fisher, or a loaded state): reads fisher_sets."""
+        return int(self.fisher_sets) > 0
+
     def to_params(self) -> FVVAEParams:
         """The layer as FVVAEParams, checked (tensors shared, so gradients flow); fisher only once fitted."""
-        return self._params(self.has_fisher, check_values=True)
+        return self._as_params(self.fisher if self.has_fisher else None, validate=True)
 
-    def _params(self, with_fisher: bool, check_values: bool = False) -> FVVAEParams:
-        """FVVAEParams of the layer's current tensors; their values are not read unless check_values (σx > 0
-        holds by construction), so that forward and training steps never wait for a GPU."""
+    def _as_params(self, fisher: Optional[Tensor], validate: bool) -> FVVAEParams:
         last = len(self.encoder) - 1
         return FVVAEParams(
             encoder=[(layer.weight, layer.bias, index < last) for index, layer in enumerate(self.encoder)],
-            dec_weight=self.decoder.weight, dec_bias=self.decoder.bias, sigma_x=self.sigma_x(),
-            fisher=self.fisher if with_fisher else None, prenorm=self.prenorm, norm_scale=self.norm_scale,
-            spp=self.spp, check_values=check_values)
+            dec_weight=self.decoder.weight, dec_bias=self.decoder.bias, sigma_x=self.sigma_x(), fisher=fisher,
+            prenorm=self.prenorm, norm_scale=self.norm_scale, spp=self.spp, validate=validate)
+
+    def _encoding_params(self) -> FVVAEParams:
+        """The layer's current tensors as unchecked FVVAEParams (shapes hold by construction, σx > 0 by sigma_x()),
+        made without reading a value: the Fisher scales once fitted, chosen in the graph (unfitted: F = 1, whose
+        scaling is exact), so forward never waits for a GPU and torch.compile sees no data-dependent branch."""
+        fitted = torch.where(self.fisher_sets > 0, self.fisher, torch.ones_like(self.fisher))
+        return self._as_params(fitted, validate=False)
 
     @staticmethod
-    def _read_buffer_flags(module: "FVVAE", incompatible_keys) -> None:
-        """After load_state_dict: the host-side flags from the loaded buffers (one read per load)."""
-        module.has_fisher = int(module.fisher_sets) > 0
+    def _read_sigma_floor_flag(module: "FVVAE", incompatible_keys=None) -> None:
+        """The host-side flag from the σx floor buffer (one read, after load_state_dict or unpickling)."""
         module.has_sigma_floor = float(module.sigma_x_min) > 0
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "has_sigma_floor" not in state:  # pickled by a release without the flag
+            FVVAE._read_sigma_floor_flag(self)
 
     @classmethod
     def from_official(cls, path, **kwargs) -> "FVVAE":
@@ -147,7 +160,7 @@ class FVVAE(nn.Module):
     # ---- encoding --------------------------------------------------------------------------------------
 
     def forward(self, acts: Tensor, lengths=None) -> Tensor:
-        return fv_vae_encode(acts, self._params(self.has_fisher), lengths=lengths, backend=self.backend)
+        return fv_vae_encode(acts, self._encoding_params(), lengths=lengths, backend=self.backend)
 
     @torch.no_grad()
     def fit_fisher(self, batches: Iterable, *, distributed: bool = False) -> Tensor:
@@ -160,7 +173,7 @@ class FVVAE(nn.Module):
         """
         if isinstance(batches, Tensor):  # iterating it would take each set as a batch of its rows
             batches = [batches]
-        params = self._params(with_fisher=False, check_values=True)
+        params = self._as_params(None, validate=True)
         total = torch.zeros(self.fisher.numel() + 1, dtype=torch.float64, device=self.fisher.device)
         squares, count = total[:-1].view_as(self.fisher), total[-1:]  # one all-reduce for both
         for batch in batches:
@@ -174,7 +187,6 @@ class FVVAE(nn.Module):
             raise ValueError("fit_fisher saw no non-empty set; pass batches of training activations")
         self.fisher.copy_(squares / sets)
         self.fisher_sets.fill_(sets)
-        self.has_fisher = True
         return self.fisher
 
     # ---- training --------------------------------------------------------------------------------------
@@ -186,7 +198,7 @@ class FVVAE(nn.Module):
         distributed: every process passes its share of one global batch and the floor is that of the
         whole batch (the sums behind the RMS are all-reduced).
         """
-        x_hat, lengths = prenormalised_sets(acts, self._params(self.has_fisher), lengths)
+        x_hat, lengths = prenormalised_sets(acts, self._as_params(None, validate=False), lengths)
         self._set_sigma_floor(x_hat, self._valid_descriptors(x_hat, lengths), distributed)
 
     def _set_sigma_floor(self, x_hat: Tensor, valid: Tensor, distributed: bool) -> None:
@@ -194,8 +206,9 @@ class FVVAE(nn.Module):
         sums = torch.stack([x_hat.detach().double().square().masked_select(valid).sum(),
                             valid.sum().double() * x_hat.shape[-1]])
         square_sum, count = sum_over_processes(sums, distributed).tolist()
-        self.sigma_x_min.fill_(self.sigma_floor * math.sqrt(square_sum / max(count, 1)))
-        self.has_sigma_floor = True
+        floor = self.sigma_floor * math.sqrt(square_sum / max(count, 1))
+        self.sigma_x_min.fill_(floor)
+        self.has_sigma_floor = floor > 0  # a batch of empty sets sets none: the next batch tries again
 
     @staticmethod
     def _valid_descriptors(x_hat: Tensor, lengths: Optional[Tensor]) -> Tensor:
@@ -216,7 +229,7 @@ class FVVAE(nn.Module):
         that a set's draws do not depend on which other sets share its batch (data-parallel training
         splits each batch over processes).
         """
-        params = self._params(self.has_fisher)
+        params = self._as_params(None, validate=False)
         x_hat, lengths = prenormalised_sets(acts, params, lengths)
         valid = self._valid_descriptors(x_hat, lengths)
         if self.training and not self.has_sigma_floor:

@@ -273,7 +273,7 @@ def test_errors_say_what_was_expected():
         encoder.fit(torch.ones(2, 3, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"sets\[1\] has C = 4"):
         encoder.fit([torch.randn(3, 5), torch.randn(3, 4)])
-    with pytest.raises(ValueError, match=r"NaN or Inf in the descriptors, in set\(s\) \[1\]"):
+    with pytest.raises(ValueError, match=r"sets \[1\] \(indices\) hold NaN or Inf descriptors"):
         encoder.transform(torch.stack([sets[0], torch.full_like(sets[1], float("nan"))]))
     with pytest.raises(ValueError, match="fitted on T = 6"):
         ConcatEncoder().fit(sets).transform(torch.randn(2, 5, CHANNELS))

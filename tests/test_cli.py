@@ -57,7 +57,7 @@ def test_counts_and_sizes_must_be_positive(capsys, tmp_path, command, option, va
 def test_a_folder_as_list_is_refused(capsys, tmp_path):
     error = refusal(capsys, "train", "--list", str(tmp_path), "--root", str(tmp_path), "--checkpoint",
                     str(tmp_path / "fvvae.pt"))
-    assert "is a folder; the sample list (--list) must be a file with one 'relative/path [label]' per line" in error
+    assert "is a folder; the sample list (--list) must be a file with one 'relative/path [label ≥ 0]' per line" in error
 
 
 def test_extract_refuses_a_model_that_is_not_a_checkpoint(capsys, tmp_path):

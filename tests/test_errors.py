@@ -81,7 +81,7 @@ def test_fv_vae_encode_rejects(acts, kwargs, error, message):
 def test_non_finite_acts_name_the_set(bad, requires_grad):
     acts = torch.rand(5, 4, 3, 3)
     acts[3, 1, 2, 0] = bad
-    with pytest.raises(ValueError, match=r"NaN or Inf in acts, in set\(s\) \[3\]"):
+    with pytest.raises(ValueError, match=r"acts holds NaN or Inf in set\(s\) \[3\] \(index along N\)"):
         fv_vae_encode(acts.requires_grad_(requires_grad), params32())
 
 

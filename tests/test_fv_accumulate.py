@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fvkernels
-from fvkernels.common.tensors import length_mask
+from fvkernels.common.tensors import length_mask, signed_sqrt_smooth
 from fvkernels.common.tensors import signed_sqrt as signed_sqrt_of
 from fvkernels.ops import dispatch, reference
 from fvkernels.ops.fv_accumulate import fv_accumulate_op, fv_accumulate_out_op
@@ -197,7 +197,7 @@ def test_gradient_through_row_sums_of_squares(backend):
 
     def composite():
         z, x, w, b, s, f, lengths, x_scale, _ = inputs
-        out = signed_sqrt_of(reference.fv_accumulate_reference(z, x, w, b, s, f, lengths, x_scale))
+        out = signed_sqrt_smooth(reference.fv_accumulate_reference(z, x, w, b, s, f, lengths, x_scale))
         return (out.square().sum(-1) * weights).sum() + out.sum()
     differentiable = inputs[:6] + inputs[7:8]
     for got, want in zip(torch.autograd.grad(through_op(), differentiable),
@@ -329,3 +329,20 @@ def test_offsets_beyond_32_bits(backend):
     assert relative_error(out, reference.fv_accumulate_reference(z, x, w, b, s, f, None, x_scale)) <= 1e-5
     del x_far, scale_far, storage
     mapping.close()
+
+
+def test_registered_ops_check_the_buffers_they_write():
+    """Called directly, the ops refuse buffers a kernel would overrun or misread (structure only, no values)."""
+    z, x, w, b, s, f, lengths = [t.float() if t is not None and t.is_floating_point() else t
+                                 for t in random_problem(4, 6, 5, 3)]
+    common = (z, x, w, b, s, f, lengths, None, False, "cpp" if "cpp" in CPU_BACKENDS else "torch")
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(4, 5, 4\)"):
+        fv_accumulate_out_op(*common, torch.empty(2, 5, 4), None)
+    with pytest.raises(ValueError, match=r"row_sumsq must be a torch.float32 tensor of shape \(4, 5\)"):
+        fv_accumulate_out_op(*common, torch.empty(4, 5, 4), torch.empty(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out's sets overlap in memory"):
+        fv_accumulate_out_op(*common, torch.empty(5 * 4).as_strided((4, 5, 4), (0, 4, 1)), None)
+    with pytest.raises(ValueError, match=r"x_scale must have shape \(N, T\) = \(4, 6\)"):
+        fv_accumulate_op(z, x, w, b, s, f, lengths, torch.ones(4, 5), False, False, "torch")
+    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
+        fv_accumulate_op(z, x, w, b, s, f, lengths.float(), None, False, False, "torch")

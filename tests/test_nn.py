@@ -41,8 +41,9 @@ def test_eval_forward_is_one_graph_and_reads_no_values(monkeypatch):
     layer.fit_fisher([acts])
 
     def fail(params):
-        raise AssertionError("the forward re-validated the parameters' values")
+        raise AssertionError("the forward re-validated the parameters")
     monkeypatch.setattr("fvkernels.pipeline.params.FVVAEParams._check_values", fail)
+    monkeypatch.setattr("fvkernels.pipeline.params.FVVAEParams._check_structure", fail)
     with torch.no_grad():
         expected = layer(acts)
         assert torch._dynamo.explain(layer)(acts).graph_break_count == 0
@@ -116,6 +117,36 @@ def test_fisher_buffer_streams_and_round_trips(tmp_path):
 
 def _without_fisher(layer):
     return dataclasses.replace(layer.to_params(), fisher=None)
+
+
+def test_the_fisher_follows_the_buffers_wherever_they_come_from():
+    """Whether the Fisher scales is read from fisher_sets in the graph, not from a flag on the module: a state
+    swapped in by torch.func.functional_call, or a buffer reset by hand, are followed too."""
+    fitted, fresh = small_layer().eval(), small_layer().eval()
+    acts = torch.rand(4, 6, 3, 3)
+    fitted.fit_fisher([acts])
+    with torch.no_grad():
+        expected = fitted(acts)
+        assert torch.equal(torch.func.functional_call(fresh, dict(fitted.state_dict(), **dict(fitted.named_parameters())),
+                                                      (acts,)), expected)
+        fitted.fisher_sets.zero_()
+        assert torch.equal(fitted(acts), fv_vae_encode(acts, _without_fisher(fitted)))
+
+
+def test_sigma_floor_flag_follows_the_buffer(tmp_path):
+    layer = small_layer().train()
+    layer.loss(torch.rand(2, 5, 6), lengths=[0, 0])  # only empty sets: nothing to set the floor from
+    assert not layer.has_sigma_floor and float(layer.sigma_x_min) == 0
+    layer.loss(torch.rand(2, 5, 6))
+    assert layer.has_sigma_floor and float(layer.sigma_x_min) > 0
+    restored = small_layer()
+    restored.load_state_dict(layer.state_dict())
+    assert restored.has_sigma_floor
+    state = layer.__getstate__()
+    del state["has_sigma_floor"]  # as a layer pickled before the flag existed
+    unpickled = FVVAE.__new__(FVVAE)
+    unpickled.__setstate__(state)
+    assert unpickled.has_sigma_floor
 
 
 def test_fit_fisher_takes_a_tensor_as_one_batch():

@@ -146,7 +146,7 @@ def backbone_from_spec(spec: dict) -> Backbone:
     name = spec.get("backbone")
     if name not in BACKBONES:
         raise ValueError(f"the checkpoint's backbone {name!r} is not one of {sorted(BACKBONES)}; the command line "
-                         "rebuilds only those (the Python API, fvkernels.extract.extract, takes any Backbone)")
+                         "rebuilds only those (the Python API, fvkernels.app.extract.extract, takes any Backbone)")
     backbone = BACKBONES[name](spec["layer"], spec["image_size"])
     if backbone.spec != spec:
         raise ValueError(f"the {name} weights installed here (sha256 {backbone.spec['weights_sha256'][:12]}…) are not "

@@ -2,7 +2,7 @@
 the local activations FV-VAE encodes. Shared by `fvkernels train` and `fvkernels extract`.
 
 List file: one sample per line, `relative/path [label]` (0-based integer label), paths under a root
-folder. A sample is an image file, or a folder of frames (a video: fvkernels.video's layout, frames in
+folder. A sample is an image file, or a folder of frames (a video: fvkernels.app.video's layout, frames in
 name order, optionally `frames_per_video` of them evenly spaced). Unreadable inputs are reported with
 their path and skipped — a video keeps its readable frames — or, with strict=True, stop the run.
 """
@@ -43,7 +43,8 @@ def read_sample_list(path) -> List[Sample]:
     def valid(fields):
         return len(fields) == 1 or (len(fields) == 2 and fields[1].isdigit())
 
-    lines = list_file_lines(path, "the sample list (--list)", "'relative/path [label]'", valid)
+    lines = list_file_lines(path, "the sample list (--list)", "'relative/path [label ≥ 0]'", valid,
+                            note=" (paths with spaces are not supported)")
     samples = [Sample(fields[0], int(fields[1]) if len(fields) == 2 else None) for _, fields in lines]
     if not samples:
         raise ValueError(f"{path} lists no samples")

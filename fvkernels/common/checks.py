@@ -45,14 +45,13 @@ def nonfinite_rows(tensor: Tensor) -> List[int]:
     return (~finite).nonzero().flatten()[:MAX_NAMED_INDICES].tolist()
 
 
-def check_finite(tensor: Tensor, name: str, *, unit: str = "row", offset: int = 0,
-                 hint: str = "clean or drop those entries") -> None:
-    """Refuses NaN or ±Inf in `tensor` with a ValueError naming it and its first offending indices along
-    dim 0 (numbered from `offset`, e.g. the first set of a chunk): "NaN or Inf in acts, in set(s) [3]; …"."""
+def check_finite(tensor: Tensor, describe: Callable[[Optional[List[int]]], str], *, offset: int = 0) -> None:
+    """Refuses NaN or ±Inf in `tensor` with ValueError(describe(indices)): the first offending indices along dim 0,
+    numbered from `offset` (e.g. the first set of a chunk). While tracing, the in-graph assertion carries
+    describe(None), as no index is known before the compiled code runs."""
     if tracing():
-        torch._assert_async(torch.isfinite(tensor).all(), f"NaN or Inf in {name}; {hint}")
+        torch._assert_async(torch.isfinite(tensor).all(), describe(None))
         return
     bad = nonfinite_rows(tensor)
     if bad:
-        where = f", in {unit}(s) {[index + offset for index in bad]}" if tensor.dim() else ""
-        raise ValueError(f"NaN or Inf in {name}{where}; {hint}")
+        raise ValueError(describe([index + offset for index in bad]))

@@ -24,25 +24,36 @@ def length_mask(lengths: Optional[Tensor], set_size: int) -> Optional[Tensor]:
 
 
 def signed_sqrt(v: Tensor) -> Tensor:
-    """sign(v)·sqrt(|v|), linear below NORM_FLOOR so that its derivative stays finite at 0."""
+    """sign(v)·sqrt(|v|), exactly, as the kernels store it (its derivative is infinite at 0)."""
+    return v.sign() * v.abs().sqrt()
+
+
+def signed_sqrt_smooth(v: Tensor) -> Tensor:
+    """sign(v)·sqrt(|v|) for |v| ≥ NORM_FLOOR (raised to the dtype's smallest normal number), linear below:
+    v/√max(|v|, floor), whose derivative stays finite at 0, for code that differentiates through it."""
     return v * v.abs().clamp_min(floor_for(v.dtype, NORM_FLOOR)).rsqrt()
 
 
-def l2_normalize(v: Tensor, dim: int = -1) -> Tensor:
-    """v divided by its L2 norms along dim (accumulated in float32 at least; a zero vector stays zero)."""
-    norms = torch.linalg.vector_norm(v, dim=dim, keepdim=True, dtype=torch.promote_types(v.dtype, torch.float32))
-    return v / norms.clamp_min(floor_for(v.dtype, NORM_FLOOR)).to(v.dtype)
+def l2_normalize(v: Tensor, dim: int = -1, *, squared_norms: Optional[Tensor] = None, in_place: bool = False) -> Tensor:
+    """v divided by its L2 norms along dim (accumulated in float32 at least; a zero vector stays zero).
+    squared_norms: the sums of squares along dim when already known (a kernel's row sums), keepdim-shaped."""
+    if squared_norms is None:
+        norms = torch.linalg.vector_norm(v, dim=dim, keepdim=True, dtype=torch.promote_types(v.dtype, torch.float32))
+    else:
+        norms = squared_norms.sqrt()
+    norms = norms.clamp_min(floor_for(v.dtype, NORM_FLOOR)).to(v.dtype)
+    return v.div_(norms) if in_place else v / norms
 
 
 def improved_normalisation(fv: Tensor) -> Tensor:
     """The improved Fisher vector's normalisation of (N, D) rows (DESIGN §1.7): signed √, then L2.
     Differentiable everywhere; a zero row stays zero."""
-    return l2_normalize(signed_sqrt(fv))
+    return l2_normalize(signed_sqrt_smooth(fv))
 
 
 def signed_sqrt_derivative(root: Tensor) -> Tensor:
-    """d signed_sqrt(v) / dv expressed through root = sign(v)·√|v| (what a kernel stored): 1/(2√|v|), and
-    1/√NORM_FLOOR where signed_sqrt is linear, so the backward needs no copy of v."""
+    """The derivative of signed_sqrt_smooth at v, expressed through root = sign(v)·√|v| (what a kernel stored, so
+    that the backward needs no copy of v): 1/(2√|v|), and 1/√floor where signed_sqrt_smooth is linear."""
     floor = floor_for(root.dtype, NORM_FLOOR) ** 0.5
     magnitude = root.abs()
     return torch.where(magnitude >= floor, 0.5 / magnitude.clamp_min(floor), torch.full_like(magnitude, 1 / floor))

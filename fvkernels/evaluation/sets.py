@@ -80,7 +80,8 @@ class DescriptorSets:
                 padded = self.tensor[chunk]
             else:
                 padded = torch.nn.utils.rnn.pad_sequence(self.items[chunk], batch_first=True)
-            check_finite(padded, "the descriptors", unit="set", offset=start, hint="clean or drop those sets")
+            check_finite(padded, lambda bad: f"sets {bad} (indices) hold NaN or Inf descriptors; clean or drop them",
+                         offset=start)
             yield chunk, padded, lengths
 
     def sample(self, max_count: int, generator: torch.Generator) -> Tensor:
@@ -100,8 +101,7 @@ class DescriptorSets:
             offsets = picks - (ends - self.lengths)[owners]
             per_set = offsets.split(torch.bincount(owners, minlength=self.num_sets).tolist())
             rows = torch.cat([item[rows.to(self.device)] for item, rows in zip(self.items, per_set)])
-        check_finite(rows, "the descriptors sampled for fitting", unit="sampled descriptor",
-                     hint="clean or drop the sets that hold them")
+        check_finite(rows, lambda _: "the descriptors hold NaN or Inf values; clean or drop those sets")
         return rows
 
 

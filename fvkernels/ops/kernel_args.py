@@ -7,10 +7,13 @@ from typing import Optional
 
 from torch import Tensor
 
+from fvkernels.ops.validation import check_kernel_call
+
 
 @dataclass
 class FVAccumulateArgs:
-    """A validated call of the fused kernel (DESIGN §1.5–7; field for field the C++ struct, which adds strides).
+    """One call of the fused kernel (DESIGN §1.5–7; field for field the C++ struct, which adds strides). Made
+    only with the structure the kernels rely on (shapes, dtypes, devices, strides; no values are read).
 
     z (N, T, d) and x (N, T, C) with any strides; dec_weight (C, d) with any strides; dec_bias, inv_sigma2 (C,)
     and fisher_rsqrt (C, d+1) or None, made contiguous here; lengths (N,) int64 in [0, T] or None (all T);
@@ -31,6 +34,8 @@ class FVAccumulateArgs:
     row_sumsq: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
+        self.lengths = check_kernel_call(self.z, self.x, self.dec_weight, self.dec_bias, self.inv_sigma2,
+                                         self.fisher_rsqrt, self.lengths, self.out, self.x_scale, self.row_sumsq)
         self.dec_bias = self.dec_bias.contiguous()
         self.inv_sigma2 = self.inv_sigma2.contiguous()
         if self.fisher_rsqrt is not None:

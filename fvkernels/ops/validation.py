@@ -1,6 +1,9 @@
-"""Argument checks of the op family's public entry points (DESIGN §2: errors name the argument and the shapes
-seen), shared by fv_accumulate and the pipeline. They run once per public call, outside the ops; the value
-check (lengths in range) reads the device once eagerly and becomes an in-graph assertion under torch.compile."""
+"""Argument checks of the op family (DESIGN §2: errors name the argument and the shapes seen).
+
+The public entry points (fv_accumulate, fv_vae_encode) check everything once per call, outside the ops; the
+one value check (lengths in range) reads the device once eagerly and becomes an in-graph assertion under
+torch.compile. Every kernel call also checks the structure it relies on to stay inside its buffers (shapes,
+dtypes, devices, strides: no values read), so that the registered ops are safe to call directly."""
 from __future__ import annotations
 
 from typing import Optional
@@ -46,8 +49,10 @@ def check_same_device(named: dict) -> torch.device:
     return next(iter(devices))
 
 
-def check_lengths(lengths, num_sets: int, set_size: int, device: torch.device) -> Optional[Tensor]:
-    """Validates `lengths` ((N,) integers in [0, T]) and returns it as an int64 tensor on `device`."""
+def check_lengths(lengths, num_sets: int, set_size: int, device: torch.device, *,
+                  check_values: bool = True) -> Optional[Tensor]:
+    """Validates `lengths` ((N,) integers in [0, T]) and returns it as a contiguous int64 tensor on `device`.
+    check_values=False leaves the range to the kernels (which refuse or clamp it): no read of the device."""
     if lengths is None:
         return None
     if not isinstance(lengths, Tensor):
@@ -61,14 +66,16 @@ def check_lengths(lengths, num_sets: int, set_size: int, device: torch.device) -
         raise ValueError(f"lengths is on {lengths.device} but the descriptors are on {device}; "
                          f"move it with lengths.to({str(device)!r})")
     lengths = lengths.to(torch.int64).contiguous()
-    if num_sets:
+    if num_sets and check_values:
         require((lengths >= 0) & (lengths <= set_size), f"lengths must lie in [0, T] = [0, {set_size}]",
                 details=lambda: f", got values in [{int(lengths.min())}, {int(lengths.max())}]")
     return lengths
 
 
-def check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths):
-    """Validates fv_accumulate's arguments (DESIGN §2); returns lengths as int64 or None."""
+def check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale=None, *,
+                    check_values: bool = True) -> Optional[Tensor]:
+    """Validates fv_accumulate's arguments (DESIGN §2) and the prenorm scale x_scale (N, T); returns lengths as
+    int64 or None."""
     check_tensor("z", z, 3, "(N, T, d)")
     check_tensor("x", x, 3, "(N, T, C)")
     check_tensor("dec_weight", dec_weight, 2, "(C, d)")
@@ -76,6 +83,8 @@ def check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, length
     check_tensor("inv_sigma2", inv_sigma2, 1, "(C,)")
     if fisher_rsqrt is not None:
         check_tensor("fisher_rsqrt", fisher_rsqrt, 2, "(C, d+1)")
+    if x_scale is not None:
+        check_tensor("x_scale", x_scale, 2, "(N, T)")
     num_sets, set_size, latent = z.shape
     channels = x.shape[2]
     if x.shape[:2] != z.shape[:2]:
@@ -90,23 +99,52 @@ def check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, length
     if fisher_rsqrt is not None and fisher_rsqrt.shape != (channels, latent + 1):
         raise ValueError(f"fisher_rsqrt must have shape (C, d+1) = ({channels}, {latent + 1}), "
                          f"got {tuple(fisher_rsqrt.shape)}")
+    if x_scale is not None and x_scale.shape != (num_sets, set_size):
+        raise ValueError(f"x_scale must have shape (N, T) = ({num_sets}, {set_size}), got {tuple(x_scale.shape)}")
     floats = dict(z=z, x=x, dec_weight=dec_weight, dec_bias=dec_bias, inv_sigma2=inv_sigma2,
-                  fisher_rsqrt=fisher_rsqrt)
+                  fisher_rsqrt=fisher_rsqrt, x_scale=x_scale)
     check_float_dtypes(floats)
     device = check_same_device(floats)
-    return check_lengths(lengths, num_sets, set_size, device)
+    return check_lengths(lengths, num_sets, set_size, device, check_values=check_values)
+
+
+def check_out_buffer(out, shape: tuple, dtype: torch.dtype, device: torch.device, name: str = "out") -> None:
+    """A buffer the kernels write: the given shape, dtype and device, each set's block contiguous and the sets
+    apart from each other (a kernel writes a set's block as one run of memory)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {shape} on {device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if out.dim() < 2 or out.shape[0] == 0:
+        return
+    if out[0].numel() > 1 and not out[0].is_contiguous():
+        raise ValueError(f"{name}'s per-set block must be contiguous ({name}[0].is_contiguous()); pass a contiguous "
+                         "tensor")
+    if out.shape[0] > 1 and out.stride(0) < out[0].numel():
+        raise ValueError(f"{name}'s sets overlap in memory (stride {out.stride(0)} along N for blocks of "
+                         f"{out[0].numel()} elements); pass a contiguous tensor")
 
 
 def check_out(out, shape: tuple, like: Tensor, inputs: list) -> None:
     """`out=` is for inference into a reused buffer: right shape/dtype/device, each row block contiguous,
     and nothing for autograd to record (the custom op, which allocates, is the differentiable path)."""
-    if not isinstance(out, Tensor):
-        raise TypeError(f"out must be a torch.Tensor of shape {shape}, got {type(out).__name__}")
-    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(f"out must be a {like.dtype} tensor of shape {shape} on {like.device}, got {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")
-    if out.dim() > 1 and out[0].numel() > 1 and not out[0].is_contiguous():
-        raise ValueError("out's per-set block must be contiguous (out[0].is_contiguous()); pass a contiguous tensor")
+    check_out_buffer(out, shape, like.dtype, like.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         raise ValueError("out= skips autograd; inputs require grad here: call without out= to differentiate, "
                          "or inside torch.no_grad()")
+
+
+def check_kernel_call(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, x_scale,
+                      row_sumsq) -> Optional[Tensor]:
+    """The structure a kernel relies on to stay inside its buffers, checked on every call without reading a
+    value; returns lengths as contiguous int64."""
+    lengths = check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale,
+                              check_values=False)
+    num_sets, _, latent = z.shape
+    check_out_buffer(out, (num_sets, x.shape[2], latent + 1), z.dtype, z.device)
+    if row_sumsq is not None:
+        check_out_buffer(row_sumsq, (num_sets, x.shape[2]), torch.float32, z.device, name="row_sumsq")
+        if not row_sumsq.is_contiguous():
+            raise ValueError("row_sumsq must be contiguous; pass torch.empty((N, C), dtype=torch.float32)")
+    return lengths

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fvkernels.common.checks import check_finite, tracing
-from fvkernels.common.tensors import NORM_FLOOR, floor_for, length_mask
+from fvkernels.common.tensors import NORM_FLOOR, l2_normalize, length_mask
 from fvkernels.ops import dispatch
 from fvkernels.ops.fv_accumulate import fv_accumulate_op, fv_accumulate_out_op
 from fvkernels.ops.validation import check_lengths, check_out
@@ -82,7 +82,10 @@ def check_encode_inputs(acts, params: FVVAEParams, lengths) -> Tuple[int, int, O
 
 
 def check_finite_acts(acts: Tensor) -> None:
-    check_finite(acts, "acts", unit="set", hint="clean or drop those samples (index along N)")
+    def describe(sets):
+        where = "" if sets is None else f" in set(s) {sets} (index along N)"
+        return f"acts holds NaN or Inf{where}; clean or drop those samples"
+    check_finite(acts, describe)
 
 
 # ---- the steps -------------------------------------------------------------------------------------------
@@ -196,16 +199,6 @@ def _fuses_norm(normalize: bool, dtype: torch.dtype) -> bool:
     return normalize and dtype != torch.float64
 
 
-def _divide_by_norms(fv: Tensor, row_sumsq: Tensor, fused: bool, in_place: bool) -> Tensor:
-    """L2 normalisation of (N, D) rows, from the kernel's row sums of squares when fused."""
-    if fused:
-        norms = row_sumsq.sum(1).sqrt()
-    else:
-        norms = torch.linalg.vector_norm(fv, dim=1, dtype=torch.promote_types(fv.dtype, torch.float32))
-    norms = norms.clamp_min(floor_for(fv.dtype, NORM_FLOOR)).to(fv.dtype)[:, None]
-    return fv.div_(norms) if in_place else fv / norms
-
-
 def _encode_whole(acts, params, lengths, normalize, backend, num_sets):
     """All sets at once through the functional op: differentiable, and traceable by torch.compile/export."""
     descriptors = descriptor_sets(acts, params)
@@ -215,7 +208,9 @@ def _encode_whole(acts, params, lengths, normalize, backend, num_sets):
     fv, row_sumsq = fv_accumulate_op(latents, descriptors, params.dec_weight, params.dec_bias, params.inv_sigma2,
                                      params.fisher_rsqrt, lengths, scale, normalize, fused, backend)
     fv = fv.reshape(num_sets, -1)
-    return _divide_by_norms(fv, row_sumsq, fused, in_place=False) if normalize else fv
+    if not normalize:
+        return fv
+    return l2_normalize(fv, dim=1, squared_norms=row_sumsq.sum(1, keepdim=True) if fused else None)
 
 
 @torch.no_grad()
@@ -240,7 +235,9 @@ def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_siz
                              chunk_lengths, scale, normalize, backend, out_sets[chunk],
                              None if row_sumsq is None else row_sumsq[chunk])
         del latents  # before the next chunk allocates its own: one chunk's intermediates alive at a time
-    return _divide_by_norms(out, row_sumsq, fused, in_place=True) if normalize else out
+    if not normalize:
+        return out
+    return l2_normalize(out, dim=1, squared_norms=row_sumsq.sum(1, keepdim=True) if fused else None, in_place=True)
 
 
 def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize: bool = True,

@@ -27,9 +27,10 @@ class FVVAEParams:
     the official release) or None; spp: "official" (the release's 50-cell max-pooling pyramid over
     7×7 maps) or None.
 
-    The structure (shapes, one dtype and device, the options) is always checked; the values (σx > 0) unless
-    check_values=False, which is for callers that guarantee them without reading the device (fvkernels.nn.FVVAE
-    builds its σx as a clamped exponential): that check reads the tensors back from a GPU.
+    Made with validate=True (the default), the structure (shapes, one dtype and device, the options) and the
+    values (σx > 0, which reads the tensors back from a GPU) are checked. validate=False trusts the caller: it is
+    for code that guarantees both by construction and builds params on every call (fvkernels.nn.FVVAE's forward,
+    whose σx is a clamped exponential).
     """
 
     encoder: List[EncoderLayer]
@@ -40,12 +41,12 @@ class FVVAEParams:
     prenorm: Optional[str] = "descriptor"
     norm_scale: float = 1.0
     spp: Optional[str] = None
-    check_values: InitVar[bool] = True
+    validate: InitVar[bool] = True
 
-    def __post_init__(self, check_values: bool) -> None:
+    def __post_init__(self, validate: bool) -> None:
         self.encoder = [(w, b, bool(relu)) for w, b, relu in self.encoder]
-        self._check_structure()
-        if check_values:
+        if validate:
+            self._check_structure()
             self._check_values()
 
     @property
