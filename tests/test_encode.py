@@ -266,3 +266,18 @@ def test_params_print_their_shapes():
     params = random_params(17, 7, hidden=(13,), prenorm="map", norm_scale=3.0)
     assert repr(params) == ("FVVAEParams(C=17, d=7, encoder=[17→13 ReLU, 13→7], fisher=(17, 8), prenorm='map', "
                             "norm_scale=3, spp=None, dtype=torch.float64, device=cpu)")
+
+
+def test_torch_func_over_the_pipeline():
+    """vmap over a batch of batches equals encoding each; grad w.r.t. the activations equals autograd's."""
+    params = random_params(5, 3, hidden=(4,))
+    acts = torch.rand(4, 3, 5, 2, 2, dtype=torch.float64)
+    expected = torch.stack([fv_vae_encode(batch, params) for batch in acts])
+    assert relative_error(torch.func.vmap(lambda batch: fv_vae_encode(batch, params))(acts), expected) <= 1e-12
+    readout = torch.randn(3, params.dim, dtype=torch.float64)
+
+    def loss(maps):
+        return (fv_vae_encode(maps, params) * readout).sum()
+    leaf = acts[0].clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(loss(leaf), leaf)
+    assert relative_error(torch.func.grad(loss)(acts[0]), expected_grad) <= 1e-10

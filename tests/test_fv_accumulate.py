@@ -346,3 +346,35 @@ def test_registered_ops_check_the_buffers_they_write():
         fv_accumulate_op(z, x, w, b, s, f, lengths, torch.ones(4, 5), False, False, "torch")
     with pytest.raises(TypeError, match="lengths must be an integer tensor"):
         fv_accumulate_op(z, x, w, b, s, f, lengths.float(), None, False, False, "torch")
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_torch_func_grad_matches_autograd(backend):
+    z, x, w, b, s, f, lengths = random_problem(3, 6, 5, 3)
+    readout = torch.randn(3, 5, 4, dtype=torch.float64)
+
+    def loss(z, w, s):
+        return (fvkernels.fv_accumulate(z, x, w, b, s, f, lengths, backend=backend) * readout).sum()
+    grads = torch.func.grad(loss, argnums=(0, 1, 2))(z, w, s)
+    leaves = [t.clone().requires_grad_() for t in (z, w, s)]
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) <= 1e-12
+    jacobian = torch.func.jacrev(lambda w: fvkernels.fv_accumulate(z, x, w, b, s, f, lengths, backend=backend))(w)
+    assert jacobian.shape == (3, 5, 4, 5, 3)
+    assert relative_error(torch.einsum("nck,nckij->ij", readout, jacobian), expected[1]) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("batched", ["z", "lengths", "dec_weight"])
+def test_vmap_over_sets_and_over_parameters(backend, batched):
+    """A vmapped per-set input joins the set axis (one call); a vmapped decoder runs one call per entry."""
+    z, x, w, b, s, f, lengths = random_problem(3, 6, 5, 3)
+    inputs = dict(z=z, x=x, dec_weight=w, dec_bias=b, inv_sigma2=s, fisher_rsqrt=f, lengths=lengths)
+    stack = {"z": torch.randn(4, 3, 6, 3, dtype=torch.float64), "lengths": torch.randint(0, 7, (4, 3)),
+             "dec_weight": torch.randn(4, 5, 3, dtype=torch.float64)}[batched]
+
+    def encode(value):
+        return fvkernels.fv_accumulate(**dict(inputs, **{batched: value}), backend=backend)
+    expected = torch.stack([reference.fv_accumulate_reference(**dict(inputs, **{batched: value})) for value in stack])
+    assert relative_error(torch.func.vmap(encode)(stack), expected) <= 1e-12

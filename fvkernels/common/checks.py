@@ -20,10 +20,24 @@ def tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def transformed() -> bool:
+    """True inside a torch.func transform (vmap, grad, …): code must stay functional there (no out= buffers)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def unbatched(tensor: Tensor) -> Tensor:
+    """Under torch.func.vmap, the tensor of every batch entry at once: vmap refuses to read a batched tensor's
+    values (and has no rule for _assert_async), and a check over all entries is the check asked for."""
+    while torch._C._functorch.is_batchedtensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
+
+
 def require(condition: Tensor, message: str, *, details: Optional[Callable[[], str]] = None,
             error: type = ValueError) -> None:
     """Raises error(message) unless every element of the boolean tensor `condition` is true. details(),
     called only on failure and only eagerly, is appended to the message (e.g. ", got values in [-1, 9]")."""
+    condition = unbatched(condition)
     if tracing():
         torch._assert_async(condition.all(), message)
         return
@@ -49,6 +63,7 @@ def check_finite(tensor: Tensor, describe: Callable[[Optional[List[int]]], str],
     """Refuses NaN or ±Inf in `tensor` with ValueError(describe(indices)): the first offending indices along dim 0,
     numbered from `offset` (e.g. the first set of a chunk). While tracing, the in-graph assertion carries
     describe(None), as no index is known before the compiled code runs."""
+    tensor = unbatched(tensor)
     if tracing():
         torch._assert_async(torch.isfinite(tensor).all(), describe(None))
         return

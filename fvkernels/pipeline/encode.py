@@ -5,8 +5,9 @@ the op as a per-descriptor scale, and the op applies the Fisher scaling and the 
 store and hands back per-row sums of squares for the L2 norm.
 - Eager inference (no autograd) runs in chunks of sets through `fv_accumulate_out`, so that no N×T×C or
   N×T×hidden intermediate is alive at once: the encoder runs on row blocks and writes the latents in place.
-- When autograd records (training, fine-tuning a backbone through the layer), and while torch.compile or
-  torch.export traces, the whole batch goes through the differentiable functional `fv_accumulate`.
+- When autograd records (training, fine-tuning a backbone through the layer), while torch.compile or
+  torch.export traces, and inside torch.func transforms, the whole batch goes through the differentiable
+  functional `fv_accumulate`.
 Inputs are checked once per call, before any of that.
 """
 from __future__ import annotations
@@ -17,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fvkernels.common.checks import check_finite, tracing
+from fvkernels.common.checks import check_finite, tracing, transformed
 from fvkernels.common.tensors import NORM_FLOOR, l2_normalize, length_mask
 from fvkernels.ops import dispatch
-from fvkernels.ops.fv_accumulate import fv_accumulate_op, fv_accumulate_out_op
+from fvkernels.ops.fv_accumulate import fv_accumulate_functional, fv_accumulate_out_op
 from fvkernels.ops.validation import check_lengths, check_out
 from fvkernels.pipeline.params import EncoderLayer, FVVAEParams
 
@@ -205,8 +206,9 @@ def _encode_whole(acts, params, lengths, normalize, backend, num_sets):
     scale = prenorm_scale(acts, descriptors, params, lengths)
     latents = encoder_forward(descriptors, params.encoder, scale)
     fused = _fuses_norm(normalize, acts.dtype)
-    fv, row_sumsq = fv_accumulate_op(latents, descriptors, params.dec_weight, params.dec_bias, params.inv_sigma2,
-                                     params.fisher_rsqrt, lengths, scale, normalize, fused, backend)
+    fv, row_sumsq = fv_accumulate_functional(latents, descriptors, params.dec_weight, params.dec_bias,
+                                             params.inv_sigma2, params.fisher_rsqrt, lengths, scale, normalize, fused,
+                                             backend)
     fv = fv.reshape(num_sets, -1)
     if not normalize:
         return fv
@@ -256,7 +258,7 @@ def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize:
     if out is not None:
         check_out(out, (num_sets, params.dim), acts, [acts, *params.tensors()])
     differentiable = torch.is_grad_enabled() and (acts.requires_grad or any(t.requires_grad for t in params.tensors()))
-    if differentiable or tracing():
+    if differentiable or tracing() or transformed():
         fv = _encode_whole(acts, params, lengths, normalize, backend, num_sets)
         return fv if out is None else out.copy_(fv)
     return _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size, out)

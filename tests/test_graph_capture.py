@@ -1,0 +1,89 @@
+"""The layer inside whole-model graph capture: torch.compile (Inductor) in eval and in training, without a
+recompilation per batch size, and torch.export with a dynamic batch dimension through save and load."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from fvkernels.nn import FVVAE
+
+from tests.helpers import relative_error
+
+CHANNELS = 24
+
+
+def model_with_layer(fitted=True):
+    """A small CNN whose post-ReLU map feeds the FV-VAE layer, as a user drops the layer in."""
+    torch.manual_seed(0)
+    layer = FVVAE(CHANNELS, 11, (40,))
+    if fitted:
+        layer.fit_fisher([torch.rand(6, CHANNELS, 4, 4)])
+    return nn.Sequential(nn.Conv2d(3, CHANNELS, 3, padding=1), nn.ReLU(), layer)
+
+
+class CompileCounter:
+    """An Inductor backend that counts the graphs it is asked to compile."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        return compile_fx(graph_module, example_inputs)
+
+
+def test_eval_model_compiles_once_for_every_batch_size():
+    model = model_with_layer().eval()
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for batch in (5, 7, 2, 9, 3):
+            images = torch.rand(batch, 3, 4, 4)
+            assert relative_error(compiled(images), model(images)) <= 1e-5
+    # the first size compiles a static graph, the second a dynamic one that serves every later size
+    assert counter.graphs == 2
+
+
+def test_training_step_compiles_into_one_graph_and_matches_eager():
+    model = model_with_layer().train()
+    images = torch.rand(6, 3, 4, 4)
+    readout = torch.randn(6, model[2].dim)  # a loss that depends on the direction of the unit-norm vectors
+    compiled = torch.compile(model, fullgraph=True)
+    (compiled(images) * readout).sum().backward()
+    compiled_grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    (model(images) * readout).sum().backward()
+    eager_grads = {name: p.grad for name, p in model.named_parameters()}
+    # the forward reaches every parameter but σz, which only the training losses use
+    assert {name for name, grad in eager_grads.items() if grad is None} == {"2.log_sigma_z"}
+    for name, want in eager_grads.items():
+        if want is not None:
+            assert relative_error(compiled_grads[name], want) <= 1e-4, name
+
+
+def test_export_with_a_dynamic_batch_survives_save_and_load():
+    model = model_with_layer().eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (torch.rand(5, 3, 4, 4),), dynamic_shapes=({0: batch},))
+    ops = {node.target for node in program.graph.nodes if node.op == "call_function"}
+    assert torch.ops.fvkernels.fv_accumulate.default in ops  # the fused op, not a decomposition
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    with torch.no_grad():
+        for size in (5, 1, 8):
+            images = torch.rand(size, 3, 4, 4)
+            assert relative_error(loaded.module()(images), model(images)) <= 1e-6
+
+
+def test_exported_checks_still_refuse_bad_values():
+    model = model_with_layer().eval()
+    program = torch.export.export(model[2], (torch.rand(2, CHANNELS, 4, 4),))
+    maps = torch.rand(2, CHANNELS, 4, 4)
+    maps[1, 0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="acts holds NaN or Inf"):
+        program.module()(maps)
