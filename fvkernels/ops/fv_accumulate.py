@@ -20,11 +20,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from fvkernels.common.checks import transformed
+from fvkernels.common.checks import tracing, transformed
 from fvkernels.common.tensors import signed_sqrt_derivative
 from fvkernels.ops import dispatch
 from fvkernels.ops.kernel_args import FVAccumulateArgs
-from fvkernels.ops.reference import fv_accumulate_backward
+from fvkernels.ops.reference import fv_accumulate_backward, fv_accumulate_outputs
 from fvkernels.ops.validation import check_fv_inputs, check_out
 
 
@@ -110,7 +110,12 @@ class FVAccumulateFunction(torch.autograd.Function):
 
 def fv_accumulate_functional(*args) -> Tuple[Tensor, Tensor]:
     """The functional op with its autograd, in the form each caller's context takes: inside torch.func transforms
-    the autograd.Function; elsewhere (eager, torch.compile, torch.export) the registered op itself."""
+    the autograd.Function; while torch.onnx.export traces, the reference's standard operators, which the exporter
+    translates without being told about fvkernels (a graph that calls the op itself needs
+    fvkernels.ops.onnx.translations()); elsewhere (eager, torch.compile, torch.export) the registered op."""
+    if torch.onnx.is_in_onnx_export():
+        out, row_sumsq = fv_accumulate_outputs(*args[:-1])
+        return out, row_sumsq if row_sumsq is not None else out.new_empty((out.shape[0], 0), dtype=torch.float32)
     return FVAccumulateFunction.apply(*args) if transformed() else fv_accumulate_op(*args)
 
 
@@ -159,5 +164,8 @@ def fv_accumulate(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, in
         return fv_accumulate_functional(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None, False,
                                         False, backend)[0]
     check_out(out, (z.shape[0], x.shape[2], z.shape[2] + 1), z, [z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt])
+    if tracing() or transformed():  # captured graphs and transforms stay functional: one op to translate
+        return out.copy_(fv_accumulate_functional(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None,
+                                                  False, False, backend)[0])
     fv_accumulate_out_op(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None, False, backend, out, None)
     return out

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fvkernels.common.tensors import length_mask, signed_sqrt
+from fvkernels.common.tensors import length_mask
+from fvkernels.common.tensors import signed_sqrt as signed_sqrt_of
 from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 
@@ -85,12 +86,21 @@ def fv_accumulate_backward(grad_out: Tensor, z: Tensor, x: Tensor, dec_weight: T
     return grad_z, grad_x, grad_w, grad_b, grad_s, grad_f, grad_scale
 
 
+def fv_accumulate_outputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, signed_sqrt: bool,
+                          with_row_sumsq: bool):
+    """The kernels' whole contract (csrc/fv_accumulate.h) in torch: (out (N, C, d+1), row sums of squares (N, C)
+    float32, or None without them)."""
+    fv = fv_accumulate_reference(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale)
+    if signed_sqrt:
+        fv = signed_sqrt_of(fv)
+    return fv, fv.float().square().sum(-1) if with_row_sumsq else None
+
+
 def launch(args: FVAccumulateArgs) -> None:
-    """The "torch" backend, with the same contract as the kernels (csrc/fv_accumulate.h)."""
-    fv = fv_accumulate_reference(args.z, args.x, args.dec_weight, args.dec_bias, args.inv_sigma2, args.fisher_rsqrt,
-                                 args.lengths, args.x_scale)
-    if args.signed_sqrt:
-        fv = signed_sqrt(fv)
-    args.out.copy_(fv)
-    if args.row_sumsq is not None:
-        args.row_sumsq.copy_(fv.float().square().sum(-1))
+    """The "torch" backend."""
+    out, row_sumsq = fv_accumulate_outputs(args.z, args.x, args.dec_weight, args.dec_bias, args.inv_sigma2,
+                                           args.fisher_rsqrt, args.lengths, args.x_scale, args.signed_sqrt,
+                                           args.row_sumsq is not None)
+    args.out.copy_(out)
+    if row_sumsq is not None:
+        args.row_sumsq.copy_(row_sumsq)
