@@ -146,6 +146,31 @@ def _(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, si
 fv_accumulate_out_op = torch.ops.fvkernels.fv_accumulate_out.default
 
 
+# ---- autocast: one compute dtype for the inputs, fp32 accumulation in the kernels ------------------------------
+
+def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
+    """Inside torch.autocast(device_type), the op casts its floating inputs to one dtype and runs below autocast:
+    the functional op to the autocast dtype (its output has that dtype, as a matmul's would); the out-variant to
+    its buffer's dtype. The per-row sums of squares stay float32."""
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    below_autocast = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+    writes_out = op is fv_accumulate_out_op
+
+    def cast_and_run(keyset, *args):
+        target = args[10].dtype if writes_out else torch.get_autocast_dtype(device_type)
+        inputs = [value.to(target) if isinstance(value, Tensor) and value.is_floating_point() and index < 10 else value
+                  for index, value in enumerate(args)]
+        with torch._C._ExcludeDispatchKeyGuard(below_autocast):
+            return op(*inputs)
+
+    _LIBRARY.impl(op._opname, cast_and_run, key_name, with_keyset=True)
+
+
+for _op in (fv_accumulate_op._opoverload, fv_accumulate_out_op):
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_op, _device_type)
+
+
 def fv_accumulate(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
                   fisher_rsqrt: Optional[Tensor] = None, lengths: Union[Tensor, Sequence[int], None] = None,
                   *, backend: str = "auto", out: Optional[Tensor] = None) -> Tensor:

@@ -24,7 +24,12 @@ def check_tensor(name: str, value, ndim: int, dims: str) -> Tensor:
     return value
 
 
-def check_float_dtypes(named: dict) -> torch.dtype:
+def autocasting(device: torch.device) -> bool:
+    """Whether torch.autocast is on for device: the ops then take inputs of mixed floating dtypes and cast them."""
+    return torch.is_autocast_enabled(device.type)
+
+
+def check_float_dtypes(named: dict, *, mixed_allowed: bool = False) -> torch.dtype:
     dtypes = {}
     for name, value in named.items():
         if value is None:
@@ -32,7 +37,7 @@ def check_float_dtypes(named: dict) -> torch.dtype:
         if value.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor (float32/float64/float16/bfloat16), got {value.dtype}")
         dtypes.setdefault(value.dtype, []).append(name)
-    if len(dtypes) > 1:
+    if len(dtypes) > 1 and not mixed_allowed:
         seen = "; ".join(f"{dtype}: {', '.join(names)}" for dtype, names in dtypes.items())
         raise TypeError(f"all floating inputs must share one dtype, got {seen}; convert them with .to(dtype)")
     return next(iter(dtypes))
@@ -103,8 +108,8 @@ def check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, length
         raise ValueError(f"x_scale must have shape (N, T) = ({num_sets}, {set_size}), got {tuple(x_scale.shape)}")
     floats = dict(z=z, x=x, dec_weight=dec_weight, dec_bias=dec_bias, inv_sigma2=inv_sigma2,
                   fisher_rsqrt=fisher_rsqrt, x_scale=x_scale)
-    check_float_dtypes(floats)
     device = check_same_device(floats)
+    check_float_dtypes(floats, mixed_allowed=autocasting(device))
     return check_lengths(lengths, num_sets, set_size, device, check_values=check_values)
 
 
@@ -128,8 +133,10 @@ def check_out_buffer(out, shape: tuple, dtype: torch.dtype, device: torch.device
 
 def check_out(out, shape: tuple, like: Tensor, inputs: list) -> None:
     """`out=` is for inference into a reused buffer: right shape/dtype/device, each row block contiguous,
-    and nothing for autograd to record (the custom op, which allocates, is the differentiable path)."""
-    check_out_buffer(out, shape, like.dtype, like.device)
+    and nothing for autograd to record (the custom op, which allocates, is the differentiable path). Under
+    torch.autocast the buffer's floating dtype is the one computed in."""
+    autocast_dtype = isinstance(out, Tensor) and out.dtype in FLOAT_DTYPES and autocasting(like.device)
+    check_out_buffer(out, shape, out.dtype if autocast_dtype else like.dtype, like.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         raise ValueError("out= skips autograd; inputs require grad here: call without out= to differentiate, "
                          "or inside torch.no_grad()")

@@ -6,8 +6,8 @@ store and hands back per-row sums of squares for the L2 norm.
 - Eager inference (no autograd) runs in chunks of sets through `fv_accumulate_out`, so that no N×T×C or
   N×T×hidden intermediate is alive at once: the encoder runs on row blocks and writes the latents in place.
 - When autograd records (training, fine-tuning a backbone through the layer), while torch.compile or
-  torch.export traces, and inside torch.func transforms, the whole batch goes through the differentiable
-  functional `fv_accumulate`.
+  torch.export traces, inside torch.func transforms and under torch.autocast (whose dtypes the intermediates
+  take), the whole batch goes through the differentiable functional `fv_accumulate`.
 Inputs are checked once per call, before any of that.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fvkernels.common.checks import check_finite, tracing, transformed
 from fvkernels.common.tensors import NORM_FLOOR, l2_normalize, length_mask
 from fvkernels.ops import dispatch
 from fvkernels.ops.fv_accumulate import fv_accumulate_functional, fv_accumulate_out_op
-from fvkernels.ops.validation import check_lengths, check_out
+from fvkernels.ops.validation import autocasting, check_lengths, check_out
 from fvkernels.pipeline.params import EncoderLayer, FVVAEParams
 
 SPP_LEVELS = ((2, 1), (3, 2), (4, 3), (7, 6))  # (kernel, stride) of the official 50-cell pyramid on 7×7 maps
@@ -50,7 +50,7 @@ def check_encode_inputs(acts, params: FVVAEParams, lengths) -> Tuple[int, int, O
         raise TypeError(f"acts must be a torch.Tensor (N, C, H, W) or (N, T, C), got {type(acts).__name__}")
     if not acts.dtype.is_floating_point:
         raise TypeError(f"acts must be a floating tensor, got {acts.dtype}")
-    if acts.dtype != params.dtype:
+    if acts.dtype != params.dtype and not autocasting(acts.device):
         raise TypeError(f"acts is {acts.dtype} but the FV-VAE parameters are {params.dtype}; convert one side: "
                         f"acts.to({params.dtype}), or the parameters (params.to({acts.dtype}), or layer.to("
                         f"{acts.dtype}) for an fvkernels.nn.FVVAE layer)")
@@ -258,7 +258,7 @@ def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize:
     if out is not None:
         check_out(out, (num_sets, params.dim), acts, [acts, *params.tensors()])
     differentiable = torch.is_grad_enabled() and (acts.requires_grad or any(t.requires_grad for t in params.tensors()))
-    if differentiable or tracing() or transformed():
+    if differentiable or tracing() or transformed() or autocasting(acts.device):
         fv = _encode_whole(acts, params, lengths, normalize, backend, num_sets)
         return fv if out is None else out.copy_(fv)
     return _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size, out)
