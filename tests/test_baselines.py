@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
 
 from fvkernels.evaluation.clustering import DiagonalGMM, fit_gmm, kmeans
 from fvkernels.evaluation.encoders import AverageEncoder, BilinearEncoder, ConcatEncoder, GMMFisherEncoder, VLADEncoder
@@ -262,7 +263,7 @@ def test_cuda_follows_the_input(make):
 def test_errors_say_what_was_expected():
     sets = torch.randn(4, 6, CHANNELS)
     encoder = AverageEncoder()
-    with pytest.raises(RuntimeError, match="not fitted yet; call fit"):
+    with pytest.raises(NotFittedError, match="not fitted yet; call fit"):
         encoder.transform(sets)
     encoder.fit(sets)
     with pytest.raises(ValueError, match="C = 7 but AverageEncoder was fitted on C = 5"):
@@ -283,6 +284,9 @@ def test_errors_say_what_was_expected():
         GMMFisherEncoder(30).fit(sets)
     with pytest.raises(ValueError, match="all descriptors are identical"):
         GMMFisherEncoder(2).fit(torch.ones(2, 4, 3))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"num_clusters must be a whole number ≥ 1, got {bad!r}"):
+            VLADEncoder(bad).fit(sets)
 
 
 def test_fvvae_encoder_trains_fits_fisher_and_encodes():
@@ -292,7 +296,7 @@ def test_fvvae_encoder_trains_fits_fisher_and_encodes():
     torch.manual_seed(0)
     maps = torch.relu(torch.randn(24, 6, 3, 3))
     labels = torch.arange(24) % 3
-    encoder = FVVAEEncoder(4, (8,), training=dict(iterations=4, batch_size=8), progress=False)
+    encoder = FVVAEEncoder(4, (8,), iterations=4, batch_size=8, progress=False)
     fv = encoder.fit_transform(maps, labels)
     model = encoder.model_
     assert encoder.dim == 6 * 5 and fv.shape == (24, 30)
@@ -304,6 +308,6 @@ def test_fvvae_encoder_trains_fits_fisher_and_encodes():
         expected = fv_vae_encode(torch.nn.utils.rnn.pad_sequence(ragged, batch_first=True), model.to_params(),
                                  lengths=[9, 5])
     assert torch.allclose(encoder.transform(ragged), expected, atol=1e-6)
-    minus = FVVAEEncoder(4, (8,), lambda_cls=0, training=dict(iterations=2, batch_size=8), progress=False)
+    minus = FVVAEEncoder(4, (8,), lambda_cls=0, iterations=2, batch_size=8, progress=False)
     minus.fit(maps, labels)
     assert minus.model_.classifier is None

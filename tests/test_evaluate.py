@@ -103,8 +103,8 @@ def svm_objective(svm, x, y, C=100.0):
     """The LinearSVC objective Σ_k ½‖(w_k, b_k)‖² + C Σ_i max(0, 1 − y_ik s_ik)², from the decision scores."""
     scores = svm.decision_function(x).double()
     targets = torch.where(y[:, None] == torch.arange(scores.shape[1])[None, :], 1.0, -1.0).double()
-    if svm.model is not None:
-        weights = torch.from_numpy(np.concatenate([svm.model.coef_, svm.model.intercept_[:, None]], 1))
+    if svm.solver == "liblinear":
+        weights = torch.from_numpy(np.concatenate([svm.liblinear_.coef_, svm.liblinear_.intercept_[:, None]], 1))
     else:
         weights = svm.weights_.t().double()
     return 0.5 * weights.square().sum() + C * (1 - targets * scores).clamp_min(0).square().sum()
@@ -123,3 +123,15 @@ def test_newton_solver_reaches_liblinears_optimum():
     assert abs(float(svm_objective(newton, x, y) / best) - 1) <= 1e-4
     agree = (newton.predict(x) == liblinear.predict(x)).double().mean()
     assert agree >= 0.98
+
+
+def test_svm_refuses_use_before_fit_and_other_widths():
+    from sklearn.exceptions import NotFittedError
+
+    x, y = separable_problem(classes=2)
+    with pytest.raises(NotFittedError, match="not fitted yet; call fit"):
+        LinearSVM().predict(x)
+    svm = LinearSVM().fit(x, y)
+    with pytest.raises(ValueError, match=f"features have {x.shape[1] + 1} columns but the SVM was fitted on {x.shape[1]}"):
+        svm.decision_function(torch.cat([x, x[:, :1]], 1))
+    assert isinstance(svm.predict(x.numpy()), np.ndarray) and isinstance(svm.predict(x), torch.Tensor)

@@ -99,8 +99,8 @@ def evaluate_encoder(name: str, encoder, train_maps, train_labels, test_maps, te
 
 
 def fvvae_encoder(args, latent: int, lambda_cls: float, seed: int) -> FVVAEEncoder:
-    return FVVAEEncoder(latent, (args.hidden,), lambda_cls=lambda_cls, prenorm="descriptor",
-                        training=dict(iterations=args.iterations, batch_size=128, seed=seed))
+    return FVVAEEncoder(latent, (args.hidden,), lambda_cls=lambda_cls, prenorm="descriptor", iterations=args.iterations,
+                        batch_size=128, seed=seed)
 
 
 def choose_lambda(args, fit_maps, fit_labels, val_maps, val_labels) -> float:

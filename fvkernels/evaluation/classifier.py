@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError
+from sklearn.svm import LinearSVC
 from torch import Tensor
 
 from fvkernels.evaluation.features import ArrayLike, as_labels, as_matrix
 
 
-class LinearSVM:
-    """One-vs-rest linear SVM with the squared hinge loss and C = 100, as in the paper.
+class LinearSVM(ClassifierMixin, BaseEstimator):
+    """One-vs-rest linear SVM with the squared hinge loss and C = 100, as in the paper; a scikit-learn classifier
+    (get_params, clone, Pipeline, GridSearchCV, score).
 
     It minimises, for each class k, ½‖w_k‖² + C Σ_i max(0, 1 − y_ik (w_k·x_i + b_k))² with the intercept
     regularised like a feature of value 1 — the objective of scikit-learn's LinearSVC (liblinear), so
@@ -19,59 +23,57 @@ class LinearSVM:
       on the features' device (GPU when they are there), float32 with float64 reductions;
     - solver="liblinear": scikit-learn's LinearSVC (single-threaded; slow to converge at C = 100).
     fit(features (N, D), labels (N,)) → self; decision_function(features) → (N, K) float32 scores, one
-    column per class in `classes_` order (also for two classes); predict(features) → labels.
-    Inputs may be torch tensors (any device) or numpy arrays.
+    column per class in `classes_` order (also for two classes); predict(features) → labels. Features may be
+    torch tensors (any device; results are tensors) or numpy arrays (results are numpy arrays). After fit:
+    classes_, n_features_in_, and weights_ (newton, (D + 1, K)) or liblinear_ (the fitted LinearSVC).
     """
 
     def __init__(self, C: float = 100.0, solver: str = "newton", tol: float = 1e-5, max_iter: int = 100,
-                 random_state: int = 0, **linear_svc_options):
-        if solver not in ("newton", "liblinear"):
-            raise ValueError(f"solver must be 'newton' or 'liblinear', got {solver!r}")
-        if not C > 0:
-            raise ValueError(f"C must be positive, got {C}")
-        self.C, self.solver, self.tol, self.max_iter = C, solver, tol, max_iter
-        self.model = None
-        if solver == "liblinear":
-            try:
-                from sklearn.svm import LinearSVC
-            except ImportError as error:
-                raise ImportError("solver='liblinear' needs scikit-learn: pip install scikit-learn "
-                                  "(or pip install 'fvkernels[demo]')") from error
-            self.model = LinearSVC(C=C, tol=tol, max_iter=max(max_iter, 1000), random_state=random_state,
-                                   **linear_svc_options)
-        self.weights_, self.classes_ = None, None
-
-    @staticmethod
-    def _numpy(features: ArrayLike) -> np.ndarray:
-        return as_matrix(features, "features").detach().cpu().numpy()
+                 random_state: int = 0):
+        self.C, self.solver, self.tol, self.max_iter, self.random_state = C, solver, tol, max_iter, random_state
 
     def fit(self, features: ArrayLike, labels: ArrayLike) -> "LinearSVM":
+        if self.solver not in ("newton", "liblinear"):
+            raise ValueError(f"solver must be 'newton' or 'liblinear', got {self.solver!r}")
+        if not self.C > 0:
+            raise ValueError(f"C must be positive, got {self.C}")
         x = as_matrix(features, "features").detach()
         y = as_labels(labels, x.shape[0]).to(x.device)
         classes = torch.unique(y)
         if classes.numel() < 2:
             raise ValueError("the SVM needs at least two classes in labels")
-        self.classes_ = classes.cpu().numpy()
-        if self.model is not None:
-            self.model.fit(self._numpy(x), y.cpu().numpy())
+        self.classes_, self.n_features_in_ = classes.cpu().numpy(), x.shape[1]
+        if self.solver == "liblinear":
+            self.liblinear_ = LinearSVC(C=self.C, tol=self.tol, max_iter=max(self.max_iter, 1000),
+                                        random_state=self.random_state).fit(x.cpu().numpy(), y.cpu().numpy())
         else:
             targets = torch.where(y[:, None] == classes[None, :], 1.0, -1.0)
             self.weights_ = squared_hinge_newton(_with_intercept(x.float()), targets, self.C, self.tol, self.max_iter)
         return self
 
-    def decision_function(self, features: ArrayLike) -> Tensor:
-        if self.classes_ is None:
-            raise RuntimeError("LinearSVM is not fitted yet; call fit(features, labels) first")
-        if self.model is not None:
-            scores = torch.from_numpy(self.model.decision_function(self._numpy(features))).float()
+    def decision_function(self, features: ArrayLike):
+        x = self._checked_features(features)
+        if self.solver == "liblinear":
+            scores = torch.from_numpy(self.liblinear_.decision_function(x.cpu().numpy())).float()
             if scores.dim() == 1:  # scikit-learn gives one column, positive for classes_[1], for two classes
                 scores = torch.stack([-scores, scores], 1)
-            return scores
-        x = as_matrix(features, "features").detach().float()
-        return (_with_intercept(x.to(self.weights_.device)) @ self.weights_).cpu()
+        else:
+            scores = (_with_intercept(x.float().to(self.weights_.device)) @ self.weights_).cpu()
+        return scores.numpy() if isinstance(features, np.ndarray) else scores
 
-    def predict(self, features: ArrayLike) -> Tensor:
-        return torch.from_numpy(self.classes_)[self.decision_function(features).argmax(1)]
+    def predict(self, features: ArrayLike):
+        scores = torch.as_tensor(self.decision_function(features))
+        labels = torch.from_numpy(self.classes_)[scores.argmax(1)]
+        return labels.numpy() if isinstance(features, np.ndarray) else labels
+
+    def _checked_features(self, features: ArrayLike) -> Tensor:
+        if not hasattr(self, "classes_"):
+            raise NotFittedError("LinearSVM is not fitted yet; call fit(features, labels) first")
+        x = as_matrix(features, "features").detach()
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(f"features have {x.shape[1]} columns but the SVM was fitted on {self.n_features_in_}; "
+                             "encode them with the encoder the SVM was trained on")
+        return x
 
 
 def _with_intercept(x: Tensor) -> Tensor:

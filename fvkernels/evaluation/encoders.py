@@ -21,9 +21,12 @@ for a given `seed`.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+import numbers
+from typing import Optional, Sequence
 
 import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
 from torch import Tensor
 
 from fvkernels.common.tensors import improved_normalisation, l2_normalize, length_mask
@@ -32,16 +35,24 @@ from fvkernels.evaluation.sets import DEFAULT_FIT_DESCRIPTORS, DescriptorSets, S
 from fvkernels.nn import FVVAE
 from fvkernels.training import SetData, train
 
+
+def check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number ≥ 1, got {value!r}")
+
+
+# GMMFisherEncoder's compute_dtype (a name, as scikit-learn parameters are plain values); None: the sets' dtype.
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32, None: None}
 # VLFeat's vl_fisher skips posteriors below this, and components whose prior is below it (their
 # 1/sqrt(prior) factor would blow up any descriptor that lands there).
 POSTERIOR_FLOOR = 1e-6
 
 
-class SetEncoder:
-    """Base of the set encoders: fit(sets) → self, transform(sets) → (N, dim), fit_transform(sets)."""
-
-    progress: Optional[bool] = None
-    channels_: Optional[int] = None
+class SetEncoder(TransformerMixin, BaseEstimator):
+    """Base of the set encoders, scikit-learn transformers of sets: fit(sets, y=None) → self, transform(sets) →
+    (N, dim), fit_transform(sets, y=None). The constructor's arguments are the parameters (get_params, set_params,
+    clone, Pipeline, GridSearchCV); what fit learns ends in "_". Sets come as a torch tensor (the result is a tensor
+    on its device and dtype) or a numpy array (the result is a numpy array), or a list of either."""
 
     @property
     def dim(self) -> int:
@@ -49,13 +60,14 @@ class SetEncoder:
         self._check_fitted()
         return self._dim()
 
-    def fit(self, sets: SetsLike) -> "SetEncoder":
+    def fit(self, sets: SetsLike, y=None) -> "SetEncoder":
+        self._check_parameters()
         data = DescriptorSets(sets)
-        self._fit(data)
+        self._fit(data, y)
         self.channels_ = data.channels
         return self
 
-    def transform(self, sets: SetsLike) -> Tensor:
+    def transform(self, sets: SetsLike):
         self._check_fitted()
         data = DescriptorSets(sets)
         if data.channels != self.channels_:
@@ -65,20 +77,26 @@ class SetEncoder:
         out = torch.empty((data.num_sets, self._dim()), dtype=data.dtype, device=data.device)
         for chunk, padded, lengths in data.chunks(self._elements_per_set(data.max_length), self.progress):
             out[chunk] = self._encode(padded, lengths)
-        return out
+        return data.as_input_type(out)
 
-    def fit_transform(self, sets: SetsLike) -> Tensor:
-        return self.fit(sets).transform(sets)
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False  # each sample is a set of descriptors: (N, T, C) or a list of (T_i, C)
+        tags.input_tags.three_d_array = True
+        return tags
 
     def _check_fitted(self) -> None:
-        if self.channels_ is None:
-            raise RuntimeError(f"{type(self).__name__} is not fitted yet; call fit(sets) first")
+        if not hasattr(self, "channels_"):
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit(sets) first")
+
+    def _check_parameters(self) -> None:
+        """Encoders with parameters to check override this (scikit-learn checks them in fit, not __init__)."""
 
     def _check_lengths(self, data: DescriptorSets) -> None:
         """Encoders that need a fixed set size override this."""
 
-    def _fit(self, data: DescriptorSets) -> None:
-        """Encoders that learn something from the sets override this."""
+    def _fit(self, data: DescriptorSets, y) -> None:
+        """Encoders that learn something from the sets (and, FV-VAE, their labels y) override this."""
 
     def _dim(self) -> int:
         raise NotImplementedError
@@ -93,6 +111,9 @@ class SetEncoder:
 
 class AverageEncoder(SetEncoder):
     """AVE: the mean of each set's descriptors (an empty set gives zeros). dim = C."""
+
+    def __init__(self, *, progress: Optional[bool] = None):
+        self.progress = progress
 
     def _dim(self) -> int:
         return self.channels_
@@ -109,9 +130,10 @@ class ConcatEncoder(SetEncoder):
     """Concatenation of the T descriptors of each set (all sets must have the T seen in fit), position
     by position: out[n, t·C + c] = x[n, t, c]. dim = T·C (25088 for VGG pool5's 7×7×512)."""
 
-    set_size_: Optional[int] = None
+    def __init__(self, *, progress: Optional[bool] = None):
+        self.progress = progress
 
-    def _fit(self, data: DescriptorSets) -> None:
+    def _fit(self, data: DescriptorSets, y) -> None:
         self.set_size_ = self._common_length(data)
 
     @staticmethod
@@ -149,42 +171,46 @@ class GMMFisherEncoder(SetEncoder):
     `from_gmm(gmm)` uses a given GMM instead (e.g. one trained by VLFeat). After fit: gmm_ (DiagonalGMM),
     log_likelihoods_ (mean log-likelihood per EM iteration).
 
-    compute_dtype: the dtype of the fit and of the posteriors and statistics (the output has the sets'
-    dtype). The GEMM form expands (x − µ)²/σ² into x²/σ² − 2xµ/σ² + µ²/σ², which cancels in float32
+    compute_dtype: "float64", "float32" or None, the dtype of the fit and of the posteriors and statistics (the
+    output has the sets' dtype). The GEMM form expands (x − µ)²/σ² into x²/σ² − 2xµ/σ² + µ²/σ², which cancels in float32
     when a component's variance is small next to its distance from the origin — common on post-ReLU
     activations, where components fit the zeros with floored variances: there float32 is off by
     percents of the largest FV entry, float64 agrees with VLFeat to rounding. float64 GEMMs cost about
     twice float32 on CPUs; None computes in the sets' own dtype (for GPUs with slow float64).
     """
 
-    def __init__(self, num_components: int, *, normalize: bool = True, max_iterations: int = 100,
+    def __init__(self, num_components: int = 16, *, normalize: bool = True, max_iterations: int = 100,
                  tolerance: float = 1e-6, variance_floor: float = 1e-4,
                  max_fit_descriptors: int = DEFAULT_FIT_DESCRIPTORS, seed: int = 0,
-                 compute_dtype: Optional[torch.dtype] = torch.float64, progress: Optional[bool] = None):
-        if int(num_components) < 1:
-            raise ValueError(f"num_components must be ≥ 1, got {num_components}")
-        self.num_components = int(num_components)
+                 compute_dtype: Optional[str] = "float64", progress: Optional[bool] = None):
+        self.num_components = num_components
         self.normalize, self.compute_dtype = normalize, compute_dtype
         self.max_iterations, self.tolerance, self.variance_floor = max_iterations, tolerance, variance_floor
         self.max_fit_descriptors, self.seed, self.progress = max_fit_descriptors, seed, progress
-        self.gmm_: Optional[DiagonalGMM] = None
-        self.log_likelihoods_: List[float] = []
+
+    def _check_parameters(self) -> None:
+        check_count("num_components", self.num_components)
+        if self.compute_dtype not in COMPUTE_DTYPES and self.compute_dtype not in COMPUTE_DTYPES.values():
+            raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+
+    def _computed_in(self, dtype: torch.dtype) -> torch.dtype:
+        chosen = self.compute_dtype if isinstance(self.compute_dtype, torch.dtype) else COMPUTE_DTYPES[self.compute_dtype]
+        return chosen or dtype
 
     @classmethod
     def from_gmm(cls, gmm: DiagonalGMM, *, normalize: bool = True,
-                 compute_dtype: Optional[torch.dtype] = torch.float64, progress: Optional[bool] = None
-                 ) -> "GMMFisherEncoder":
+                 compute_dtype: Optional[str] = "float64", progress: Optional[bool] = None) -> "GMMFisherEncoder":
         encoder = cls(gmm.num_components, normalize=normalize, compute_dtype=compute_dtype, progress=progress)
         encoder.gmm_, encoder.channels_ = gmm, gmm.channels
         return encoder
 
-    def _fit(self, data: DescriptorSets) -> None:
+    def _fit(self, data: DescriptorSets, y) -> None:
         generator = torch.Generator().manual_seed(self.seed)
         sample = data.sample(self.max_fit_descriptors, generator)
         if sample.shape[0] < self.num_components:
             raise ValueError(f"{sample.shape[0]} descriptors cannot fit {self.num_components} GMM components")
         self.gmm_, self.log_likelihoods_ = fit_gmm(
-            sample.to(self.compute_dtype or sample.dtype), self.num_components, max_iterations=self.max_iterations, tolerance=self.tolerance,
+            sample.to(self._computed_in(sample.dtype)), self.num_components, max_iterations=self.max_iterations, tolerance=self.tolerance,
             variance_floor=self.variance_floor, seed=self.seed, progress=self.progress)
 
     def _dim(self) -> int:
@@ -195,7 +221,7 @@ class GMMFisherEncoder(SetEncoder):
         return 2 * (set_size * (self.num_components + 3 * self.channels_) + 3 * self.num_components * self.channels_)
 
     def _encode(self, sets: Tensor, lengths: Tensor) -> Tensor:
-        padded = sets.to(self.compute_dtype or sets.dtype)
+        padded = sets.to(self._computed_in(sets.dtype))
         gmm = self.gmm_.to(device=padded.device, dtype=padded.dtype)
         num_sets, set_size, channels = padded.shape
         posteriors = gmm.log_joint(padded.reshape(-1, channels)).softmax(1).view(num_sets, set_size, -1)
@@ -229,19 +255,18 @@ class VLADEncoder(SetEncoder):
     centers_ (K, C), inertias_ (mean squared distance per iteration).
     """
 
-    def __init__(self, num_clusters: int, intra_normalization: bool = True, *, normalize: bool = True,
+    def __init__(self, num_clusters: int = 32, intra_normalization: bool = True, *, normalize: bool = True,
                  max_iterations: int = 100, tolerance: float = 1e-4,
                  max_fit_descriptors: int = DEFAULT_FIT_DESCRIPTORS, seed: int = 0, progress: Optional[bool] = None):
-        if int(num_clusters) < 1:
-            raise ValueError(f"num_clusters must be ≥ 1, got {num_clusters}")
-        self.num_clusters = int(num_clusters)
+        self.num_clusters = num_clusters
         self.intra_normalization, self.normalize = intra_normalization, normalize
         self.max_iterations, self.tolerance = max_iterations, tolerance
         self.max_fit_descriptors, self.seed, self.progress = max_fit_descriptors, seed, progress
-        self.centers_: Optional[Tensor] = None
-        self.inertias_: List[float] = []
 
-    def _fit(self, data: DescriptorSets) -> None:
+    def _check_parameters(self) -> None:
+        check_count("num_clusters", self.num_clusters)
+
+    def _fit(self, data: DescriptorSets, y) -> None:
         sample = data.sample(self.max_fit_descriptors, torch.Generator().manual_seed(self.seed))
         if sample.shape[0] < self.num_clusters:
             raise ValueError(f"{sample.shape[0]} descriptors cannot make {self.num_clusters} k-means clusters")
@@ -299,42 +324,41 @@ class BilinearEncoder(SetEncoder):
 
 
 class FVVAEEncoder(SetEncoder):
-    """FV-VAE as a set encoder: fit(sets, labels) trains an FVVAE layer (Algorithm 1) and fits its
-    diagonal Fisher on the same sets; transform gives the improved Fisher vectors, dim = C·(d+1).
+    """FV-VAE as a set encoder: fit(sets, y) trains an FVVAE layer (Algorithm 1; y, the sets' class indices, feeds
+    the classification loss) and fits its diagonal Fisher on the same sets; transform gives the improved Fisher
+    vectors, dim = C·(d+1). lambda_cls=0, or no y, is FV-VAE⁻.
 
-    lambda_cls=0 (or no labels) is FV-VAE⁻. Options not named here go to fvkernels.nn.FVVAE; training
-    options (iterations, batch_size, lr, seed, checkpoint, …) go to fvkernels.training.train via `training`.
+    The layer's options (latent_dim, hidden, lambda_cls, prenorm, norm_scale, dropout, sigma_floor, backend) are
+    fvkernels.nn.FVVAE's, the training's (iterations, batch_size, lr, seed) fvkernels.training.train's. The layer's
+    initial weights come from torch's global random generator. After fit: model_ (the layer), history_ (the
+    loss per step).
     """
 
     def __init__(self, latent_dim: int = 256, hidden: Sequence[int] = (512,), *, lambda_cls: Optional[float] = None,
-                 training: Optional[dict] = None, progress: Optional[bool] = None, **layer_options):
-        self.latent_dim, self.hidden, self.lambda_cls = latent_dim, tuple(hidden), lambda_cls
-        self.training, self.layer_options, self.progress = dict(training or {}), layer_options, progress
-        self.model_ = None
-        self.history_: List[dict] = []
+                 prenorm: Optional[str] = "descriptor", norm_scale: Optional[float] = None, dropout: float = 0.5,
+                 sigma_floor: float = 0.05, iterations: int = 5000, batch_size: int = 128, lr: float = 1.0,
+                 seed: int = 0, backend: str = "auto", progress: Optional[bool] = None):
+        self.latent_dim, self.hidden, self.lambda_cls = latent_dim, hidden, lambda_cls
+        self.prenorm, self.norm_scale, self.dropout, self.sigma_floor = prenorm, norm_scale, dropout, sigma_floor
+        self.iterations, self.batch_size, self.lr, self.seed = iterations, batch_size, lr, seed
+        self.backend, self.progress = backend, progress
 
-    def fit(self, sets: SetsLike, labels: Optional[Tensor] = None) -> "FVVAEEncoder":
-        data = DescriptorSets(sets)
+    def _fit(self, data: DescriptorSets, y) -> None:
         padded = data.tensor if data.tensor is not None else torch.nn.utils.rnn.pad_sequence(data.items, batch_first=True)
         lengths = None if data.items is None else data.lengths
-        use_labels = labels is not None and self.lambda_cls != 0
-        if use_labels and len(labels) != data.num_sets:
-            raise ValueError(f"labels has {len(labels)} entries for {data.num_sets} sets")
-        num_classes = int(labels.max()) + 1 if use_labels else None
-        self.model_ = FVVAE(data.channels, self.latent_dim, self.hidden, num_classes=num_classes,
-                            lambda_cls=self.lambda_cls if use_labels else 0.0, **self.layer_options)
-        options = dict(progress=self.progress is not False)
-        options.update(self.training)
-        self.history_ = train(self.model_.to(data.dtype), SetData(padded, labels if use_labels else None, lengths),
-                              **options)
-        self.channels_ = data.channels  # sizes the Fisher chunks below
+        labels = None if y is None or self.lambda_cls == 0 else torch.as_tensor(y)
+        if labels is not None and len(labels) != data.num_sets:
+            raise ValueError(f"y has {len(labels)} labels for {data.num_sets} sets; give one class index per set")
+        self.model_ = FVVAE(data.channels, self.latent_dim, tuple(self.hidden),
+                            num_classes=None if labels is None else int(labels.max()) + 1,
+                            lambda_cls=0.0 if labels is None else self.lambda_cls, prenorm=self.prenorm,
+                            norm_scale=self.norm_scale, dropout=self.dropout, sigma_floor=self.sigma_floor,
+                            backend=self.backend).to(data.dtype)
+        self.history_ = train(self.model_, SetData(padded, labels, lengths), iterations=self.iterations,
+                              batch_size=self.batch_size, lr=self.lr, seed=self.seed, progress=self.progress is not False)
         chunks = ((padded_chunk, chunk_lengths) for _, padded_chunk, chunk_lengths in
-                  data.chunks(self._elements_per_set(data.max_length)))
+                  data.chunks((data.max_length + self.latent_dim + 1) * data.channels))
         self.model_.fit_fisher(chunks)
-        return self
-
-    def fit_transform(self, sets: SetsLike, labels: Optional[Tensor] = None) -> Tensor:
-        return self.fit(sets, labels).transform(sets)
 
     def _dim(self) -> int:
         return self.model_.dim
@@ -345,3 +369,8 @@ class FVVAEEncoder(SetEncoder):
     @torch.no_grad()
     def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
         return self.model_(padded, lengths)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False  # y only adds the classification loss
+        return tags

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -14,7 +15,7 @@ from fvkernels.common.checks import check_finite
 CHUNK_ELEMENTS = 1 << 24
 DEFAULT_FIT_DESCRIPTORS = 200_000
 
-SetsLike = Union[Tensor, Sequence[Tensor]]
+SetsLike = Union[Tensor, np.ndarray, Sequence[Tensor], Sequence[np.ndarray]]
 
 
 def progress_disabled(progress: Optional[bool]) -> Optional[bool]:
@@ -23,9 +24,16 @@ def progress_disabled(progress: Optional[bool]) -> Optional[bool]:
 
 
 class DescriptorSets:
-    """The sets handed to fit/transform, validated, with chunked and sampled access."""
+    """The sets handed to fit/transform, validated, with chunked and sampled access. numpy arrays are taken as
+    tensors (without a copy where they can be); `as_input_type` turns a result back into the input's kind."""
 
     def __init__(self, sets: SetsLike):
+        self.from_numpy = isinstance(sets, np.ndarray) or (
+            isinstance(sets, (list, tuple)) and len(sets) > 0 and all(isinstance(item, np.ndarray) for item in sets))
+        if isinstance(sets, np.ndarray):
+            sets = torch.from_numpy(np.ascontiguousarray(sets)) if sets.dtype != object else sets
+        elif self.from_numpy:
+            sets = [torch.from_numpy(np.ascontiguousarray(item)) for item in sets]
         if isinstance(sets, Tensor):
             if sets.dim() == 4:
                 sets = sets.flatten(2).transpose(1, 2)  # (N, C, H, W) maps → (N, H·W, C), a view
@@ -53,11 +61,16 @@ class DescriptorSets:
             self.tensor, self.items = None, list(sets)
             self.lengths = torch.tensor([item.shape[0] for item in sets], dtype=torch.long)
         else:
-            raise TypeError(f"sets must be a torch.Tensor or a list of tensors, got {type(sets).__name__}")
+            raise TypeError(f"sets must be a torch.Tensor, a numpy array, or a list of (T_i, C) tensors or arrays, got "
+                            f"{type(sets).__name__}")
         if not reference.dtype.is_floating_point:
             raise TypeError(f"descriptors must be floating, got {reference.dtype}")
         self.channels = reference.shape[-1]
         self.dtype, self.device = reference.dtype, reference.device
+
+    def as_input_type(self, result: Tensor):
+        """result as the sets were given: a numpy array for numpy input, the tensor otherwise."""
+        return result.cpu().numpy() if self.from_numpy else result
 
     @property
     def num_sets(self) -> int:
