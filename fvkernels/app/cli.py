@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fvkernels.app.arguments import DefaultsHelpFormatter, efficientnet_layer, layer_help, positive_int
+from fvkernels.common import extras
 from fvkernels.common.collectives import rank_and_size
 from fvkernels.ops import dispatch
 from fvkernels.pipeline import FVVAEParams, fv_vae_encode
@@ -54,13 +55,13 @@ def backend_demo(args) -> int:
 
 def reporting_errors(run):
     """A command whose input errors (ValueError, OSError: bad list, mismatched checkpoint or output folder,
-    unreadable input with --strict, a path that is missing, a folder or not writable) end it with their
-    message and status 2, not a traceback."""
+    unreadable input with --strict, a path that is missing, a folder or not writable) and missing extras end it
+    with their message and status 2, not a traceback."""
     @functools.wraps(run)
     def wrapper(args) -> int:
         try:
             return run(args)
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, extras.MissingExtra) as error:
             print(f"fvkernels {args.command}: error: {error}", file=sys.stderr)
             return 2
     return wrapper
@@ -80,6 +81,7 @@ def run_train(args) -> int:
     from fvkernels.app.corpus import read_sample_list
     from fvkernels.app.corpus_training import train_on_corpus
 
+    extras.require("images", "fvkernels train")
     parallel = distributed.init_from_env()
     with distributed.leaving_at_exit(parallel):
         samples = read_sample_list(args.list)
@@ -104,6 +106,7 @@ def run_extract(args) -> int:
     from fvkernels.app.extract import extract
     from fvkernels.training import load_checkpoint, read_checkpoint
 
+    extras.require("images", "fvkernels extract")
     parallel = distributed.init_from_env()
     with distributed.leaving_at_exit(parallel):
         input_spec = read_checkpoint(args.model)["input_spec"]

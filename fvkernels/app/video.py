@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fvkernels.app.listfile import list_file_lines
+from fvkernels.common import extras
 from fvkernels.common.tensors import improved_normalisation
 from fvkernels.pipeline import FVVAEParams, fv_vae_encode
 
@@ -74,12 +76,7 @@ def sample_frames(frames: Sequence, count: Optional[int]) -> list:
 
 def load_images(paths: Sequence, size: Tuple[int, int]) -> Tensor:
     """RGB images resized to size = (height, width), as (F, 3, H, W) floats in [0, 1]."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ImportError("reading frames needs Pillow: pip install pillow") from None
-    import numpy as np
-
+    Image = extras.load("images", "reading images and frames (Pillow)", "PIL.Image")
     images = []
     for path in paths:
         with Image.open(path) as image:

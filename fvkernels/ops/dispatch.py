@@ -23,7 +23,7 @@ def _triton_import_error() -> Optional[str]:
     try:
         importlib.import_module("triton")
     except ImportError as error:
-        return f"triton is not installed ({error}); `pip install 'triton>=3.4'` (Linux)"
+        return f"triton is not installed ({error}); pip install 'fvkernels[triton]' (Linux)"
     return None
 
 

@@ -11,23 +11,16 @@ torch.ops.fvkernels.fv_accumulate itself exports with `custom_translation_table=
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
-EXTRA_HINT = "pip install 'fvkernels[onnx]' (onnx, onnxscript, onnxruntime)"
-
-
-def available() -> bool:
-    return importlib.util.find_spec("onnxscript") is not None
+from fvkernels.common import extras
 
 
 @functools.lru_cache(maxsize=None)
 def translations() -> dict:
     """{torch op: onnxscript function}, the custom_translation_table of torch.onnx.export."""
-    if not available():
-        raise ImportError(f"exporting fvkernels ops to ONNX needs onnxscript: {EXTRA_HINT}")
-    from onnxscript import opset18 as op
+    op = extras.load("onnx", "translating fvkernels ops to ONNX", "onnxscript").opset18
 
     def fv_accumulate(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt=None, lengths=None, x_scale=None,
                       signed_sqrt: bool = False, with_row_sumsq: bool = False, backend: str = "auto"):
@@ -62,6 +55,6 @@ def translations() -> dict:
 
 def _float32_zero():
     import numpy as np
-    import onnx
 
-    return onnx.numpy_helper.from_array(np.zeros(1, dtype=np.float32))
+    numpy_helper = extras.load("onnx", "translating fvkernels ops to ONNX", "onnx.numpy_helper")
+    return numpy_helper.from_array(np.zeros(1, dtype=np.float32))
