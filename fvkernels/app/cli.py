@@ -15,7 +15,7 @@ import torch
 from fvkernels.app.arguments import DefaultsHelpFormatter, efficientnet_layer, layer_help, positive_int
 from fvkernels.common import extras
 from fvkernels.common.collectives import rank_and_size
-from fvkernels.ops import dispatch
+from fvkernels.ops import dispatch, verification
 from fvkernels.pipeline import FVVAEParams, fv_vae_encode
 
 
@@ -51,6 +51,23 @@ def backend_demo(args) -> int:
         error = float((signed_square(out) - signed_square(expected)).abs().max() / signed_square(expected).abs().max())
         print(f"{backend:<8} {error:>26.2e} {1e3 * elapsed / args.batch:>11.2f}")
     return 0
+
+
+def run_selftest(args) -> int:
+    """Every backend on every device and dtype against the float64 reference; status 1 when one fails."""
+    results = verification.selftest()
+    print(f"fvkernels selftest: every backend on every device of this machine, against the float64 reference "
+          f"({len(verification.CHECK_SHAPES)} odd shapes, lengths with an empty set, every epilogue option)")
+    print(f"{'backend':<8} {'device':<36} {'dtype':<9} {'max error':>10} {'row sums':>10} {'tolerance':>10} "
+          f"{'time (s)':>9}  result")
+    for result in results:
+        print(f"{result.backend:<8} {result.device[:36]:<36} {result.dtype:<9} {result.error:>10.2e} "
+              f"{result.row_sums_error:>10.2e} {result.tolerance:>10.1e} {result.seconds:>9.3f}  "
+              f"{'pass' if result.passed else 'FAIL'}")
+    failed = [result for result in results if not result.passed]
+    print(f"{len(results) - len(failed)} of {len(results)} passed" + (
+        "; backend='auto' does not use a GPU kernel that failed its check" if failed else ""))
+    return 1 if failed else 0
 
 
 def reporting_errors(run):
@@ -177,6 +194,11 @@ def main(argv=None) -> int:
     backends.add_argument("--repeats", type=positive_int, default=3, help="timed calls per backend")
     backends.add_argument("--seed", type=int, default=0, help="seed of the random maps and weights")
     backends.set_defaults(run=backend_demo)
+
+    selftest = commands.add_parser(
+        "selftest", help="check every backend on every device and dtype against the float64 reference",
+        description=run_selftest.__doc__, formatter_class=formatter)
+    selftest.set_defaults(run=run_selftest)
 
     train = commands.add_parser(
         "train", help="train an FV-VAE layer on a frozen CNN's activations of images/videos", formatter_class=formatter,

@@ -11,6 +11,9 @@ from fvkernels.ops import _extension
 from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
+# What backend="auto" tries, in order, per device type (the first available one that supports the dtype and, for
+# a GPU kernel, passed its check on the device: fvkernels.ops.verification).
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _LAUNCHER_MODULES = {"triton": "fvkernels.ops.triton_fv", "cuda": "fvkernels.ops.cuda",
                      "cpp": "fvkernels.ops.cpp", "torch": "fvkernels.ops.reference"}
 
@@ -66,11 +69,14 @@ def available_backends() -> list:
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turns "auto" into a concrete backend for `device`; checks an explicit choice (never falls back)."""
+    """Turns "auto" into a concrete backend for `device` (AUTO_ORDER); checks an explicit choice (never falls
+    back)."""
     if backend == "auto":
-        candidates = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
-        for candidate in candidates:
-            if unavailable_reason(candidate, device) is None and supports_dtype(candidate, device, dtype):
+        from fvkernels.ops.verification import trusted_for_auto  # it launches kernels through this module
+
+        for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+            if (unavailable_reason(candidate, device) is None and supports_dtype(candidate, device, dtype)
+                    and trusted_for_auto(candidate, device, dtype)):
                 return candidate
         return "torch"
     reason = unavailable_reason(backend, device)
@@ -82,6 +88,8 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def supports_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    if backend == "triton" and device.type == "cpu":  # the interpreter computes in numpy, which has no bfloat16
+        return dtype in (torch.float32, torch.float16)
     if backend in ("triton", "cuda"):
         return dtype in (torch.float32, torch.float16, torch.bfloat16)
     return True
