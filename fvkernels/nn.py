@@ -95,8 +95,11 @@ class FVVAE(nn.Module):
         return self.decoder.in_features
 
     @property
-    def dim(self) -> int:
+    def output_dim(self) -> int:
+        """Features per set of forward's output, C·(d+1): what the next layer (a classifier) takes."""
         return self.in_channels * (self.latent_dim + 1)
+
+    dim = output_dim
 
     def sigma_x(self) -> Tensor:
         """exp(log σx), at least the floor and never 0 (an exp that underflows would make 1/σx² infinite)."""
@@ -289,3 +292,66 @@ class FVVAE(nn.Module):
         return torch.stack([torch.randn(like.shape[1:], generator=generator, device=like.device, dtype=like.dtype)
                             for generator in generators])
 
+
+# ---- in place of a CNN's global pooling ----------------------------------------------------------------------
+
+POOL_NAMES = ("global_pool", "avgpool", "pool")  # timm's, torchvision's, others'
+CLASSIFIER_NAMES = ("fc", "classifier", "head", "last_linear")
+
+
+def replace_global_pool(model: nn.Module, layer: FVVAE, *, pool: Optional[str] = None,
+                        classifier: Optional[str] = None, num_classes: Optional[int] = None) -> nn.Module:
+    """Puts `layer` where `model` pools its last feature map globally (a torchvision- or timm-style CNN: ResNet,
+    EfficientNet, …) and a linear classifier of layer.output_dim inputs in place of the model's last Linear, so
+    that model(images) gives class scores from FV-VAE Fisher vectors, trainable end to end. Returns model.
+
+    pool, classifier: the submodules' names (model.named_modules()); by default timm's global_pool or
+    torchvision's avgpool (or the one nn.AdaptiveAvgPool2d to 1×1), and fc, classifier or head (its last Linear
+    when it is a Sequential). num_classes: the new classifier's outputs (default: the old classifier's). The model's
+    forward needs no change: the layer gives (N, C·(d+1)) vectors, which a flatten after the pooling leaves as they
+    are. The layer's in_channels must be the channels of the pooled map.
+    """
+    if not isinstance(layer, FVVAE):
+        raise TypeError(f"layer must be an fvkernels.nn.FVVAE, got {type(layer).__name__}")
+    modules = dict(model.named_modules())
+    pool = pool or _find_pool(model, modules)
+    classifier = classifier or next((name for name in CLASSIFIER_NAMES if name in modules), None)
+    if classifier not in modules:
+        raise ValueError(f"{type(model).__name__} has no classifier named {classifier!r} (tried "
+                         f"{', '.join(CLASSIFIER_NAMES)}); pass classifier= with its name from model.named_modules()")
+    if pool not in modules:
+        raise ValueError(f"{type(model).__name__} has no submodule {pool!r}; pass pool= with the name of its global "
+                         "pooling from model.named_modules()")
+    output_size = getattr(modules[pool], "output_size", 1)
+    if output_size not in (1, (1, 1)):
+        raise ValueError(f"{pool!r} of {type(model).__name__} pools to {output_size}, not to 1×1: it is not a global "
+                         "pooling (a VGG-style head); pass pool= and classifier= for the layers to replace")
+    linear_name = classifier
+    if not isinstance(modules[classifier], nn.Linear):
+        linears = [name for name, module in modules[classifier].named_modules() if isinstance(module, nn.Linear)]
+        if len(linears) != 1:
+            raise ValueError(f"{classifier!r} of {type(model).__name__} holds {len(linears)} nn.Linear layers; "
+                             "replace_global_pool replaces a classifier of one (pass classifier= to choose it)")
+        linear_name = f"{classifier}.{linears[0]}"
+    old = modules[linear_name]
+    _set_submodule(model, pool, layer)
+    _set_submodule(model, linear_name, nn.Linear(layer.output_dim, num_classes or old.out_features,
+                                                 device=old.weight.device, dtype=old.weight.dtype))
+    return model
+
+
+def _find_pool(model: nn.Module, modules: Dict[str, nn.Module]) -> str:
+    named = next((name for name in POOL_NAMES if name in modules), None)
+    if named is not None:
+        return named
+    global_pools = [name for name, module in modules.items()
+                    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))]
+    if len(global_pools) != 1:
+        raise ValueError(f"cannot tell which submodule of {type(model).__name__} is its global pooling (found "
+                         f"{global_pools or 'none'}); pass pool= with its name from model.named_modules()")
+    return global_pools[0]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

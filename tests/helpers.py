@@ -2,6 +2,7 @@
 files in the formats fvkernels reads, a toy training problem, a tiny corpus and backbone, and a process group."""
 import gzip
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,6 +87,7 @@ def write_official_mat(path, channels, hidden, latent, rng):
     """A weight file laid out like caffe_vae_weights_*.mat (DESIGN §3), via scipy."""
     from scipy.io import savemat
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     layer_type = [("w", object), ("b", object), ("act", object)]
     widths = [channels, *hidden, latent]
     encoder = np.empty((1, len(widths) - 1), dtype=layer_type)

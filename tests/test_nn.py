@@ -184,3 +184,59 @@ def test_from_official_reproduces_the_weight_file(tmp_path, hidden):
     with torch.no_grad():
         assert relative_error(layer(maps), fv_vae_encode(maps, params)) <= 1e-5
     assert (layer.prenorm, layer.spp, layer.norm_scale) == ("map", "official", 158.0)
+
+
+class TorchvisionStyle(nn.Module):
+    """The shape of torchvision's ResNet: features, avgpool, flatten, fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, images):
+        return self.fc(torch.flatten(self.avgpool(self.features(images)), 1))
+
+
+class TimmStyle(nn.Module):
+    """The shape of timm's models and torchvision's EfficientNet: global_pool, a classifier Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(6, 4))
+
+    def forward(self, images):
+        return self.classifier(self.global_pool(self.stem(images)))
+
+
+@pytest.mark.parametrize("make", [TorchvisionStyle, TimmStyle])
+def test_the_layer_replaces_global_pooling(make):
+    from fvkernels.nn import replace_global_pool
+
+    torch.manual_seed(0)
+    model, layer = make().eval(), small_layer().eval()
+    images = torch.rand(5, 3, 4, 4)
+    backbone = model.features if make is TorchvisionStyle else model.stem
+    layer.fit_fisher([backbone(images).detach()])
+    assert replace_global_pool(model, layer, num_classes=7) is model
+    scores = model(images)
+    assert scores.shape == (5, 7) and layer.output_dim == 6 * 5
+    head = model.fc if make is TorchvisionStyle else model.classifier[1]
+    with torch.no_grad():
+        assert relative_error(scores, head(layer(backbone(images)))) <= 1e-6
+    scores.sum().backward()  # end to end: the backbone learns through the Fisher vectors
+    assert backbone[0].weight.grad.abs().sum() > 0 and layer.decoder.weight.grad.abs().sum() > 0
+
+
+def test_replace_global_pool_refuses_what_is_not_a_global_pooling():
+    from fvkernels.nn import replace_global_pool
+
+    model = TorchvisionStyle()
+    model.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+    with pytest.raises(ValueError, match=r"'avgpool' of TorchvisionStyle pools to \(7, 7\), not to 1×1"):
+        replace_global_pool(model, small_layer())
+    with pytest.raises(ValueError, match="has no classifier named 'head.fc'"):
+        replace_global_pool(TorchvisionStyle(), small_layer(), classifier="head.fc")
