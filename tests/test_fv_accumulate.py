@@ -205,10 +205,10 @@ def test_gradient_through_row_sums_of_squares(backend):
         assert relative_error(got, want) <= 1e-5
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_fullgraph(backend):
     z, x, w, b, s, f, lengths = [t if t is None or not t.is_floating_point() else t.float()
                                  for t in random_problem(3, 9, 5, 4)]
-    backend = "cpp" if "cpp" in CPU_BACKENDS else "torch"
 
     def encode(z, x):
         fv = fvkernels.fv_accumulate(torch.tanh(z), x, w, b, s, f, lengths, backend=backend)

@@ -22,6 +22,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result  # traced code takes the answer, not the import
 def _triton_import_error() -> Optional[str]:
     try:
         importlib.import_module("triton")
