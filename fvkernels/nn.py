@@ -305,16 +305,17 @@ def replace_global_pool(model: nn.Module, layer: FVVAE, *, pool: Optional[str] =
     EfficientNet, …) and a linear classifier of layer.output_dim inputs in place of the model's last Linear, so
     that model(images) gives class scores from FV-VAE Fisher vectors, trainable end to end. Returns model.
 
-    pool, classifier: the submodules' names (model.named_modules()); by default timm's global_pool or
-    torchvision's avgpool (or the one nn.AdaptiveAvgPool2d to 1×1), and fc, classifier or head (its last Linear
-    when it is a Sequential). num_classes: the new classifier's outputs (default: the old classifier's). The model's
+    pool, classifier: the submodules' names (model.named_modules()); by default a global_pool, avgpool or pool that
+    is (or holds) an adaptive pooling to 1×1 — timm's and torchvision's names —, else the model's one such pooling;
+    and fc, classifier or head (the one Linear it holds). A model whose head nests them (timm's ConvNeXt:
+    head.global_pool, head.norm, head.fc) needs pool= and classifier= and a head without the norm. num_classes: the new classifier's outputs (default: the old classifier's). The model's
     forward needs no change: the layer gives (N, C·(d+1)) vectors, which a flatten after the pooling leaves as they
     are. The layer's in_channels must be the channels of the pooled map.
     """
     if not isinstance(layer, FVVAE):
         raise TypeError(f"layer must be an fvkernels.nn.FVVAE, got {type(layer).__name__}")
     modules = dict(model.named_modules())
-    pool = pool or _find_pool(model, modules)
+    pool = pool or _find_global_pool(model, modules)
     classifier = classifier or next((name for name in CLASSIFIER_NAMES if name in modules), None)
     if classifier not in modules:
         raise ValueError(f"{type(model).__name__} has no classifier named {classifier!r} (tried "
@@ -322,10 +323,6 @@ def replace_global_pool(model: nn.Module, layer: FVVAE, *, pool: Optional[str] =
     if pool not in modules:
         raise ValueError(f"{type(model).__name__} has no submodule {pool!r}; pass pool= with the name of its global "
                          "pooling from model.named_modules()")
-    output_size = getattr(modules[pool], "output_size", 1)
-    if output_size not in (1, (1, 1)):
-        raise ValueError(f"{pool!r} of {type(model).__name__} pools to {output_size}, not to 1×1: it is not a global "
-                         "pooling (a VGG-style head); pass pool= and classifier= for the layers to replace")
     linear_name = classifier
     if not isinstance(modules[classifier], nn.Linear):
         linears = [name for name, module in modules[classifier].named_modules() if isinstance(module, nn.Linear)]
@@ -334,21 +331,30 @@ def replace_global_pool(model: nn.Module, layer: FVVAE, *, pool: Optional[str] =
                              "replace_global_pool replaces a classifier of one (pass classifier= to choose it)")
         linear_name = f"{classifier}.{linears[0]}"
     old = modules[linear_name]
+    if old.in_features != layer.in_channels:
+        raise ValueError(f"{linear_name!r} of {type(model).__name__} takes {old.in_features} pooled channels but the "
+                         f"layer encodes C = {layer.in_channels}; make the layer with in_channels={old.in_features}")
     _set_submodule(model, pool, layer)
     _set_submodule(model, linear_name, nn.Linear(layer.output_dim, num_classes or old.out_features,
                                                  device=old.weight.device, dtype=old.weight.dtype))
     return model
 
 
-def _find_pool(model: nn.Module, modules: Dict[str, nn.Module]) -> str:
-    named = next((name for name in POOL_NAMES if name in modules), None)
-    if named is not None:
-        return named
-    global_pools = [name for name, module in modules.items()
-                    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))]
+def _is_global_pool(module: nn.Module) -> bool:
+    return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and module.output_size in (1, (1, 1))
+
+
+def _find_global_pool(model: nn.Module, modules: Dict[str, nn.Module]) -> str:
+    """The submodule pooling the last map to 1×1: a conventional name whose module is, or holds, an adaptive pooling
+    to 1×1 (timm's SelectAdaptivePool2d holds one), else the one such pooling of the model."""
+    for name in POOL_NAMES:
+        if name in modules and any(_is_global_pool(module) for module in modules[name].modules()):
+            return name
+    global_pools = [name for name, module in modules.items() if _is_global_pool(module)]
     if len(global_pools) != 1:
         raise ValueError(f"cannot tell which submodule of {type(model).__name__} is its global pooling (found "
-                         f"{global_pools or 'none'}); pass pool= with its name from model.named_modules()")
+                         f"{global_pools or 'no adaptive pooling to 1×1'}); pass pool= with its name from "
+                         "model.named_modules()")
     return global_pools[0]
 
 

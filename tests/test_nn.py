@@ -235,8 +235,13 @@ def test_replace_global_pool_refuses_what_is_not_a_global_pooling():
     from fvkernels.nn import replace_global_pool
 
     model = TorchvisionStyle()
-    model.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-    with pytest.raises(ValueError, match=r"'avgpool' of TorchvisionStyle pools to \(7, 7\), not to 1×1"):
+    model.avgpool = nn.AdaptiveAvgPool2d((7, 7))  # a VGG-style head
+    with pytest.raises(ValueError, match="cannot tell which submodule of TorchvisionStyle is its global pooling"):
         replace_global_pool(model, small_layer())
+    model.avgpool, model.pool = nn.AdaptiveAvgPool2d(1), nn.MaxPool2d(2)  # a local pooling named pool stays
+    replace_global_pool(model, small_layer())
+    assert isinstance(model.avgpool, FVVAE) and isinstance(model.pool, nn.MaxPool2d)
+    with pytest.raises(ValueError, match=r"'fc' of TorchvisionStyle takes 6 pooled channels but the layer encodes C = 5"):
+        replace_global_pool(TorchvisionStyle(), FVVAE(5, 3))
     with pytest.raises(ValueError, match="has no classifier named 'head.fc'"):
         replace_global_pool(TorchvisionStyle(), small_layer(), classifier="head.fc")

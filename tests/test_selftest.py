@@ -87,3 +87,26 @@ def test_the_check_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(triton_fv, "launch", broken_launch(triton_fv.launch))
     monkeypatch.setenv(verification.TRUST_VARIABLE, "1")
     assert dispatch.resolve("auto", CPU, torch.float32) == "triton"
+
+
+@needs_interpreted_triton
+def test_the_check_runs_when_compiled_code_is_traced(monkeypatch):
+    """A model compiled before any eager call still has its kernel checked, at trace time and outside the graph."""
+    from fvkernels.ops import triton_fv
+
+    auto_tries_triton_first(monkeypatch)
+    monkeypatch.setattr(triton_fv, "launch", broken_launch(triton_fv.launch))
+    problem = [torch.rand(2, 5, 3), torch.rand(2, 5, 4), torch.rand(4, 3), torch.rand(4), torch.rand(4) + 0.5]
+    compiled = torch.compile(lambda *inputs: fvkernels.fv_accumulate(*inputs), fullgraph=True, backend="aot_eager")
+    with pytest.warns(RuntimeWarning, match="the 'triton' kernel failed its check"):
+        result = compiled(*problem)
+    assert torch.allclose(result, fvkernels.fv_accumulate(*problem, backend="cpp"))
+
+
+@needs_interpreted_triton
+def test_the_check_is_made_in_the_dtype_the_kernel_computes_in(monkeypatch):
+    auto_tries_triton_first(monkeypatch)
+    problem = [torch.rand(2, 5, 3), torch.rand(2, 5, 4), torch.rand(4, 3), torch.rand(4), torch.rand(4) + 0.5]
+    with torch.autocast("cpu", dtype=torch.float16):  # the op computes in float32 then (float16 overflows)
+        fvkernels.fv_accumulate(*problem)
+    assert list(verification._VERDICTS) == [("triton", "cpu", torch.float32)]

@@ -56,7 +56,6 @@ def sets_and_labels(seed=0, count=16):
 
 
 def encode(encoder, sets, labels=None):
-    torch.manual_seed(0)  # FV-VAE's initial weights
     return encoder.fit(sets, labels).transform(sets)
 
 
@@ -108,3 +107,24 @@ def test_encoder_and_svm_in_one_pipeline():
     pipeline = make_pipeline(VLADEncoder(3, seed=0), LinearSVM())
     assert pipeline.fit(sets, labels).score(sets, labels) == 1.0
     assert isinstance(pipeline.predict(sets), np.ndarray)
+
+
+def test_labels_seeds_ragged_arrays_and_errors():
+    from fvkernels.evaluation import LinearSVM
+
+    sets, labels = sets_and_labels(count=24)
+    names = np.array(["shirt", "shoe"])[labels]
+    encoder = FVVAEEncoder(3, (6,), iterations=3, batch_size=8, progress=False, seed=4)
+    first = encoder.fit_transform(sets, names)
+    assert list(encoder.classes_) == ["shirt", "shoe"] and encoder.model_.classifier.out_features == 2
+    torch.manual_seed(123)  # the global generator does not matter: seed draws the initial weights too
+    assert np.array_equal(clone(encoder).fit_transform(sets, names), first)
+    svm = LinearSVM().fit(first, names)
+    assert list(svm.predict(first)) == list(names)
+    ragged = np.empty(3, dtype=object)
+    ragged[:] = [sets[0], sets[1][:4], sets[2][:7]]
+    averages = AverageEncoder().fit_transform(ragged)
+    assert isinstance(averages, np.ndarray) and np.allclose(averages[1], sets[1][:4].mean(0), atol=1e-6)
+    assert GMMFisherEncoder(2.0, seed=0).fit(sets).dim == 2 * 2 * 6  # a whole number given as a float
+    with pytest.raises(RuntimeError, match="not fitted yet"):  # NotFittedError, and the RuntimeError it was
+        VLADEncoder().transform(sets)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import NotFittedError
 from sklearn.svm import LinearSVC
 from torch import Tensor
 
-from fvkernels.evaluation.features import ArrayLike, as_labels, as_matrix
+from fvkernels.evaluation.features import ArrayLike, NotFitted, as_matrix
 
 
 class LinearSVM(ClassifierMixin, BaseEstimator):
@@ -38,16 +37,20 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         if not self.C > 0:
             raise ValueError(f"C must be positive, got {self.C}")
         x = as_matrix(features, "features").detach()
-        y = as_labels(labels, x.shape[0]).to(x.device)
-        classes = torch.unique(y)
-        if classes.numel() < 2:
+        labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must be a vector of {x.shape[0]} class labels (one per row), got shape "
+                             f"{labels.shape}")
+        self.classes_, indices = np.unique(labels, return_inverse=True)  # any labels: strings, -1/1, …
+        if len(self.classes_) < 2:
             raise ValueError("the SVM needs at least two classes in labels")
-        self.classes_, self.n_features_in_ = classes.cpu().numpy(), x.shape[1]
+        self.n_features_in_ = x.shape[1]
+        y = torch.from_numpy(indices.astype(np.int64)).to(x.device)
         if self.solver == "liblinear":
             self.liblinear_ = LinearSVC(C=self.C, tol=self.tol, max_iter=max(self.max_iter, 1000),
                                         random_state=self.random_state).fit(x.cpu().numpy(), y.cpu().numpy())
         else:
-            targets = torch.where(y[:, None] == classes[None, :], 1.0, -1.0)
+            targets = torch.where(y[:, None] == torch.arange(len(self.classes_), device=x.device)[None, :], 1.0, -1.0)
             self.weights_ = squared_hinge_newton(_with_intercept(x.float()), targets, self.C, self.tol, self.max_iter)
         return self
 
@@ -62,13 +65,17 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         return scores.numpy() if isinstance(features, np.ndarray) else scores
 
     def predict(self, features: ArrayLike):
+        """The predicted labels: a numpy array of classes_' type for numpy features (any labels); a tensor for
+        tensor features with numeric labels."""
         scores = torch.as_tensor(self.decision_function(features))
-        labels = torch.from_numpy(self.classes_)[scores.argmax(1)]
-        return labels.numpy() if isinstance(features, np.ndarray) else labels
+        predicted = self.classes_[scores.argmax(1).numpy()]
+        if isinstance(features, np.ndarray) or self.classes_.dtype.kind not in "biuf":
+            return predicted
+        return torch.from_numpy(predicted)
 
     def _checked_features(self, features: ArrayLike) -> Tensor:
         if not hasattr(self, "classes_"):
-            raise NotFittedError("LinearSVM is not fitted yet; call fit(features, labels) first")
+            raise NotFitted("LinearSVM is not fitted yet; call fit(features, labels) first")
         x = as_matrix(features, "features").detach()
         if x.shape[1] != self.n_features_in_:
             raise ValueError(f"features have {x.shape[1]} columns but the SVM was fitted on {self.n_features_in_}; "

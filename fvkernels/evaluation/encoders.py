@@ -24,21 +24,24 @@ import math
 import numbers
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.exceptions import NotFittedError
 from torch import Tensor
 
 from fvkernels.common.tensors import improved_normalisation, l2_normalize, length_mask
 from fvkernels.evaluation.clustering import DiagonalGMM, fit_gmm, kmeans, squared_distances
+from fvkernels.evaluation.features import NotFitted
 from fvkernels.evaluation.sets import DEFAULT_FIT_DESCRIPTORS, DescriptorSets, SetsLike
 from fvkernels.nn import FVVAE
 from fvkernels.training import SetData, train
 
 
 def check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 1:
         raise ValueError(f"{name} must be a whole number ≥ 1, got {value!r}")
+
 
 
 # GMMFisherEncoder's compute_dtype (a name, as scikit-learn parameters are plain values); None: the sets' dtype.
@@ -87,7 +90,7 @@ class SetEncoder(TransformerMixin, BaseEstimator):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "channels_"):
-            raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit(sets) first")
+            raise NotFitted(f"{type(self).__name__} is not fitted yet; call fit(sets) first")
 
     def _check_parameters(self) -> None:
         """Encoders with parameters to check override this (scikit-learn checks them in fit, not __init__)."""
@@ -207,18 +210,18 @@ class GMMFisherEncoder(SetEncoder):
     def _fit(self, data: DescriptorSets, y) -> None:
         generator = torch.Generator().manual_seed(self.seed)
         sample = data.sample(self.max_fit_descriptors, generator)
-        if sample.shape[0] < self.num_components:
-            raise ValueError(f"{sample.shape[0]} descriptors cannot fit {self.num_components} GMM components")
+        if sample.shape[0] < int(self.num_components):
+            raise ValueError(f"{sample.shape[0]} descriptors cannot fit {int(self.num_components)} GMM components")
         self.gmm_, self.log_likelihoods_ = fit_gmm(
-            sample.to(self._computed_in(sample.dtype)), self.num_components, max_iterations=self.max_iterations, tolerance=self.tolerance,
+            sample.to(self._computed_in(sample.dtype)), int(self.num_components), max_iterations=self.max_iterations, tolerance=self.tolerance,
             variance_floor=self.variance_floor, seed=self.seed, progress=self.progress)
 
     def _dim(self) -> int:
-        return 2 * self.num_components * self.channels_
+        return 2 * int(self.num_components) * self.channels_
 
     def _elements_per_set(self, set_size: int) -> int:
         # a float64 copy counts twice against the float32 budget of the chunk
-        return 2 * (set_size * (self.num_components + 3 * self.channels_) + 3 * self.num_components * self.channels_)
+        return 2 * (set_size * (int(self.num_components) + 3 * self.channels_) + 3 * int(self.num_components) * self.channels_)
 
     def _encode(self, sets: Tensor, lengths: Tensor) -> Tensor:
         padded = sets.to(self._computed_in(sets.dtype))
@@ -268,23 +271,23 @@ class VLADEncoder(SetEncoder):
 
     def _fit(self, data: DescriptorSets, y) -> None:
         sample = data.sample(self.max_fit_descriptors, torch.Generator().manual_seed(self.seed))
-        if sample.shape[0] < self.num_clusters:
-            raise ValueError(f"{sample.shape[0]} descriptors cannot make {self.num_clusters} k-means clusters")
-        self.centers_, self.inertias_ = kmeans(sample, self.num_clusters, max_iterations=self.max_iterations,
+        if sample.shape[0] < int(self.num_clusters):
+            raise ValueError(f"{sample.shape[0]} descriptors cannot make {int(self.num_clusters)} k-means clusters")
+        self.centers_, self.inertias_ = kmeans(sample, int(self.num_clusters), max_iterations=self.max_iterations,
                                                tolerance=self.tolerance, seed=self.seed, progress=self.progress)
 
     def _dim(self) -> int:
-        return self.num_clusters * self.channels_
+        return int(self.num_clusters) * self.channels_
 
     def _elements_per_set(self, set_size: int) -> int:
-        return set_size * (2 * self.num_clusters + self.channels_) + 2 * self.num_clusters * self.channels_
+        return set_size * (2 * int(self.num_clusters) + self.channels_) + 2 * int(self.num_clusters) * self.channels_
 
     def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
         centers = self.centers_.to(device=padded.device, dtype=padded.dtype)
         num_sets, set_size, channels = padded.shape
         flat = padded.reshape(-1, channels)
         nearest = squared_distances(flat, flat.square().sum(1), centers).argmin(1).view(num_sets, set_size)
-        assignments = torch.nn.functional.one_hot(nearest, self.num_clusters).to(padded.dtype)
+        assignments = torch.nn.functional.one_hot(nearest, int(self.num_clusters)).to(padded.dtype)
         assignments *= length_mask(lengths, padded.shape[1])[..., None]
         sums = torch.bmm(assignments.transpose(1, 2), padded)                  # (n, K, C)
         residuals = sums - assignments.sum(1)[..., None] * centers
@@ -329,9 +332,9 @@ class FVVAEEncoder(SetEncoder):
     vectors, dim = C·(d+1). lambda_cls=0, or no y, is FV-VAE⁻.
 
     The layer's options (latent_dim, hidden, lambda_cls, prenorm, norm_scale, dropout, sigma_floor, backend) are
-    fvkernels.nn.FVVAE's, the training's (iterations, batch_size, lr, seed) fvkernels.training.train's. The layer's
-    initial weights come from torch's global random generator. After fit: model_ (the layer), history_ (the
-    loss per step).
+    fvkernels.nn.FVVAE's, the training's (iterations, batch_size, lr, seed) fvkernels.training.train's; seed also
+    draws the layer's initial weights, so a fit is repeatable. y may hold any class labels. After fit: model_ (the
+    layer), history_ (the loss per step), classes_ (the labels, when y was used).
     """
 
     def __init__(self, latent_dim: int = 256, hidden: Sequence[int] = (512,), *, lambda_cls: Optional[float] = None,
@@ -346,25 +349,34 @@ class FVVAEEncoder(SetEncoder):
     def _fit(self, data: DescriptorSets, y) -> None:
         padded = data.tensor if data.tensor is not None else torch.nn.utils.rnn.pad_sequence(data.items, batch_first=True)
         lengths = None if data.items is None else data.lengths
-        labels = None if y is None or self.lambda_cls == 0 else torch.as_tensor(y)
-        if labels is not None and len(labels) != data.num_sets:
-            raise ValueError(f"y has {len(labels)} labels for {data.num_sets} sets; give one class index per set")
-        self.model_ = FVVAE(data.channels, self.latent_dim, tuple(self.hidden),
-                            num_classes=None if labels is None else int(labels.max()) + 1,
-                            lambda_cls=0.0 if labels is None else self.lambda_cls, prenorm=self.prenorm,
-                            norm_scale=self.norm_scale, dropout=self.dropout, sigma_floor=self.sigma_floor,
-                            backend=self.backend).to(data.dtype)
+        labels = None
+        if y is not None and self.lambda_cls != 0:
+            y = np.asarray(y.cpu() if isinstance(y, Tensor) else y)
+            if y.shape != (data.num_sets,):
+                raise ValueError(f"y has shape {y.shape} for {data.num_sets} sets; give one class label per set")
+            self.classes_, indices = np.unique(y, return_inverse=True)  # any labels: strings, -1/1, 5/6, …
+            labels = torch.from_numpy(indices.astype(np.int64)).to(data.device)
+        with torch.random.fork_rng(devices=[]):  # the initial weights from `seed`, the caller's generator untouched
+            torch.manual_seed(self.seed)
+            self.model_ = FVVAE(data.channels, self.latent_dim, tuple(self.hidden),
+                                num_classes=None if labels is None else len(self.classes_),
+                                lambda_cls=0.0 if labels is None else self.lambda_cls, prenorm=self.prenorm,
+                                norm_scale=self.norm_scale, dropout=self.dropout, sigma_floor=self.sigma_floor,
+                                backend=self.backend).to(data.dtype)
         self.history_ = train(self.model_, SetData(padded, labels, lengths), iterations=self.iterations,
                               batch_size=self.batch_size, lr=self.lr, seed=self.seed, progress=self.progress is not False)
         chunks = ((padded_chunk, chunk_lengths) for _, padded_chunk, chunk_lengths in
-                  data.chunks((data.max_length + self.latent_dim + 1) * data.channels))
+                  data.chunks(self._fisher_chunk_elements(data.max_length, data.channels)))
         self.model_.fit_fisher(chunks)
 
     def _dim(self) -> int:
         return self.model_.dim
 
     def _elements_per_set(self, set_size: int) -> int:
-        return (set_size + self.latent_dim + 1) * self.channels_  # the set, and its C·(d+1) Fisher vector
+        return self._fisher_chunk_elements(set_size, self.channels_)
+
+    def _fisher_chunk_elements(self, set_size: int, channels: int) -> int:
+        return (set_size + self.latent_dim + 1) * channels  # the set, and its C·(d+1) Fisher vector
 
     @torch.no_grad()
     def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:

@@ -6,11 +6,16 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+from sklearn.exceptions import NotFittedError
 from torch import Tensor
 
 from fvkernels.common.tensors import improved_normalisation
 
 ArrayLike = Union[Tensor, np.ndarray]
+
+
+class NotFitted(NotFittedError, RuntimeError):
+    """An estimator used before fit: scikit-learn's NotFittedError, and the RuntimeError earlier releases raised."""
 
 
 def normalize(features: ArrayLike) -> ArrayLike:
@@ -22,12 +27,13 @@ def normalize(features: ArrayLike) -> ArrayLike:
 
 
 def as_matrix(values: ArrayLike, name: str) -> Tensor:
+    """values as an (N, D) floating tensor (integer and boolean features are taken as float32)."""
     tensor = torch.as_tensor(values)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be a (N, D) matrix, got shape {tuple(tensor.shape)}")
-    if not tensor.dtype.is_floating_point:
-        raise TypeError(f"{name} must be floating, got {tensor.dtype}")
-    return tensor
+    if tensor.dtype.is_complex:
+        raise TypeError(f"{name} must be real, got {tensor.dtype}")
+    return tensor if tensor.dtype.is_floating_point else tensor.float()
 
 
 def as_labels(labels: ArrayLike, count: int, num_classes: Optional[int] = None) -> Tensor:

@@ -30,8 +30,10 @@ class DescriptorSets:
     def __init__(self, sets: SetsLike):
         self.from_numpy = isinstance(sets, np.ndarray) or (
             isinstance(sets, (list, tuple)) and len(sets) > 0 and all(isinstance(item, np.ndarray) for item in sets))
+        if isinstance(sets, np.ndarray) and sets.dtype == object:  # ragged: an array of (T_i, C) arrays
+            sets = [np.asarray(item) for item in sets]
         if isinstance(sets, np.ndarray):
-            sets = torch.from_numpy(np.ascontiguousarray(sets)) if sets.dtype != object else sets
+            sets = torch.from_numpy(np.ascontiguousarray(sets))
         elif self.from_numpy:
             sets = [torch.from_numpy(np.ascontiguousarray(item)) for item in sets]
         if isinstance(sets, Tensor):

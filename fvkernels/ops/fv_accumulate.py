@@ -25,7 +25,7 @@ from fvkernels.common.tensors import signed_sqrt_derivative
 from fvkernels.ops import dispatch
 from fvkernels.ops.kernel_args import FVAccumulateArgs
 from fvkernels.ops.reference import fv_accumulate_backward, fv_accumulate_outputs
-from fvkernels.ops.validation import check_fv_inputs, check_out
+from fvkernels.ops.validation import autocast_target, check_fv_inputs, check_out, compute_dtype
 
 
 def _empty_outputs(z: Tensor, x: Tensor, with_row_sumsq: bool) -> Tuple[Tensor, Tensor]:
@@ -149,17 +149,17 @@ fv_accumulate_out_op = torch.ops.fvkernels.fv_accumulate_out.default
 # ---- autocast: one compute dtype for the inputs, fp32 accumulation in the kernels ------------------------------
 
 def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
-    """Inside torch.autocast(device_type), the op casts its floating inputs to one dtype and runs below autocast:
-    the functional op to the autocast dtype (its output has that dtype, as a matmul's would); the out-variant to
-    its buffer's dtype. The per-row sums of squares stay float32."""
+    """Inside torch.autocast(device_type), the op casts its floating inputs (float64 aside) to one dtype and runs
+    below autocast: the functional op to validation.autocast_target (bfloat16, or float32 for a float16 autocast;
+    its output has that dtype); the out-variant to its buffer's dtype. The row sums of squares stay float32."""
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     below_autocast = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
     writes_out = op is fv_accumulate_out_op
 
     def cast_and_run(keyset, *args):
-        target = args[10].dtype if writes_out else torch.get_autocast_dtype(device_type)
-        inputs = [value.to(target) if isinstance(value, Tensor) and value.is_floating_point() and index < 10 else value
-                  for index, value in enumerate(args)]
+        target = args[10].dtype if writes_out else autocast_target(device_type)
+        inputs = [value.to(target) if index < 10 and isinstance(value, Tensor) and value.is_floating_point()
+                  and value.dtype != torch.float64 else value for index, value in enumerate(args)]
         with torch._C._ExcludeDispatchKeyGuard(below_autocast):
             return op(*inputs)
 
@@ -184,7 +184,9 @@ def fv_accumulate(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, in
     longer than the arithmetic; with out= nothing is recorded for autograd.
     """
     lengths = check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths)
-    backend = dispatch.resolve(backend, z.device, z.dtype)
+    # Checks the choice now (and runs auto's check of a GPU kernel); the op gets the caller's word and resolves it
+    # where it runs, so that an exported graph is not tied to this machine's backend.
+    dispatch.resolve(backend, z.device, compute_dtype(z.dtype, z.device, out))
     if out is None:
         return fv_accumulate_functional(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None, False,
                                         False, backend)[0]

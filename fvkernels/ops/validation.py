@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fvkernels.common.checks import require
+from fvkernels.common.checks import require, unbatched
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -27,6 +27,21 @@ def check_tensor(name: str, value, ndim: int, dims: str) -> Tensor:
 def autocasting(device: torch.device) -> bool:
     """Whether torch.autocast is on for device: the ops then take inputs of mixed floating dtypes and cast them."""
     return torch.is_autocast_enabled(device.type)
+
+
+def autocast_target(device_type: str) -> torch.dtype:
+    """What the ops cast their floating inputs (float64 aside, as autocast does) to under torch.autocast: bfloat16
+    when that is autocast's dtype, float32 otherwise — a sum over a set overflows float16's range (65504)."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype if dtype == torch.bfloat16 else torch.float32
+
+
+def compute_dtype(inputs_dtype: torch.dtype, device: torch.device, out: Optional[Tensor] = None) -> torch.dtype:
+    """The dtype the kernels compute in for a call: the inputs' own, or under torch.autocast the cast target (the
+    buffer's dtype for out=)."""
+    if not autocasting(device) or inputs_dtype == torch.float64:
+        return inputs_dtype
+    return out.dtype if out is not None else autocast_target(device.type)
 
 
 def check_float_dtypes(named: dict, *, mixed_allowed: bool = False) -> torch.dtype:
@@ -73,7 +88,7 @@ def check_lengths(lengths, num_sets: int, set_size: int, device: torch.device, *
     lengths = lengths.to(torch.int64).contiguous()
     if num_sets and check_values:
         require((lengths >= 0) & (lengths <= set_size), f"lengths must lie in [0, T] = [0, {set_size}]",
-                details=lambda: f", got values in [{int(lengths.min())}, {int(lengths.max())}]")
+                details=lambda: f", got values in [{int(unbatched(lengths).min())}, {int(unbatched(lengths).max())}]")
     return lengths
 
 

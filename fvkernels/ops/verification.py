@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fvkernels.ops import dispatch
 from fvkernels.ops.kernel_args import FVAccumulateArgs
@@ -97,22 +98,30 @@ _VERDICTS: Dict[Tuple[str, str, torch.dtype], bool] = {}
 def trusted_for_auto(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `backend="auto"` may use this backend for (device, dtype): kernels not yet run on real hardware
     first pass a check against the reference, once per (device, dtype) in the process. A failure warns once,
-    naming the kernel and its error; auto then takes the next backend. While torch.compile or torch.export
-    traces, no check runs (an eager call before it makes one)."""
+    naming the kernel and its error; auto then takes the next backend. torch.compile and torch.export run the check
+    while they trace, outside the graph, and keep its answer; during CUDA graph capture, where it cannot run, a
+    kernel not checked before is not used."""
     if backend not in CHECKED_BEFORE_AUTO_USE or os.environ.get(TRUST_VARIABLE, "0") not in ("", "0"):
         return True
-    key = (backend, str(device), dtype)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _VERDICTS.get((backend, str(device), dtype), False)
+    return _checked(backend, str(device), dtype)
+
+
+@torch.compiler.assume_constant_result  # traced code takes the verdict as a constant; the check runs eagerly
+def _checked(backend: str, device_name: str, dtype: torch.dtype) -> bool:
+    key = (backend, device_name, dtype)
     if key not in _VERDICTS:
-        if torch.compiler.is_compiling():
-            return True
-        errors, limits = kernel_errors(backend, device, dtype), tolerances(device, dtype)
+        device = torch.device(device_name)
+        with unset_fake_temporarily():  # torch.export traces with fake tensors; the check needs real ones
+            errors, limits = kernel_errors(backend, device, dtype), tolerances(device, dtype)
         _VERDICTS[key] = within(errors, limits)
         if not _VERDICTS[key]:
             warnings.warn(f"fvkernels: the {backend!r} kernel failed its check on {device} in {dtype} (relative errors "
                           f"{errors[0]:.2e} of the output, {errors[1]:.2e} of the row sums, allowed {limits[0]:.1e} and "
                           f"{limits[1]:.1e} against the float64 reference); backend='auto' uses the next "
                           f"backend instead. Run `fvkernels selftest` for every backend and dtype, set "
-                          f"{TRUST_VARIABLE}=1 to skip the check", RuntimeWarning, stacklevel=4)
+                          f"{TRUST_VARIABLE}=1 to skip the check", RuntimeWarning, stacklevel=5)
     return _VERDICTS[key]
 
 

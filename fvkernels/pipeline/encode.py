@@ -22,7 +22,7 @@ from fvkernels.common.checks import check_finite, tracing, transformed
 from fvkernels.common.tensors import NORM_FLOOR, l2_normalize, length_mask
 from fvkernels.ops import dispatch
 from fvkernels.ops.fv_accumulate import fv_accumulate_functional, fv_accumulate_out_op
-from fvkernels.ops.validation import autocasting, check_lengths, check_out
+from fvkernels.ops.validation import autocasting, check_lengths, check_out, compute_dtype
 from fvkernels.pipeline.params import EncoderLayer, FVVAEParams
 
 SPP_LEVELS = ((2, 1), (3, 2), (4, 3), (7, 6))  # (kernel, stride) of the official 50-cell pyramid on 7×7 maps
@@ -253,7 +253,8 @@ def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize:
     out: an (N, C·(d+1)) buffer to write into, for inference loops (see fv_accumulate).
     """
     num_sets, set_size, lengths = check_encode_inputs(acts, params, lengths)
-    backend = dispatch.resolve(backend, acts.device, acts.dtype)
+    # Checks the choice now; the op gets the caller's word and resolves it where it runs (portable graphs).
+    dispatch.resolve(backend, acts.device, compute_dtype(acts.dtype, acts.device, out))
     check_finite_acts(acts)
     if out is not None:
         check_out(out, (num_sets, params.dim), acts, [acts, *params.tensors()])
