@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-BASE := $(VENV)/.fvkernels-installed
 SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 # A CUDA torch from PyPI is several GB; the CPU wheel (+cpu: a local wheel in pip's find-links, or PyTorch's
 # CPU index) is what this project needs without a GPU. A torch already in the venv (e.g. a CUDA build) is kept.
@@ -22,14 +21,10 @@ endef
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(BASE): $(PY) $(SOURCES)
+# One stamp per extra: torch, the build tools, and the package (editable, its extension compiled) with that extra.
+$(VENV)/.extra-%: $(PY) $(SOURCES)
 	$(call install_torch,$(PY))
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja
-	$(PIP) install -q --no-build-isolation -e .
-	touch $@
-
-# One stamp per extra; an editable reinstall only reruns the incremental CMake build.
-$(VENV)/.extra-%: $(BASE)
 	$(PIP) install -q --no-build-isolation -e ".[$*]"
 	touch $@
 
@@ -50,12 +45,12 @@ test: $(VENV)/.extra-test
 bench: $(VENV)/.extra-test
 	$(PY) -m pytest bench --benchmark
 
-# The pip route from a source distribution: build it, install it into a fresh venv, encode with the C++ kernel.
+# The pip route: build the sdist and a wheel from it, install the sdist into a fresh venv, encode with the C++ kernel.
 SDIST_DIR := build/sdist-check
-sdist-check: $(BASE)
+sdist-check: $(VENV)/.extra-test
 	rm -rf $(SDIST_DIR) && mkdir -p $(SDIST_DIR)
 	$(PIP) install -q build
-	$(PY) -m build --sdist --outdir $(SDIST_DIR)/dist
+	$(PY) -m build --outdir $(SDIST_DIR)/dist  # the sdist, then a wheel built from it
 	$(PYTHON) -m venv $(SDIST_DIR)/venv
 	$(call install_torch,$(SDIST_DIR)/venv/bin/python)
 	$(SDIST_DIR)/venv/bin/python -m pip install -q $(SDIST_DIR)/dist/fvkernels-*.tar.gz

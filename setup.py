@@ -47,8 +47,8 @@ class CMakeBuild(build_ext):
                 cmake_args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}"]
             except ImportError:
                 pass
-        # setuptools' own build tree (build/temp.<platform>-<python> for in-tree builds, which an editable
-        # reinstall reuses, so rebuilds stay incremental; a temporary folder for an sdist install).
+        # setuptools' own build tree: build/temp.<platform>-<python> for `setup.py build_ext`, a temporary
+        # folder for pip installs (editable ones too), never a folder shared inside the source tree.
         build_dir = Path(self.build_temp) / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(["cmake", ext.sourcedir, *cmake_args], cwd=build_dir, check=True)

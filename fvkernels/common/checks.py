@@ -63,10 +63,11 @@ def check_finite(tensor: Tensor, describe: Callable[[Optional[List[int]]], str],
     """Refuses NaN or ±Inf in `tensor` with ValueError(describe(indices)): the first offending indices along dim 0,
     numbered from `offset` (e.g. the first set of a chunk). While tracing, the in-graph assertion carries
     describe(None), as no index is known before the compiled code runs."""
+    batched = torch._C._functorch.is_batchedtensor(tensor)
     tensor = unbatched(tensor)
     if tracing():
         torch._assert_async(torch.isfinite(tensor).all(), describe(None))
         return
     bad = nonfinite_rows(tensor)
-    if bad:
-        raise ValueError(describe([index + offset for index in bad]))
+    if bad:  # under vmap dim 0 is not the caller's: no index is named then
+        raise ValueError(describe(None if batched else [index + offset for index in bad]))
