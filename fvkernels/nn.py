@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fvkernels.common.collectives import sum_over_processes
 from fvkernels.common.tensors import length_mask
+from fvkernels.ops import dispatch
 from fvkernels.pipeline.encode import encoder_forward, fv_vae_encode, prenormalised_sets
 from fvkernels.pipeline.official import load_official_weights
 from fvkernels.pipeline.params import FVVAEParams
@@ -51,6 +52,7 @@ class FVVAE(nn.Module):
             raise ValueError(f"in_channels and latent_dim must be positive, got {in_channels} and {latent_dim}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout is the probability of dropping an input entry, in [0, 1), got {dropout}")
+        dispatch.check_backend_name(backend)
         if lambda_cls and not num_classes:
             raise ValueError(f"lambda_cls = {lambda_cls} needs num_classes; pass num_classes, or lambda_cls=0 "
                              "for FV-VAE⁻ (no classification loss)")
@@ -254,12 +256,16 @@ class FVVAE(nn.Module):
         rec = ((x_hat - mu_x) / sigma_x).square().mul(mask).sum((1, 2)) / 2 + descriptors_per_set * sigma_x.log().sum()
         kl = (mu_z.square() + sigma_z.square() - 1).sum(-1) / 2 - self.log_sigma_z.sum()
         reg = kl.mul(mask.squeeze(-1)).sum(1)
-        losses = {"rec": rec.mean(), "reg": reg.mean()}
+        num_sets = max(x_hat.shape[0], 1)  # a batch of no sets has losses 0, not the NaN of an empty mean
+        losses = {"rec": rec.sum() / num_sets, "reg": reg.sum() / num_sets}
         if self.classifier is not None and labels is not None:
             labels = self._check_labels(labels, x_hat.shape[0])
-            scores = self.classifier(z).masked_fill(~valid, -math.inf).amax(1)
-            nonempty = valid.any(1).squeeze(-1)  # an empty set has no scores to pool
-            losses["cls"] = F.cross_entropy(scores[nonempty], labels.to(acts.device)[nonempty])
+            # An empty set has no scores to pool: it takes no part in the mean (which is 0 when all sets are empty),
+            # chosen in the graph rather than by indexing, which would read the mask back from the device.
+            nonempty = valid.any(1)
+            scores = self.classifier(z).masked_fill(~valid, -math.inf).amax(1).masked_fill(~nonempty, 0)
+            per_set = F.cross_entropy(scores, labels.to(acts.device), reduction="none") * nonempty.squeeze(-1)
+            losses["cls"] = per_set.sum() / nonempty.sum().clamp_min(1)
         else:
             losses["cls"] = rec.new_zeros(())
         losses["total"] = self.lambda_rec * losses["rec"] + self.lambda_reg * losses["reg"] + self.lambda_cls * losses["cls"]

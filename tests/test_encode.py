@@ -190,7 +190,7 @@ def test_official_weights_errors(tmp_path):
     with pytest.raises(ValueError, match=r"holds no 'caffe_vae_weights' struct \(variables: \['weights'\]\)"):
         load_official_weights(tmp_path / "other.mat")
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
-    with pytest.raises(ValueError, match=r"image.png' is not a MATLAB \.mat file"):
+    with pytest.raises(ValueError, match=r"image.png' is not a MATLAB v5 \.mat file"):
         load_official_weights(tmp_path / "image.png")
 
 

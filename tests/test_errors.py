@@ -42,7 +42,7 @@ def test_fv_accumulate_rejects(changes, error, message):
 
 def test_unknown_and_unavailable_backends():
     z, x, w, b, s, f, lengths = problem32()
-    with pytest.raises(RuntimeError, match="unknown backend 'fast'"):
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
         fvkernels.fv_accumulate(z, x, w, b, s, backend="fast")
     with pytest.raises(RuntimeError, match="'cuda' is not available"):
         fvkernels.fv_accumulate(z, x, w, b, s, backend="cuda")
@@ -95,7 +95,8 @@ def test_spp_needs_7x7_maps():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(prenorm="layer"), r"prenorm must be one of"),
     (dict(spp="pyramid"), r"spp must be one of"),
-    (dict(norm_scale=0.0), r"norm_scale must be positive"),
+    (dict(norm_scale=0.0), r"norm_scale must be finite and positive"),
+    (dict(norm_scale=float("inf")), r"norm_scale must be finite and positive"),
 ])
 def test_params_options_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -7,12 +7,23 @@ graph and raises a RuntimeError carrying the message when the compiled code runs
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 MAX_NAMED_INDICES = 10
+
+
+class NonFiniteError(ValueError):
+    """A NaN or ±Inf where fvkernels needs finite values (a ValueError: the values passed in are wrong). Its own
+    type, so that a caller holding more context (the training loop: the step, the sets' indices in the data) can
+    say more: `finding` is what was found, without the advice that follows it in the message."""
+
+    def __init__(self, message: str, finding: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.finding = message if finding is None else finding
 
 
 def tracing() -> bool:
@@ -59,15 +70,72 @@ def nonfinite_rows(tensor: Tensor) -> List[int]:
     return (~finite).nonzero().flatten()[:MAX_NAMED_INDICES].tolist()
 
 
-def check_finite(tensor: Tensor, describe: Callable[[Optional[List[int]]], str], *, offset: int = 0) -> None:
-    """Refuses NaN or ±Inf in `tensor` with ValueError(describe(indices)): the first offending indices along dim 0,
+def check_finite(tensor: Tensor, describe: Callable[[Optional[List[int]]], str], *, offset: int = 0,
+                 witness: Optional[Tensor] = None) -> None:
+    """Refuses NaN or ±Inf in `tensor` with NonFiniteError(describe(indices)): the first offending indices along dim 0,
     numbered from `offset` (e.g. the first set of a chunk). While tracing, the in-graph assertion carries
-    describe(None), as no index is known before the compiled code runs."""
+    describe(None), as no index is known before the compiled code runs.
+
+    witness: a smaller tensor that is not finite wherever `tensor` is not (the kernels' per-row sums of squares of
+    their output), read instead of `tensor` eagerly: only when the witness is not finite (bad values, or an
+    overflow of the witness alone) is `tensor` itself searched."""
     batched = torch._C._functorch.is_batchedtensor(tensor)
     tensor = unbatched(tensor)
     if tracing():
         torch._assert_async(torch.isfinite(tensor).all(), describe(None))
         return
+    if witness is not None and all_finite([witness]):
+        return
     bad = nonfinite_rows(tensor)
     if bad:  # under vmap dim 0 is not the caller's: no index is named then
-        raise ValueError(describe(None if batched else [index + offset for index in bad]))
+        raise NonFiniteError(describe(None if batched else [index + offset for index in bad]))
+
+
+def _accumulation_dtype(tensor: Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every floating entry of every tensor is finite, eagerly, with one read from the device for all of
+    them: a finite sum proves its terms finite (a sum that overflows is re-checked entry by entry)."""
+    floating = [unbatched(t).detach() for t in tensors if t is not None and t.is_floating_point() and t.numel()]
+    if not floating:
+        return True
+    sums = torch.stack([t.sum(dtype=_accumulation_dtype(t)).to(torch.float64) for t in floating])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in floating)
+
+
+def first_nonfinite(tensor: Tensor) -> Optional[Tuple[Tuple[int, ...], float, int]]:
+    """(index, value, count) of the first NaN/±Inf entry of tensor and the number of such entries, or None; eager."""
+    values = unbatched(tensor).detach()
+    if not values.is_floating_point():
+        return None
+    bad = ~torch.isfinite(values)
+    count = int(bad.sum())
+    if not count:
+        return None
+    index = tuple(int(i) for i in bad.nonzero()[0]) if values.dim() else ()
+    return index, float(values[index]), count
+
+
+def check_finite_tensors(named: Dict[str, Optional[Tensor]], advice: str) -> None:
+    """Refuses NaN or ±Inf in any of the named tensors: NonFiniteError naming the first such tensor, the value and its
+    index, then `advice` (what to do). Eagerly one read from the device when all are finite; while tracing an
+    in-graph assertion per tensor."""
+    present = {name: t for name, t in named.items() if t is not None and t.is_floating_point()}
+    if tracing():
+        for name, tensor in present.items():
+            torch._assert_async(torch.isfinite(unbatched(tensor)).all(), f"{name} holds NaN or Inf; {advice}")
+        return
+    if all_finite(list(present.values())):
+        return
+    for name, tensor in present.items():
+        found = first_nonfinite(tensor)
+        if found is not None:
+            index, value, count = found
+            where = f" at index {index[0] if len(index) == 1 else index}" if index else ""
+            shown = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+            finding = f"{name} holds {shown}{where} ({count} of {tensor.numel()} entries are NaN or Inf)"
+            raise NonFiniteError(f"{finding}; {advice}", finding)

@@ -69,9 +69,17 @@ def available_backends() -> list:
     return [b for b in BACKENDS if any(unavailable_reason(b, d) is None for d in devices)]
 
 
+def check_backend_name(backend) -> None:
+    """Refuses a word that names no backend (ValueError: the caller's argument is wrong, whatever the machine)."""
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)} "
+                         "(fvkernels.available_backends() lists those this machine runs)")
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Turns "auto" into a concrete backend for `device` (AUTO_ORDER); checks an explicit choice (never falls
-    back)."""
+    back): ValueError for an unknown name, RuntimeError for a backend this machine or device cannot run."""
+    check_backend_name(backend)
     if backend == "auto":
         from fvkernels.ops.verification import trusted_for_auto  # it launches kernels through this module
 

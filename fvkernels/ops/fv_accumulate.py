@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from fvkernels.common.checks import tracing, transformed
+from fvkernels.common.checks import check_finite, check_finite_tensors, tracing, transformed
 from fvkernels.common.tensors import signed_sqrt_derivative
 from fvkernels.ops import dispatch
 from fvkernels.ops.kernel_args import FVAccumulateArgs
@@ -184,15 +184,27 @@ def fv_accumulate(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, in
     longer than the arithmetic; with out= nothing is recorded for autograd.
     """
     lengths = check_fv_inputs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths)
+    inputs = dict(z=z, x=x, dec_weight=dec_weight, dec_bias=dec_bias, inv_sigma2=inv_sigma2, fisher_rsqrt=fisher_rsqrt)
+    check_finite_tensors(inputs, "fv_accumulate's inputs must be finite")
     # Checks the choice now (and runs auto's check of a GPU kernel); the op gets the caller's word and resolves it
     # where it runs, so that an exported graph is not tied to this machine's backend.
     dispatch.resolve(backend, z.device, compute_dtype(z.dtype, z.device, out))
+    arguments = (z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None, False)
+    # The row sums of squares (C per set, from the kernels' epilogue) witness the output's finiteness for the check
+    # below, which otherwise would read the whole (N, C, d+1) output again; they are float32, too narrow for float64.
+    with_row_sumsq = z.dtype != torch.float64 and compute_dtype(z.dtype, z.device, out) != torch.float64
     if out is None:
-        return fv_accumulate_functional(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None, False,
-                                        False, backend)[0]
-    check_out(out, (z.shape[0], x.shape[2], z.shape[2] + 1), z, [z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt])
-    if tracing() or transformed():  # captured graphs and transforms stay functional: one op to translate
-        return out.copy_(fv_accumulate_functional(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None,
-                                                  False, False, backend)[0])
-    fv_accumulate_out_op(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None, False, backend, out, None)
-    return out
+        result, row_sumsq = fv_accumulate_functional(*arguments, with_row_sumsq, backend)
+    else:
+        check_out(out, (z.shape[0], x.shape[2], z.shape[2] + 1), z, dict(inputs, lengths=lengths))
+        if tracing() or transformed():  # captured graphs and transforms stay functional: one op to translate
+            result, row_sumsq = fv_accumulate_functional(*arguments, with_row_sumsq, backend)
+            result = out.copy_(result)
+        else:
+            row_sumsq = z.new_empty((z.shape[0], x.shape[2] if with_row_sumsq else 0), dtype=torch.float32)
+            fv_accumulate_out_op(*arguments, backend, out, row_sumsq if with_row_sumsq else None)
+            result = out
+    check_finite(result, lambda sets: f"the Fisher vectors of {'some sets' if sets is None else f'sets {sets}'} "
+                 f"overflowed {result.dtype} although the inputs are finite (the sums grow with T and x²/σx²); scale "
+                 "x down, or compute in float64", witness=row_sumsq if with_row_sumsq else None)
+    return result

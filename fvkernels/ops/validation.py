@@ -6,7 +6,7 @@ torch.compile. Every kernel call also checks the structure it relies on to stay 
 dtypes, devices, strides: no values read), so that the registered ops are safe to call directly."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -146,13 +146,49 @@ def check_out_buffer(out, shape: tuple, dtype: torch.dtype, device: torch.device
                          f"{out[0].numel()} elements); pass a contiguous tensor")
 
 
-def check_out(out, shape: tuple, like: Tensor, inputs: list) -> None:
-    """`out=` is for inference into a reused buffer: right shape/dtype/device, each row block contiguous,
-    and nothing for autograd to record (the custom op, which allocates, is the differentiable path). Under
-    torch.autocast the buffer's floating dtype is the one computed in."""
+def memory_span(tensor: Tensor) -> Optional[Tuple[int, int]]:
+    """[first, last + 1) byte addresses a tensor's elements occupy, or None when it has none."""
+    if tensor.numel() == 0:
+        return None
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    start = tensor.data_ptr()
+    return start, start + (last + 1) * tensor.element_size()
+
+
+def check_no_overlap(outputs: Dict[str, Optional[Tensor]], inputs: Dict[str, Optional[Tensor]]) -> None:
+    """Refuses an output whose memory overlaps an input's (or another output's): the kernels read inputs while they
+    write, so an overlap gives wrong numbers on some backends and right ones on others. Spans are compared, so
+    interleaved views of one buffer count as overlapping."""
+    spans = {name: memory_span(t) for name, t in {**inputs, **outputs}.items()
+             if t is not None and t.device.type != "meta" and not is_fake(t)}
+    names = list(spans)
+    for position, name in enumerate(names):
+        if name not in outputs or spans[name] is None:
+            continue
+        start, end = spans[name]
+        for other in names[:position] + names[position + 1:]:
+            if other in outputs and names.index(other) < position:
+                continue  # each pair of outputs once
+            if spans[other] is not None and spans[other][0] < end and start < spans[other][1]:
+                raise ValueError(f"{name} overlaps {other} in memory, which the kernels do not support (they read "
+                                 f"their inputs while they write): pass a separate buffer for {name} (e.g. "
+                                 f"torch.empty_like), or {other}.clone()")
+
+
+def is_fake(tensor: Tensor) -> bool:
+    """FakeTensors (torch.compile, torch.export, opcheck) have no memory to compare."""
+    return (isinstance(tensor, torch._subclasses.fake_tensor.FakeTensor)
+            or torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
+def check_out(out, shape: tuple, like: Tensor, inputs: Dict[str, Optional[Tensor]]) -> None:
+    """`out=` is for inference into a reused buffer: right shape/dtype/device, each row block contiguous, apart
+    from every input in memory, and nothing for autograd to record (the custom op, which allocates, is the
+    differentiable path). Under torch.autocast the buffer's floating dtype is the one computed in."""
     autocast_dtype = isinstance(out, Tensor) and out.dtype in FLOAT_DTYPES and autocasting(like.device)
     check_out_buffer(out, shape, out.dtype if autocast_dtype else like.dtype, like.device)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    check_no_overlap({"out": out}, inputs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs.values()):
         raise ValueError("out= skips autograd; inputs require grad here: call without out= to differentiate, "
                          "or inside torch.no_grad()")
 
@@ -169,4 +205,7 @@ def check_kernel_call(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, leng
         check_out_buffer(row_sumsq, (num_sets, x.shape[2]), torch.float32, z.device, name="row_sumsq")
         if not row_sumsq.is_contiguous():
             raise ValueError("row_sumsq must be contiguous; pass torch.empty((N, C), dtype=torch.float32)")
+    check_no_overlap(dict(out=out, row_sumsq=row_sumsq),
+                     dict(z=z, x=x, dec_weight=dec_weight, dec_bias=dec_bias, inv_sigma2=inv_sigma2,
+                          fisher_rsqrt=fisher_rsqrt, lengths=lengths, x_scale=x_scale))
     return lengths

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fvkernels.common.checks import check_finite, tracing, transformed
+from fvkernels.common.checks import all_finite, check_finite, check_finite_tensors, tracing, transformed
 from fvkernels.common.tensors import NORM_FLOOR, l2_normalize, length_mask
 from fvkernels.ops import dispatch
 from fvkernels.ops.fv_accumulate import fv_accumulate_functional, fv_accumulate_out_op
@@ -89,6 +89,29 @@ def check_finite_acts(acts: Tensor) -> None:
     check_finite(acts, describe)
 
 
+def check_finite_inputs(acts: Tensor, params: FVVAEParams) -> None:
+    """Refuses NaN/±Inf in acts (naming the sets) or in the parameters (naming the tensor and index): one read from
+    the device when all are finite. The parameters are checked on every call, not only when FVVAEParams is made:
+    a layer's weights change in training, and a NaN weight does not always show in the output (a NaN decoder row
+    zeroes its channel's share through the ReLU mask, leaving a finite, wrong Fisher vector)."""
+    if not tracing() and all_finite([acts, *params.tensors()]):
+        return
+    check_finite_acts(acts)
+    check_finite_tensors(params.named_tensors(), "the FV-VAE parameters must be finite: a diverged training run, or "
+                         "damaged weights (retrain from the last good checkpoint, or reload them)")
+
+
+def check_finite_result(fv: Tensor, row_sumsq: Optional[Tensor]) -> None:
+    """Refuses Fisher vectors that came out NaN/±Inf from finite inputs, naming the sets: the sums overflowed. The
+    kernels' per-row sums of squares (C numbers per set) stand witness for the vectors (C·(d+1))."""
+    def describe(sets):
+        where = "of some sets" if sets is None else f"of set(s) {sets} (index along N)"
+        return (f"the Fisher vectors {where} overflowed {fv.dtype} although acts and the parameters are finite: the "
+                "sums grow with the set size and ‖x̂‖²/σx²; pre-normalise (prenorm='descriptor' or 'map'), lower "
+                "norm_scale, or encode in float64")
+    check_finite(fv, describe, witness=row_sumsq)
+
+
 # ---- the steps -------------------------------------------------------------------------------------------
 
 def descriptor_sets(acts: Tensor, params: FVVAEParams) -> Tensor:
@@ -148,7 +171,7 @@ def prenormalised_sets(acts: Tensor, params: FVVAEParams, lengths=None) -> Tuple
     """Validated steps 1–2 of DESIGN §1 (prenorm, SPP), materialised and differentiable: (x̂ (N, T, C),
     lengths as int64 or None). For training; encoding folds the prenorm into the op instead."""
     _, _, lengths = check_encode_inputs(acts, params, lengths)
-    check_finite_acts(acts)
+    check_finite_inputs(acts, params)
     descriptors = descriptor_sets(acts, params)
     scale = prenorm_scale(acts, descriptors, params, lengths)
     return (descriptors if scale is None else descriptors * scale.unsqueeze(-1)), lengths
@@ -195,24 +218,28 @@ def _workspace_plan(params: FVVAEParams, num_sets: int, set_size: int, element: 
     return sets_per_chunk, int(max(16, rows_budget // (live * element)))
 
 
-def _fuses_norm(normalize: bool, dtype: torch.dtype) -> bool:
-    # The kernels' per-row sums of squares are float32: enough for a float32 (or lower) output, not for float64.
-    return normalize and dtype != torch.float64
+def _takes_row_sums(dtype: torch.dtype) -> bool:
+    # The kernels' per-row sums of squares are float32: enough for a float32 (or lower) output — its L2 norm and
+    # its finiteness check — not for float64, whose squares may exceed float32's range.
+    return dtype != torch.float64
 
 
 def _encode_whole(acts, params, lengths, normalize, backend, num_sets):
-    """All sets at once through the functional op: differentiable, and traceable by torch.compile/export."""
+    """All sets at once through the functional op: differentiable, and traceable by torch.compile/export.
+    Returns (Fisher vectors, the kernel's row sums of squares or None)."""
     descriptors = descriptor_sets(acts, params)
     scale = prenorm_scale(acts, descriptors, params, lengths)
     latents = encoder_forward(descriptors, params.encoder, scale)
-    fused = _fuses_norm(normalize, acts.dtype)
+    with_row_sumsq = _takes_row_sums(acts.dtype)
     fv, row_sumsq = fv_accumulate_functional(latents, descriptors, params.dec_weight, params.dec_bias,
-                                             params.inv_sigma2, params.fisher_rsqrt, lengths, scale, normalize, fused,
-                                             backend)
-    fv = fv.reshape(num_sets, -1)
+                                             params.inv_sigma2, params.fisher_rsqrt, lengths, scale, normalize,
+                                             with_row_sumsq, backend)
+    fv = fv.reshape(num_sets, params.dim)
+    row_sumsq = row_sumsq if with_row_sumsq else None
     if not normalize:
-        return fv
-    return l2_normalize(fv, dim=1, squared_norms=row_sumsq.sum(1, keepdim=True) if fused else None)
+        return fv, row_sumsq
+    return l2_normalize(fv, dim=1, squared_norms=None if row_sumsq is None else row_sumsq.sum(1, keepdim=True)), \
+        row_sumsq
 
 
 @torch.no_grad()
@@ -221,8 +248,8 @@ def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_siz
     channels, latent = params.channels, params.latent_dim
     out = acts.new_empty((num_sets, params.dim)) if out is None else out
     out_sets = out.view(num_sets, channels, latent + 1)
-    fused = _fuses_norm(normalize, acts.dtype)
-    row_sumsq = torch.empty((num_sets, channels), dtype=torch.float32, device=acts.device) if fused else None
+    row_sumsq = (torch.empty((num_sets, channels), dtype=torch.float32, device=acts.device)
+                 if _takes_row_sums(acts.dtype) else None)
     copies_rows = acts.dim() == 4 and params.spp is None  # NCHW views are copied row block by row block
     sets_per_chunk, max_rows = _workspace_plan(params, num_sets, set_size, acts.element_size(), copies_rows)
     inv_sigma2, fisher_rsqrt = params.inv_sigma2, params.fisher_rsqrt  # derived on each access: once for all chunks
@@ -237,9 +264,10 @@ def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_siz
                              chunk_lengths, scale, normalize, backend, out_sets[chunk],
                              None if row_sumsq is None else row_sumsq[chunk])
         del latents  # before the next chunk allocates its own: one chunk's intermediates alive at a time
-    if not normalize:
-        return out
-    return l2_normalize(out, dim=1, squared_norms=row_sumsq.sum(1, keepdim=True) if fused else None, in_place=True)
+    if normalize:
+        l2_normalize(out, dim=1, squared_norms=None if row_sumsq is None else row_sumsq.sum(1, keepdim=True),
+                     in_place=True)
+    return out, row_sumsq
 
 
 def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize: bool = True,
@@ -255,11 +283,14 @@ def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize:
     num_sets, set_size, lengths = check_encode_inputs(acts, params, lengths)
     # Checks the choice now; the op gets the caller's word and resolves it where it runs (portable graphs).
     dispatch.resolve(backend, acts.device, compute_dtype(acts.dtype, acts.device, out))
-    check_finite_acts(acts)
+    check_finite_inputs(acts, params)
     if out is not None:
-        check_out(out, (num_sets, params.dim), acts, [acts, *params.tensors()])
+        check_out(out, (num_sets, params.dim), acts, dict(acts=acts, **params.named_tensors()))
     differentiable = torch.is_grad_enabled() and (acts.requires_grad or any(t.requires_grad for t in params.tensors()))
     if differentiable or tracing() or transformed() or autocasting(acts.device):
-        fv = _encode_whole(acts, params, lengths, normalize, backend, num_sets)
-        return fv if out is None else out.copy_(fv)
-    return _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size, out)
+        fv, row_sumsq = _encode_whole(acts, params, lengths, normalize, backend, num_sets)
+        fv = fv if out is None else out.copy_(fv)
+    else:
+        fv, row_sumsq = _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size, out)
+    check_finite_result(fv, row_sumsq)
+    return fv

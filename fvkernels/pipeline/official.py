@@ -8,6 +8,9 @@ from torch import Tensor
 
 from fvkernels.pipeline.params import FVVAEParams
 
+OFFICIAL_RELEASE = "github.com/fv-vae/fv-vae, vae_models/"
+MAT5_HEADER = b"MATLAB 5.0 MAT-file"
+
 
 def to_official_layout(fv: Tensor, channels: int) -> Tensor:
     """Reorders (..., C·(d+1)) row-major Fisher vectors to the official MATLAB column-major order."""
@@ -55,14 +58,31 @@ def load_official_weights(path) -> FVVAEParams:
         raise FileNotFoundError(f"no official FV-VAE weight file at {path!r}")
     try:
         contents = loadmat(path, squeeze_me=False, struct_as_record=True)
-    except OSError:
-        raise  # permissions, I/O: the message already says what went wrong with the file
-    except (ValueError, TypeError, NotImplementedError) as error:
-        raise ValueError(f"{path!r} is not a MATLAB .mat file scipy can read ({error}); expected a "
-                         "caffe_vae_weights_*.mat of the official release (github.com/fv-vae/fv-vae, vae_models/)") from error
+    except (PermissionError, IsADirectoryError):
+        raise  # the message already says what went wrong with the path
+    except Exception as error:  # scipy's errors for a damaged file range from OSError to IndexError
+        raise ValueError(_unreadable_mat(path, error)) from error
+    try:
+        return _official_params(contents)
+    except (ValueError, TypeError) as error:  # name the file: its contents are what is wrong
+        raise type(error)(f"{path!r}: {error}") from None
+
+
+def _unreadable_mat(path: str, error: Exception) -> str:
+    with open(path, "rb") as handle:
+        header = handle.read(len(MAT5_HEADER))
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+    if MAT5_HEADER.startswith(header):  # the header, or a file cut inside it (empty included)
+        return (f"{path!r} is damaged (truncated or corrupt): scipy cannot read this MATLAB file ({reason}); download "
+                f"it again from {OFFICIAL_RELEASE}")
+    return (f"{path!r} is not a MATLAB v5 .mat file scipy can read ({reason}); expected a caffe_vae_weights_*.mat "
+            f"of the official release ({OFFICIAL_RELEASE})")
+
+
+def _official_params(contents: dict) -> FVVAEParams:
     if "caffe_vae_weights" not in contents:
         variables = [k for k in contents if not k.startswith("__")]
-        raise ValueError(f"{path!r} holds no 'caffe_vae_weights' struct (variables: {variables})")
+        raise ValueError(f"the file holds no 'caffe_vae_weights' struct (variables: {variables})")
     root = contents["caffe_vae_weights"].reshape(-1)[0]
     encoder = []
     for index, layer in enumerate(_mat_field(root, "encoder", "caffe_vae_weights").reshape(-1)):

@@ -1,13 +1,16 @@
 """The parameters of a trained FV-VAE (DESIGN §2): what the pipeline needs, checked once when they are made."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import InitVar, dataclass, replace
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from fvkernels.common.checks import require
+from fvkernels.common.checks import check_finite_tensors, require
 from fvkernels.common.tensors import floor_for
 
 PRENORMS = ("descriptor", "map", None)
@@ -44,10 +47,24 @@ class FVVAEParams:
     validate: InitVar[bool] = True
 
     def __post_init__(self, validate: bool) -> None:
-        self.encoder = [(w, b, bool(relu)) for w, b, relu in self.encoder]
+        self.encoder = [self._encoder_layer(index, layer) for index, layer in enumerate(self.encoder)]
+        for name in ("dec_weight", "dec_bias", "sigma_x", "fisher"):
+            setattr(self, name, _as_tensor(name, getattr(self, name), optional=name == "fisher"))
         if validate:
             self._check_structure()
             self._check_values()
+
+    @staticmethod
+    def _encoder_layer(index: int, layer) -> EncoderLayer:
+        where = f"encoder layer {index}"
+        if not isinstance(layer, (tuple, list)) or len(layer) != 3:
+            got = f"a {type(layer).__name__} of {len(layer)}" if isinstance(layer, (tuple, list)) else \
+                type(layer).__name__
+            raise ValueError(f"{where} must be a (weight (out, in), bias (out,), relu: bool) triple, got {got}")
+        weight, bias, relu = layer
+        if not isinstance(relu, (bool, np.bool_)):  # bool("False") is True: no guessing from other types
+            raise TypeError(f"{where}'s relu flag must be True or False, got {relu!r} ({type(relu).__name__})")
+        return _as_tensor(f"{where} weight", weight), _as_tensor(f"{where} bias", bias), bool(relu)
 
     @property
     def fisher_rsqrt(self) -> Optional[Tensor]:
@@ -61,8 +78,11 @@ class FVVAEParams:
             raise ValueError(f"prenorm must be one of {PRENORMS}, got {self.prenorm!r}")
         if self.spp not in SPP_MODES:
             raise ValueError(f"spp must be one of {SPP_MODES}, got {self.spp!r}")
-        if not float(self.norm_scale) > 0:
-            raise ValueError(f"norm_scale must be positive, got {self.norm_scale}")
+        if isinstance(self.norm_scale, bool) or not isinstance(self.norm_scale, numbers.Real):
+            raise TypeError(f"norm_scale must be a real number, got {self.norm_scale!r} "
+                            f"({type(self.norm_scale).__name__})")
+        if not (math.isfinite(self.norm_scale) and self.norm_scale > 0):
+            raise ValueError(f"norm_scale must be finite and positive, got {self.norm_scale}")
         if not self.encoder:
             raise ValueError("encoder must have at least one (weight, bias, relu) layer")
         if self.dec_weight.dim() != 2:
@@ -87,6 +107,10 @@ class FVVAEParams:
             raise ValueError(f"fisher must have shape (C, d+1) = ({channels}, {latent + 1}), "
                              f"got {tuple(self.fisher.shape)}")
         tensors = self.tensors()
+        for name, tensor in self.named_tensors().items():
+            if not tensor.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor (float32/float64/float16/bfloat16), got "
+                                f"{tensor.dtype}; convert it with .float()")
         dtypes = {t.dtype for t in tensors}
         devices = {t.device for t in tensors}
         if len(dtypes) > 1 or len(devices) > 1:
@@ -94,7 +118,12 @@ class FVVAEParams:
                             f"{sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}")
 
     def _check_values(self) -> None:
-        require(self.sigma_x > 0, "sigma_x must be positive in every channel")
+        check_finite_tensors(self.named_tensors(), "FV-VAE parameters must be finite: retrain, or reload them")
+        require(self.sigma_x > 0, "sigma_x must be positive in every channel",
+                details=lambda: f", got {float(self.sigma_x.min()):g} in channel {int(self.sigma_x.argmin())}")
+        if self.fisher is not None:
+            require(self.fisher >= 0, "fisher is a mean of squares and must be ≥ 0 in every entry",
+                    details=lambda: f", got {float(self.fisher.min()):g}")
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{w.shape[1]}→{w.shape[0]}{' ReLU' if relu else ''}" for w, _, relu in self.encoder)
@@ -104,8 +133,17 @@ class FVVAEParams:
                 f"device={self.device})")
 
     def tensors(self) -> List[Tensor]:
-        flat = [t for w, b, _ in self.encoder for t in (w, b)] + [self.dec_weight, self.dec_bias, self.sigma_x]
-        return flat + ([self.fisher] if self.fisher is not None else [])
+        return list(self.named_tensors().values())
+
+    def named_tensors(self) -> Dict[str, Tensor]:
+        """The tensors by the names errors use: encoder[i].weight, encoder[i].bias, dec_weight, …, fisher."""
+        named = {}
+        for index, (weight, bias, _) in enumerate(self.encoder):
+            named[f"encoder[{index}].weight"], named[f"encoder[{index}].bias"] = weight, bias
+        named.update(dec_weight=self.dec_weight, dec_bias=self.dec_bias, sigma_x=self.sigma_x)
+        if self.fisher is not None:
+            named["fisher"] = self.fisher
+        return named
 
     @property
     def channels(self) -> int:
@@ -139,3 +177,15 @@ class FVVAEParams:
         return replace(self, encoder=[(move(w), move(b), relu) for w, b, relu in self.encoder],
                        dec_weight=move(self.dec_weight), dec_bias=move(self.dec_bias),
                        sigma_x=move(self.sigma_x), fisher=move(self.fisher))
+
+
+def _as_tensor(name: str, value, *, optional: bool = False) -> Optional[Tensor]:
+    """A parameter as a tensor: tensors as they are, numpy arrays shared with torch; anything else refused."""
+    if value is None and optional:
+        return None
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    raise TypeError(f"FVVAEParams' {name} must be a torch.Tensor (or a numpy array), got {type(value).__name__}; "
+                    "wrap it with torch.tensor(...)")

@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from fvkernels.common.files import atomic_save
+from fvkernels.common.checks import check_finite_tensors
+from fvkernels.common.files import atomic_save, content_digest, remove_stale_temporaries
 from fvkernels.nn import FVVAE
 
 CHECKPOINT_FORMAT = "fvkernels.FVVAE"
@@ -16,6 +17,7 @@ CHECKPOINT_FORMAT = "fvkernels.FVVAE"
 # still loads as a model, but resuming its training would not continue the run it came from.
 CHECKPOINT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
 
 
 def save_checkpoint(path, model: FVVAE, optimizer: Optional[torch.optim.Optimizer] = None, iteration: int = 0,
@@ -25,15 +27,26 @@ def save_checkpoint(path, model: FVVAE, optimizer: Optional[torch.optim.Optimize
     backbone, layer, image size and weights digest), checked again on resume and by `fvkernels extract`.
     training: the run's options that decide its result (seed, batch size, lr, number of sets, data
     fingerprint), checked on resume so that a changed command line does not silently continue another run."""
-    atomic_save({
+    state = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dict(model.config),
         "model": model.state_dict(), "optimizer": None if optimizer is None else optimizer.state_dict(),
         "iteration": iteration, "history": list(history), "input_spec": input_spec, "training": training,
-    }, path)
+    }
+    write_checkpoint(path, state)
+
+
+def write_checkpoint(path, state: dict) -> None:
+    """Writes a checkpoint's state dict atomically with the digest of its contents, after refusing non-finite
+    weights (NonFiniteError): a diverged run never replaces the last good file."""
+    check_finite_tensors({f"model.{name}": tensor for name, tensor in state["model"].items()},
+                         f"not written to {str(path)!r}, which keeps its last good state")
+    state = {key: value for key, value in state.items() if key != "sha256"}
+    atomic_save(dict(state, sha256=content_digest(state)), path)
 
 
 def read_checkpoint(path) -> dict:
-    """Loads and checks a checkpoint's format and version (errors say what is wrong with the file)."""
+    """Loads and checks a checkpoint: its format and version, that its contents are those written (by the digest
+    that checkpoints record; errors name a damaged file as damaged) and that its weights are finite."""
     written_by = "written by `fvkernels train` / fvkernels.training.train"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -41,11 +54,10 @@ def read_checkpoint(path) -> dict:
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}") from None
     except IsADirectoryError:
         raise ValueError(f"{str(path)!r} is a folder, not an fvkernels checkpoint ({written_by})") from None
-    except OSError:
-        raise  # permissions, I/O: the file may well be a checkpoint, and the error says what went wrong
+    except PermissionError:
+        raise  # the file may well be a checkpoint, and the error says what went wrong
     except Exception as error:  # torch.load explains in paragraphs why a file does not unpickle; its type is enough
-        raise ValueError(f"{str(path)!r} is not an fvkernels checkpoint ({written_by}): torch.load cannot read it "
-                         f"({type(error).__name__})") from error
+        raise ValueError(_unreadable(path, error, written_by)) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not an fvkernels FVVAE checkpoint (format {state.get('format')!r} "
                          f"if a dict, expected {CHECKPOINT_FORMAT!r})" if isinstance(state, dict) else
@@ -54,8 +66,30 @@ def read_checkpoint(path) -> dict:
         raise ValueError(f"{str(path)!r} has checkpoint version {state.get('version')!r}; this fvkernels reads "
                          f"version {' or '.join(map(str, READABLE_VERSIONS))} — load it with the fvkernels release "
                          "that wrote it")
+    stored = state.pop("sha256", None)
+    if stored is not None and stored != content_digest(state):
+        raise ValueError(f"checkpoint {str(path)!r} is damaged: its contents differ from those written (sha256 "
+                         f"{stored[:12]}… recorded); restore a copy, or delete it and train again")
+    check_finite_tensors({f"model.{name}": tensor for name, tensor in state.get("model", {}).items()},
+                         f"checkpoint {str(path)!r} holds non-finite weights (written by an fvkernels release that "
+                         "did not refuse them); train again from an earlier checkpoint")
     state.setdefault("input_spec", None)
     return state
+
+
+def _unreadable(path, error: Exception, written_by: str) -> str:
+    """Why torch.load could not read the file: damaged (empty, or a zip archive — torch.save's format — that does
+    not read back), or not a checkpoint at all."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    reason = type(error).__name__  # torch.load's messages run to paragraphs of advice that does not apply here
+    if not head:
+        return (f"checkpoint {str(path)!r} is damaged: the file is empty (a copy or a save that never finished); "
+                "restore a copy, or delete it and train again")
+    if head == ZIP_MAGIC:
+        return (f"checkpoint {str(path)!r} is damaged (truncated or corrupt): torch.load cannot read it ({reason}); "
+                "restore a copy, or delete it and train again")
+    return f"{str(path)!r} is not an fvkernels checkpoint ({written_by}): torch.load cannot read it ({reason})"
 
 
 def check_compatible(state: dict, model: FVVAE, path, input_spec: Optional[dict] = None) -> None:
@@ -89,6 +123,7 @@ def resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training:
     if checkpoint is None:
         return None
     _check_writable_folder(checkpoint)
+    remove_stale_temporaries(Path(checkpoint).parent, Path(checkpoint).name)  # a save that was killed midway
     if not Path(checkpoint).exists():
         return None
     state = read_checkpoint(checkpoint)

@@ -2,6 +2,7 @@
 checkpoints, on one process or data-parallel on several (torchrun)."""
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fvkernels.common import collectives
+from fvkernels.common.checks import MAX_NAMED_INDICES, NonFiniteError, all_finite, check_finite
 from fvkernels.nn import FVVAE
 from fvkernels.training.checkpoint import check_counts, resume_state, save_checkpoint
 from fvkernels.training.data import SetData
@@ -48,6 +50,8 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     check_counts(iterations, batch_size, checkpoint_every, checkpoint)
     if model.classifier is not None and data.labels is not None:  # once here: loss() checks ranges on CPU only
         model._check_labels(data.labels.cpu(), len(data))
+    check_finite(data.acts, lambda sets: f"the training data's acts hold NaN or Inf in "
+                 f"{'some sets' if sets is None else f'sets {sets} (indices into the data)'}; clean or drop them")
     device = torch.device(device) if device is not None else data.acts.device
     model.to(device).train()
     rank, processes = collectives.rank_and_size(distributed)
@@ -74,27 +78,102 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     for _ in range(start):  # replaying the order is cheaper than storing the iterator's position
         next(order)
     share = slice(rank, None, processes)
+    saved = start
     with tqdm(total=iterations, initial=start, desc="FV-VAE training", disable=not progress or rank != 0) as bar:
         for iteration in range(start, iterations):
-            acts, labels, lengths = data.batch(next(order)[share], device)
+            indices = next(order)[share]
+            acts, labels, lengths = data.batch(indices, device)
             if not model.has_sigma_floor:
                 model.init_sigma_floor(acts, lengths, distributed=distributed)
             noise_seeds = torch.randint(2 ** 62, (global_batch,),
-                                        generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration))
-            losses = objective(acts, labels, lengths, noise_seeds[share].tolist())
+                                        generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration))[share]
+            step = _Step(iteration + 1, iterations, indices, checkpoint, saved, lr)
+            try:
+                losses = objective(acts, labels, lengths, noise_seeds.tolist())
+            except NonFiniteError as error:  # the parameters went non-finite in the previous step's update
+                raise step.diverged(f"the update of step {iteration} made the parameters diverge: {error.finding}") \
+                    from None
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
+            # One read per step, for the history and the check: the first non-finite loss or gradient stops the run
+            # before the optimizer applies it and before any checkpoint is written.
+            values = torch.stack([value.detach().double() for value in losses.values()] + [_gradient_sum(model)])
+            values = collectives.sum_over_processes(values, distributed).tolist()
+            means = dict(zip(losses, [value / processes for value in values[:-1]]))
+            if not all(map(math.isfinite, values)):
+                raise step.diverged(step.describe_losses(means), step.nonfinite_sets(model, acts, labels, lengths,
+                                                                                     noise_seeds))
             optimizer.step()
-            means = collectives.sum_over_processes(torch.stack([value.detach().double() for value in losses.values()]),
-                                                  distributed) / processes
-            history.append(dict(zip(losses, means.tolist())))
-            bar.set_postfix(total=f"{history[-1]['total']:.4g}", cls=f"{history[-1]['cls']:.3f}")
+            history.append(means)
+            bar.set_postfix(total=f"{means['total']:.4g}", cls=f"{means['cls']:.3f}")
             bar.update()
             done = iteration + 1
-            if checkpoint is not None and rank == 0 and (done % checkpoint_every == 0 or done == iterations):
-                save_checkpoint(checkpoint, model, optimizer, done, history, input_spec, options)
+            if checkpoint is not None and (done % checkpoint_every == 0 or done == iterations):
+                # Every process checks (the parameters are the same everywhere), so that all stop together when
+                # the last update overflowed; save_checkpoint refuses non-finite weights in any case.
+                if not all_finite(list(model.parameters())):
+                    raise step.diverged(f"the update of step {done} made the parameters non-finite")
+                if rank == 0:
+                    save_checkpoint(checkpoint, model, optimizer, done, history, input_spec, options)
+                saved = done
     model.eval()
     return history
+
+
+def _gradient_sum(model: nn.Module) -> Tensor:
+    """Σ of every gradient entry, float64: finite iff every gradient is (or, rarely, a sum that overflows, which
+    the culprit search then clears), at the cost of one reduction per parameter and no read."""
+    sums = [parameter.grad.sum(dtype=torch.float64) for parameter in model.parameters() if parameter.grad is not None]
+    return torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64)
+
+
+class _Step:
+    """What a failed step says: its number, the sets by their index in the training data, the last checkpoint."""
+
+    def __init__(self, number: int, iterations: int, indices: Tensor, checkpoint, saved: int, lr: float) -> None:
+        self.number, self.iterations, self.indices = number, iterations, indices
+        self.checkpoint, self.saved, self.lr = checkpoint, saved, lr
+
+    def describe_losses(self, means: Dict[str, float]) -> str:
+        bad = [f"{name} = {value}" for name, value in means.items() if not math.isfinite(value)]
+        if bad:
+            return "the loss is not finite (" + ", ".join(bad) + ")"
+        return "the loss is finite but its gradient is not"
+
+    def nonfinite_sets(self, model: FVVAE, acts, labels, lengths, noise_seeds: Tensor) -> List[int]:
+        """The sets of this process's share (by index in the data) whose own loss or gradient is not finite: each
+        set's dropout and noise come from its own seed, so alone it reproduces its part of the batch."""
+        parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        bad = []
+        for position in range(len(self.indices)):
+            one = slice(position, position + 1)
+            try:
+                total = model.loss(acts[one], None if labels is None else labels[one],
+                                   None if lengths is None else lengths[one],
+                                   noise_seeds=noise_seeds[one].tolist())["total"]
+                gradients = torch.autograd.grad(total, parameters, allow_unused=True)
+                finite = math.isfinite(float(total.detach())) and all_finite([g for g in gradients if g is not None])
+            except NonFiniteError:
+                finite = False
+            if not finite:
+                bad.append(int(self.indices[position]))
+        return bad
+
+    def diverged(self, what: str, sets: Optional[List[int]] = None) -> NonFiniteError:
+        if sets is None:
+            where = ""
+        elif not sets:
+            where = "; no set alone gives it (the sum over the batch overflowed)"
+        else:
+            named = ", ".join(map(str, sets[:MAX_NAMED_INDICES])) + (", …" if len(sets) > MAX_NAMED_INDICES else "")
+            every = " — every set of the batch: the parameters diverged" if len(sets) == len(self.indices) else ""
+            where = (f", on {len(sets)} of the batch's {len(self.indices)} sets: {named} (indices into the training "
+                     f"data){every}")
+        kept = (f"; {str(self.checkpoint)!r} still holds step {self.saved}, untouched" if self.checkpoint is not None
+                and self.saved else "; no checkpoint was written" if self.checkpoint is not None else "")
+        check = ", or check the sets named" if sets else ""
+        return NonFiniteError(f"training stopped at step {self.number} of {self.iterations}: {what}{where}{kept}. "
+                              f"Lower the learning rate (lr = {self.lr:g}){check}, then train again")
 
 
 def _batches(num_sets: int, batch_size: int, generator: torch.Generator):
