@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fvkernels.common.checks import real_number, whole_number
 from fvkernels.common.collectives import sum_over_processes
 from fvkernels.common.tensors import length_mask
 from fvkernels.ops import dispatch
@@ -39,8 +40,16 @@ class FVVAE(nn.Module):
                  lambda_rec: float = 1.0, lambda_reg: float = 1.0, lambda_cls: Optional[float] = None,
                  sigma_floor: float = 0.05, backend: str = "auto") -> None:
         super().__init__()
+        in_channels, latent_dim = whole_number("in_channels", in_channels), whole_number("latent_dim", latent_dim)
+        hidden = tuple(whole_number(f"hidden[{index}]", width) for index, width in enumerate(hidden))
+        num_classes = None if num_classes is None else whole_number("num_classes", num_classes)
+        dropout = real_number("dropout (the probability of dropping an input entry)", dropout, minimum=0, below=1)
+        lambda_rec, lambda_reg = real_number("lambda_rec", lambda_rec, minimum=0), real_number("lambda_reg", lambda_reg,
+                                                                                                minimum=0)
+        sigma_floor = real_number("sigma_floor", sigma_floor, minimum=0)
         if lambda_cls is None:  # the official prototxt's weight when there are labels, else FV-VAE⁻
             lambda_cls = OFFICIAL_LAMBDA_CLS if num_classes else 0.0
+        lambda_cls = real_number("lambda_cls", lambda_cls, minimum=0)
         if norm_scale is None:
             norm_scale = self.unit_rms_norm_scale(prenorm, in_channels)
         # The constructor's arguments: FVVAE(**model.config) rebuilds the architecture (checkpoints).
@@ -48,10 +57,6 @@ class FVVAE(nn.Module):
                            num_classes=num_classes, prenorm=prenorm, norm_scale=norm_scale, spp=spp, dropout=dropout,
                            lambda_rec=lambda_rec, lambda_reg=lambda_reg, lambda_cls=lambda_cls,
                            sigma_floor=sigma_floor, backend=backend)
-        if in_channels < 1 or latent_dim < 1:
-            raise ValueError(f"in_channels and latent_dim must be positive, got {in_channels} and {latent_dim}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout is the probability of dropping an input entry, in [0, 1), got {dropout}")
         dispatch.check_backend_name(backend)
         if lambda_cls and not num_classes:
             raise ValueError(f"lambda_cls = {lambda_cls} needs num_classes; pass num_classes, or lambda_cls=0 "

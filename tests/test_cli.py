@@ -1,5 +1,8 @@
 """The command line's answers to bad input: a usage error or one line naming the problem, status 2, no
 traceback; and `train` checks its checkpoint before it computes any activation."""
+import os
+import re
+import signal
 import sys
 
 import numpy as np
@@ -59,7 +62,8 @@ def test_counts_and_sizes_must_be_positive(capsys, tmp_path, command, option, va
 def test_a_folder_as_list_is_refused(capsys, tmp_path):
     error = refusal(capsys, "train", "--list", str(tmp_path), "--root", str(tmp_path), "--checkpoint",
                     str(tmp_path / "fvvae.pt"))
-    assert "is a folder; the sample list (--list) must be a file with one 'relative/path [label ≥ 0]' per line" in error
+    assert "is a folder, not a regular file; the sample list (--list) must be a file with one 'relative/path' or " \
+           "'relative/path<TAB>label' (label: a whole number ≥ 0) per line" in error
 
 
 def test_extract_refuses_a_model_that_is_not_a_checkpoint(capsys, tmp_path):
@@ -109,10 +113,64 @@ def test_train_checks_its_checkpoint_before_the_activations(capsys, trained, tmp
         (["--checkpoint", str(checkpoint), "--layer", "block4.depthwise"],
          "input layer: checkpoint 'block5.depthwise', now 'block4.depthwise'"),
         (["--checkpoint", str(checkpoint), "--lr", "0.5"], "lr: checkpoint 1.0, now 0.5"),
+        (["--checkpoint", str(checkpoint), "--batch-size", "4"], "batch_size: checkpoint 2, now 4 (of its 5 sets)"),
         (["--checkpoint", str(checkpoint), "--root", str(tmp_path / "missing")], "missing' does not exist"),
     ]
     for options, message in expected:
         assert message in refusal(capsys, *training, *options), options
+
+
+def test_train_resumes_with_the_batch_size_it_ran(capsys, trained, no_activations):
+    """The checkpoint stores the batch the run took, min(--batch-size, number of sets): asking for the same, or for
+    more than there are sets when the run took them all, is the same run and gets to the activations."""
+    folder, list_file, checkpoint = trained
+    with pytest.raises(AssertionError, match="activations computed"):
+        main(["train", *corpus_arguments(folder, list_file), *TINY_TRAINING, "--checkpoint", str(checkpoint)])
+
+
+def test_a_wrong_root_is_reported_once_before_the_activations(capsys, trained, tmp_path, no_activations):
+    folder, list_file, checkpoint = trained
+    for command in (["train", *TINY_TRAINING, "--checkpoint", str(tmp_path / "new.pt")],
+                    ["extract", "--model", str(checkpoint), "--out", str(tmp_path / "out")]):
+        error = refusal(capsys, *command, "--list", str(list_file), "--root", str(folder))
+        assert error.count("\n") == 1, error
+        assert re.search(r"none of the 4 listed samples exists under root '.*cli\d*' \(the first would be "
+                         r"'.*img0\.png'\); --root must be the folder that the list's paths are relative to", error)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("line,message", [
+    ("img1.png\t٣", r"list\.txt:2: the label '٣' is not a whole number from 0 to 2147483647 in ASCII digits"),
+    ("img1.png ²", r"list\.txt:2: whitespace without a tab"),
+    ("holiday photo.png 1", r"list\.txt:2: whitespace without a tab.*'path<TAB>label'"),
+])
+def test_list_lines_that_need_a_guess_are_refused_naming_file_and_line(capsys, tmp_path, line, message):
+    list_file = tmp_path / "list.txt"
+    list_file.write_text(f"img0.png\t0\n{line}\n")
+    error = refusal(capsys, "train", "--list", str(list_file), "--root", str(tmp_path), "--checkpoint",
+                    str(tmp_path / "fvvae.pt"))
+    assert re.search(message, error) and error.count("\n") == 1, error
+    assert not (tmp_path / "fvvae.pt").exists()
+
+
+def test_a_fifo_as_list_is_refused_without_waiting(capsys, tmp_path):
+    os.mkfifo(tmp_path / "list.txt")
+    signal.alarm(20)  # a test that waited on the FIFO would fail here instead of hanging the run
+    try:
+        error = refusal(capsys, "train", "--list", str(tmp_path / "list.txt"), "--root", str(tmp_path),
+                        "--checkpoint", str(tmp_path / "fvvae.pt"))
+    finally:
+        signal.alarm(0)
+    assert "list.txt' is a FIFO (named pipe), not a regular file; the sample list (--list) must be a file" in error
+
+
+@pytest.mark.parametrize("size", ["4097", "100000"])
+def test_an_absurd_image_size_is_refused_by_the_parser(capsys, tmp_path, size):
+    with pytest.raises(SystemExit) as exit_status:
+        main(["train", "--list", "l.txt", "--root", ".", "--checkpoint", str(tmp_path / "c.pt"), "--image-size", size])
+    assert exit_status.value.code == 2
+    assert f"argument --image-size: expected an image size from 1 to 4096 pixels, got {size}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_refuses_to_resume_on_another_corpus_of_the_same_size(capsys, trained, tmp_path, no_activations):
@@ -133,7 +191,7 @@ def test_the_validation_share_is_a_fraction(capsys, tmp_path, value):
     with pytest.raises(SystemExit) as exit_status:
         main(["demo", "--out", str(tmp_path / "demo"), "--val-fraction", value])
     assert exit_status.value.code == 2
-    assert "argument --val-fraction: expected a number in [0, 1), got" in capsys.readouterr().err
+    assert "argument --val-fraction: expected a number in (0, 1), got" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["demo", "backends", "train", "extract"])

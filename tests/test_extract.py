@@ -1,5 +1,7 @@
 """Sharded extraction: a killed 2-process run resumes to byte-identical files, bad inputs are skipped and
 reported, a changed job is refused; and `fvkernels train` / `extract` end to end under torchrun."""
+import hashlib
+import io
 import json
 import os
 import re
@@ -147,18 +149,34 @@ def _extract_from_root(rank, folder, list_file, root):
 
 
 def test_a_corpus_with_nothing_readable_is_refused_and_its_folder_cleared(tmp_path):
-    """Most likely a wrong --root: every process refuses (none is left waiting), and the corrected
-    command can use the same --out."""
+    """Every sample is there but none can be read (a copy that went wrong): every process refuses (none is left
+    waiting), and the corrected command can use the same --out."""
     list_file = make_corpus(tmp_path, images=3, frames=(2,))
-    wrong_root = tmp_path / "elsewhere"
-    wrong_root.mkdir()
-    run_processes(_extract_from_root, tmp_path, list_file, wrong_root)
+    broken = tmp_path / "broken"
+    for path in (tmp_path / "data").rglob("*.png"):
+        (broken / path.relative_to(tmp_path / "data")).parent.mkdir(parents=True, exist_ok=True)
+        (broken / path.relative_to(tmp_path / "data")).write_bytes(b"\x89PNG cut short")
+    run_processes(_extract_from_root, tmp_path, list_file, broken)
     for rank in range(2):
         refusal = (tmp_path / f"refused{rank}.txt").read_text()
-        assert re.match(r"none of the 4 samples could be read \(unreadable: .*elsewhere/img0\.png, .*, …\); check "
-                        r"--root '.*elsewhere' and the list\. Nothing was kept in '.*out'$", refusal), refusal
+        assert re.match(r"none of the 4 samples could be read \(unreadable: .*broken/img0\.png, .*, …\); check "
+                        r"--root '.*broken' and the list\. Nothing was kept in '.*out'$", refusal), refusal
     assert list((tmp_path / "out").iterdir()) == []
     assert extract_corpus(list_file, tmp_path / "out")["counts"]["encoded"] == 4
+
+
+def test_a_wrong_root_is_refused_once_before_the_output_is_claimed(tmp_path, capfd):
+    """A root that exists but holds none of the listed samples: one message, before any image is read or --out is
+    made — not one line per sample followed by a refusal — on every process."""
+    list_file = make_corpus(tmp_path, images=3, frames=(2,))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_processes(_extract_from_root, tmp_path, list_file, elsewhere)
+    for rank in range(2):
+        assert re.match(r"none of the 4 listed samples exists under root '.*elsewhere' \(the first would be "
+                        r"'.*elsewhere/img0\.png'\); --root must be the folder", (tmp_path / f"refused{rank}.txt").read_text())
+    assert not (tmp_path / "out").exists()
+    assert "skipping unreadable" not in capfd.readouterr().err
 
 
 def run_command(*args, env=None):
@@ -195,3 +213,174 @@ def test_command_line_under_torchrun(tmp_path):
                           env={"OMP_NUM_THREADS": "1"})
     assert changed.returncode == 2
     assert "options.dtype: 'float16' → 'float32'" in changed.stderr and "Traceback" not in changed.stderr
+
+
+# ---- damaged files ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def extracted(corpus, tmp_path_factory):
+    """An uninterrupted extraction of the module's corpus (5 shards of 2 samples): the bytes a rerun must give."""
+    out = tmp_path_factory.mktemp("extracted") / "out"
+    extract_corpus(corpus, out)
+    return out
+
+
+def copy_of(folder, tmp_path):
+    copy = tmp_path / "out"
+    copy.mkdir()
+    for path in folder.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    return copy
+
+
+def flip_a_byte(path, position=-1):
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_missing_or_damaged_shard_is_refused_by_load_and_recomputed_on_resume(corpus, extracted, tmp_path, capsys):
+    out = copy_of(extracted, tmp_path)
+    (out / "shard-00001.npy").unlink()
+    flip_a_byte(out / "shard-00002.npy")
+    (out / "shard-00003.json").write_text((out / "shard-00003.json").read_text()[:40])  # truncated
+    with pytest.raises(ValueError, match=r"shard-00001\.npy is missing; rerun the same extract command to compute it "
+                                         r"again, then load again"):
+        load_fisher_vectors(out)
+
+    written = []
+    manifest = extract_corpus(corpus, out, on_shard_written=written.append)
+    assert written == [1, 2, 3]
+    reported = capsys.readouterr().err
+    assert re.search(r"shard-00001\.npy is missing: computing shard 1 again", reported)
+    assert re.search(r"shard-00002\.npy is damaged: its sha256 is not the one recorded .*: computing shard 2 again",
+                     reported)
+    assert re.search(r"shard-00003\.json is damaged: not JSON text .*: computing shard 3 again", reported)
+    assert manifest["counts"] == {"samples": 9, "encoded": 9, "dropped": 0, "unreadable_inputs": 0}
+    assert folder_bytes(out) == folder_bytes(extracted)
+
+
+def test_load_refuses_a_shard_whose_bytes_changed(extracted, tmp_path):
+    out = copy_of(extracted, tmp_path)
+    flip_a_byte(out / "shard-00004.npy", position=-5)  # a value, not the header: np.load alone would not notice
+    with pytest.raises(ValueError, match=r"shard-00004\.npy is damaged: its sha256 is not the one recorded when it was "
+                                         r"written; rerun the same extract command"):
+        load_fisher_vectors(out)
+    (out / "shard-00004.npy").unlink()
+    os.mkfifo(out / "shard-00004.npy")  # never opened: reading it would wait for a writer forever
+    with pytest.raises(ValueError, match=r"shard-00004\.npy is damaged: not a regular file"):
+        load_fisher_vectors(out)
+
+
+def test_a_shard_that_disagrees_with_the_manifest_is_refused_even_with_matching_digests(extracted, tmp_path):
+    """Shard bytes replaced along with both recorded digests: what the manifest says of the shard (rows, dim,
+    dtype) still has to hold."""
+    out = copy_of(extracted, tmp_path)
+    buffer = io.BytesIO()
+    np.save(buffer, np.load(out / "shard-00000.npy").astype(np.float32))
+    (out / "shard-00000.npy").write_bytes(buffer.getvalue())
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    for name in ("shard-00000.json", "manifest.json"):
+        stored = json.loads((out / name).read_text())
+        (stored["shards"][0] if name == "manifest.json" else stored)["sha256"] = digest
+        (out / name).write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"shard-00000\.npy is damaged: it holds float32 \(2, 24\), not float16 \(2, 24\)"):
+        load_fisher_vectors(out)
+
+
+def edit_json(path, edit):
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+MANIFEST_DAMAGE = [
+    (lambda path: path.write_text(path.read_text()[:100]), r"manifest\.json is damaged: not JSON text"),
+    (lambda path: path.write_bytes(b"\xff\xfe" + path.read_bytes()), r"manifest\.json is damaged: not JSON text"),
+    (lambda path: path.write_text("[1, 2]"), r"manifest\.json is damaged: it holds a JSON list, not an object"),
+    (lambda path: edit_json(path, lambda value: value.pop("shards")), r"manifest\.json is damaged: it has no field shards"),
+    (lambda path: edit_json(path, lambda value: value.update(dim="24")), r"manifest\.json is damaged: field dim holds "
+                                                                         r"\"24\""),
+    (lambda path: edit_json(path, lambda value: value["shards"][1].update(file="../../etc/passwd")),
+     r"manifest\.json is damaged: field shards\[1\]\.file holds \"\.\./\.\./etc/passwd\""),
+    (lambda path: edit_json(path, lambda value: value["shards"][2]["samples"].pop()),
+     r"manifest\.json is damaged: shards\[2\]\.samples has 1 entries for 2 rows"),
+]
+
+
+@pytest.mark.parametrize("damage,message", MANIFEST_DAMAGE)
+def test_a_damaged_manifest_is_named_and_rebuilt_by_a_rerun(corpus, extracted, tmp_path, damage, message):
+    out = copy_of(extracted, tmp_path)
+    damage(out / "manifest.json")
+    with pytest.raises(ValueError, match=message + r".*; rerun the same extract command to rebuild it from the shards"):
+        load_fisher_vectors(out)
+    written = []
+    extract_corpus(corpus, out, on_shard_written=written.append)
+    assert written == [] and folder_bytes(out) == folder_bytes(extracted)
+
+
+def test_a_damaged_manifest_of_another_extraction_is_not_overwritten(corpus, extracted, tmp_path):
+    out = copy_of(extracted, tmp_path)
+    (out / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match=r"manifest\.json is damaged: not JSON text .*; it cannot be rebuilt \(its "
+                                         r"shards are another extraction's\): delete '.*out' to start over"):
+        extract_corpus(corpus, out, dtype="float32")
+    assert (out / "manifest.json").read_text() == "{"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda value: value.update(rows="2"), r"field rows holds \"2\""),
+    (lambda value: value.update(labels=[0, "1"]), r"field labels holds \[0, \"1\"\]"),
+    (lambda value: value.pop("sha256"), "it has no field sha256"),
+    (lambda value: value.update(shard=3), r"it describes shard 3 \(shard-00002\.npy\)"),
+])
+def test_a_damaged_shard_index_is_named_and_recomputed(corpus, extracted, tmp_path, capsys, edit, message):
+    out = copy_of(extracted, tmp_path)
+    edit_json(out / "shard-00002.json", edit)
+    written = []
+    extract_corpus(corpus, out, on_shard_written=written.append)
+    assert re.search(r"shard-00002\.json is damaged: " + message + ": computing shard 2 again", capsys.readouterr().err)
+    assert written == [2] and folder_bytes(out) == folder_bytes(extracted)
+
+
+# ---- what extraction deletes -----------------------------------------------------------------------------
+
+WRITER = """
+import os, sys, time
+from fvkernels.common.files import atomic_write
+def write(handle):
+    handle.write(b"half")
+    handle.flush()
+    print("writing", flush=True)
+    if sys.argv[2] == "die":
+        os.kill(os.getpid(), 9)
+    time.sleep(60)
+atomic_write(sys.argv[1], write)
+"""
+
+
+def start_writer(path, fate):
+    """A process writing `path` through atomic_write, stopped in the middle: killed (fate "die") or alive."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), fate], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    return writer
+
+
+def test_claiming_a_folder_removes_only_temporaries_of_writers_that_are_gone(corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    start_writer(out / "shard-00000.npy", "die").wait()
+    alive = start_writer(out / "shard-00001.npy", "live")
+    try:
+        users = {".notes.tmp": b"mine", ".shard-00002.npy.tmp": b"also mine", ".cache": b"x"}
+        for name, data in users.items():
+            (out / name).write_bytes(data)
+        temporaries = {path.name for path in out.glob(".shard-0000?.npy.fvkernels-*.tmp")}
+        assert len(temporaries) == 2
+        extract_corpus(corpus, out)
+        left = {path.name for path in out.iterdir() if path.name.startswith(".")}
+        assert left == set(users) | {name for name in temporaries if name.startswith(".shard-00001")}
+        assert all((out / name).read_bytes() == data for name, data in users.items())
+    finally:
+        alive.kill()
+        alive.wait()

@@ -71,7 +71,7 @@ def test_a_nan_decoder_row_no_longer_gives_a_finite_wrong_vector():
 @pytest.mark.parametrize("norm_scale", [INF, NAN, -1.0, 0.0])
 def test_params_refuse_a_norm_scale_that_is_not_finite_and_positive(norm_scale):
     params = random_params(6, 3)
-    with pytest.raises(ValueError, match="norm_scale must be finite and positive"):
+    with pytest.raises(ValueError, match="norm_scale must be a finite number"):
         FVVAEParams(params.encoder, params.dec_weight, params.dec_bias, params.sigma_x, norm_scale=norm_scale)
 
 
@@ -369,7 +369,7 @@ def test_numpy_parameters_are_taken_and_other_types_are_refused_by_name():
         (dict(dec_bias=[0.1] * 5), TypeError, "dec_bias must be a torch.Tensor .* got list"),
         (dict(encoder=[params.encoder[0][:2]]), ValueError, r"encoder layer 0 must be a \(weight .* got a tuple of 2"),
         (dict(encoder=[(*params.encoder[0][:2], "False"), params.encoder[1]]), TypeError,
-         "encoder layer 0's relu flag must be True or False, got 'False'"),
+         "encoder layer 0's relu must be True or False, got 'False'"),
         (dict(dec_weight=params.dec_weight.to(torch.complex128)), TypeError, "dec_weight must be a floating tensor"),
         (dict(sigma_x=torch.ones(5, dtype=torch.int64)), TypeError, "sigma_x must be a floating tensor"),
     ]
@@ -387,3 +387,105 @@ def test_an_unknown_backend_is_a_value_error_everywhere(backend):
         fvkernels.fv_vae_encode(torch.rand(2, 3, 5, dtype=torch.float64), random_params(5, 2), backend=backend)
     with pytest.raises(ValueError, match="unknown backend"):
         FVVAE(6, 3, backend=backend)
+
+
+def _train_and_die_in_third_save(folder):
+    """Trains with a checkpoint every step and is killed (SIGKILL) inside the third save, after its bytes are
+    written and before the rename."""
+    import signal
+
+    import fvkernels.common.files as files
+
+    saves = []
+    original = files.os.fsync
+
+    def fsync(descriptor):
+        original(descriptor)
+        saves.append(descriptor)
+        if len(saves) == 5:  # file + folder of two saves, then the third file
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    files.os.fsync = fsync
+    train(new_toy_layer(), toy_sets(), iterations=6, batch_size=8, seed=1, checkpoint=folder / "run.pt",
+          checkpoint_every=1, progress=False)
+
+
+def toy_sets():
+    generator = torch.Generator().manual_seed(0)
+    return SetData(torch.rand(24, 5, 6, generator=generator), torch.arange(24) % 3)
+
+
+def new_toy_layer():
+    torch.manual_seed(0)
+    return FVVAE(6, 3, hidden=(5,), num_classes=3)
+
+
+def test_a_run_killed_inside_a_save_resumes_to_the_uninterrupted_result(tmp_path):
+    import multiprocessing
+
+    straight = new_toy_layer()
+    history = train(straight, toy_sets(), iterations=6, batch_size=8, seed=1, progress=False)
+    process = multiprocessing.get_context("spawn").Process(target=_train_and_die_in_third_save, args=(tmp_path,))
+    process.start()
+    process.join(120)
+    assert process.exitcode == -9
+    leftovers = [path.name for path in tmp_path.iterdir() if path.name != "run.pt"]
+    assert len(leftovers) == 1 and ".run.pt.fvkernels-" in leftovers[0]  # the killed save's temporary file
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["iteration"] == 2  # the last complete save
+    resumed = new_toy_layer()
+    assert train(resumed, toy_sets(), iterations=6, batch_size=8, seed=1, checkpoint=tmp_path / "run.pt",
+                 checkpoint_every=1, progress=False) == history
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert [path.name for path in tmp_path.iterdir()] == ["run.pt"]
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import fvkernels.common.files as files
+
+    checkpoint = tmp_path / "run.pt"
+    train(new_toy_layer(), toy_sets(), iterations=2, batch_size=8, seed=1, checkpoint=checkpoint, progress=False)
+    before = checkpoint.read_bytes()
+
+    def full(obj, handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.torch, "save", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*run.pt'"):
+        train(new_toy_layer(), toy_sets(), iterations=4, batch_size=8, seed=1, checkpoint=checkpoint, progress=False)
+    assert checkpoint.read_bytes() == before and [path.name for path in tmp_path.iterdir()] == ["run.pt"]
+
+
+@pytest.mark.parametrize("options,error,message", [
+    (dict(in_channels=0), ValueError, "in_channels must be a whole number ≥ 1, got 0"),
+    (dict(latent_dim=2.5), ValueError, "latent_dim must be a whole number ≥ 1, got 2.5"),
+    (dict(hidden=(8, 0)), ValueError, r"hidden\[1\] must be a whole number ≥ 1, got 0"),
+    (dict(num_classes=True), ValueError, "num_classes must be a whole number ≥ 1, got True"),
+    (dict(dropout=1.0), ValueError, r"dropout .* must be a finite number in \[0, 1\), got 1.0"),
+    (dict(dropout=NAN), ValueError, r"dropout .* must be a finite number in \[0, 1\), got nan"),
+    (dict(lambda_reg=-1), ValueError, "lambda_reg must be a finite number ≥ 0, got -1.0"),
+    (dict(lambda_cls=INF, num_classes=3), ValueError, "lambda_cls must be a finite number ≥ 0, got inf"),
+    (dict(sigma_floor="0.05"), TypeError, "sigma_floor must be a real number, got '0.05'"),
+    (dict(norm_scale=INF), ValueError, "norm_scale must be a finite number, got inf"),
+])
+def test_the_layer_refuses_options_out_of_range_by_name(options, error, message):
+    arguments = dict(in_channels=6, latent_dim=3, hidden=(5,))
+    arguments.update(options)
+    with pytest.raises(error, match=message):
+        FVVAE(arguments.pop("in_channels"), arguments.pop("latent_dim"), arguments.pop("hidden"), **arguments)
+
+
+def test_whole_numbers_given_as_numpy_or_float_build_the_same_layer():
+    torch.manual_seed(0)
+    expected = FVVAE(6, 3, (5,), num_classes=2).state_dict()
+    torch.manual_seed(0)
+    layer = FVVAE(np.int64(6), 3.0, (np.int32(5),), num_classes=2.0)
+    assert layer.config["in_channels"] == 6 and isinstance(layer.config["latent_dim"], int)
+    assert all(torch.equal(a, b) for a, b in zip(expected.values(), layer.state_dict().values()))
+
+
+def test_normalize_must_be_a_bool():
+    with pytest.raises(TypeError, match="normalize must be True or False, got 'False'"):
+        fvkernels.fv_vae_encode(torch.rand(2, 3, 5, dtype=torch.float64), random_params(5, 2), normalize="False")

@@ -1,4 +1,7 @@
 """The video path on generated UCF101-style frame folders: splits, frames, per-video averaging."""
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +77,37 @@ def test_frame_count_must_be_positive(count):
     with pytest.raises(ValueError, match=f"frames per video must be a positive number, or None for all frames; "
                                          f"got {count}"):
         sample_frames(["frame_0001.png", "frame_0002.png"], count)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("classInd.txt", "1 Jump\n٢ Swim\n", r"classInd\.txt:2: '٢' is not a whole number ≥ 1 in ASCII digits; expected "
+                                        r"'<index ≥ 1> <class name>'"),
+    ("classInd.txt", "1 Jump\n² Swim\n", r"classInd\.txt:2: '²' is not a whole number ≥ 1"),
+    ("classInd.txt", "0 Jump\n", r"classInd\.txt:1: '0' is not a whole number ≥ 1"),
+    ("classInd.txt", "1 Jump Rope\n", r"classInd\.txt:1: 3 fields; expected '<index ≥ 1> <class name>', got '1 Jump "
+                                      r"Rope'"),
+    ("trainlist01.txt", "Jump/v_Jump_g01_c01.avi 1\nSwim/v_Swim_g01_c02.avi ١\n",
+     r"trainlist01\.txt:2: '١' is not a whole number ≥ 1 in ASCII digits; expected 'Class/video\.avi \[label ≥ 1\]'"),
+    ("trainlist01.txt", "Jump/v_Jump_g01_c01.avi 0\n", r"trainlist01\.txt:1: '0' is not a whole number ≥ 1"),
+    ("trainlist01.txt", b"Jump/v_Jump_g01_c01.avi 1\nSwim/v_\xe9.avi 2\n",
+     r"trainlist01\.txt:2: not UTF-8 text \(byte 0xe9\); the split file must be a file"),
+])
+def test_damaged_split_and_class_files_name_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=message):
+        read_class_index(path) if name == "classInd.txt" else read_split(path)
+
+
+def test_a_frame_that_is_a_fifo_is_refused_without_being_opened(ucf_like):
+    folder = ucf_like / "frames" / "Jump" / "v_Jump_g01_c01"
+    os.mkfifo(folder / "frame_0004.png")
+    frames = video_frame_paths(ucf_like / "frames", "Jump/v_Jump_g01_c01")
+    assert frames[-1].name == "frame_0004.png"
+    signal.alarm(20)  # opening the FIFO would wait for a writer: fail instead of hanging
+    try:
+        with pytest.raises(ValueError, match=r"frame_0004\.png' is a FIFO \(named pipe\), not a regular file; only "
+                                             r"image files and folders of them are read"):
+            load_images(frames, (8, 8))
+    finally:
+        signal.alarm(0)

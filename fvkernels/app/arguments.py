@@ -24,6 +24,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+# Larger images are of no use to a CNN trained at 224 px, and one alone needs gigabytes of activations; smaller
+# sizes that do not fit are refused by the memory check before the first batch (fvkernels.app.corpus)
+MAX_IMAGE_SIZE = 4096
+
+
+def image_size(text: str) -> int:
+    """argparse type of --image-size: a side length in pixels, 1 … MAX_IMAGE_SIZE."""
+    value = positive_int(text)
+    if value > MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"expected an image size from 1 to {MAX_IMAGE_SIZE} pixels, got {value}")
+    return value
+
+
 def efficientnet_layer(text: str) -> str:
     """argparse type of --layer: one of EfficientNet-Lite0's feature taps."""
     if text not in efficientnet_layer_names():
@@ -42,14 +55,3 @@ def efficientnet_layer_names() -> tuple:
 def layer_help(what: str) -> str:
     return (f"{what}; post-activation taps (≥ 0, what FV-VAE's ReLU decoder models) are stem, head and the "
             f".expanded/.depthwise ones. Valid names: {', '.join(efficientnet_layer_names())}")
-
-
-def fraction(text: str) -> float:
-    """argparse type of a share in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fvkernels.app.arguments import DefaultsHelpFormatter, efficientnet_layer, layer_help, positive_int
+from fvkernels.app.arguments import DefaultsHelpFormatter, efficientnet_layer, image_size, layer_help, positive_int
 from fvkernels.common import extras
 from fvkernels.common.collectives import rank_and_size
 from fvkernels.ops import dispatch, verification
@@ -146,7 +146,10 @@ def run_extract(args) -> int:
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", required=True, type=Path,
-                        help="list file, one sample per line: 'relative/path [label]' (an image or a frame folder)")
+                        help="list file (UTF-8), one sample per line, an image or a folder of frames: 'relative/path' "
+                             "or 'relative/path<TAB>label' (label: a whole number ≥ 0 in ASCII digits; every line "
+                             "labelled or none). The tab lets paths hold spaces; 'path label' with one space is also "
+                             "read when the path has none, and any other line with spaces but no tab is refused")
     parser.add_argument("--root", required=True, type=Path, help="the folder the listed paths are relative to")
     parser.add_argument("--frames-per-video", type=positive_int, default=None,
                         help="frames taken evenly spaced from each frame folder; None: every frame")
@@ -213,7 +216,8 @@ def main(argv=None) -> int:
                        help="the frozen CNN whose activations are encoded")
     train.add_argument("--layer", type=efficientnet_layer, default="block5.depthwise",
                        help=layer_help("the backbone's feature layer giving the local descriptors"))
-    train.add_argument("--image-size", type=positive_int, default=112, help="images are resized to this square size")
+    train.add_argument("--image-size", type=image_size, default=112,
+                       help="images are resized to this square size, in pixels (a batch must fit in memory)")
     train.add_argument("--latent-dim", type=positive_int, default=64,
                        help="latent size d: Fisher vectors have C·(d+1) entries (the library's default is 256)")
     train.add_argument("--hidden", type=positive_int, nargs="*", default=[256],
@@ -232,7 +236,8 @@ def main(argv=None) -> int:
     train.set_defaults(run=run_train)
 
     extract = commands.add_parser("extract", help="encode images/videos into sharded FV-VAE Fisher vectors",
-                                  description="Writes Fisher vector shards and a manifest; a rerun resumes.",
+                                  description="Writes Fisher vector shards and a manifest; a rerun resumes, and "
+                                              "computes again any shard that is missing or damaged.",
                                   formatter_class=formatter)
     add_corpus_arguments(extract)
     extract.add_argument("--model", required=True, type=Path, help="a checkpoint written by `fvkernels train`")

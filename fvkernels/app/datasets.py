@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fvkernels.app.listfile import open_regular_file
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -16,19 +20,27 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def read_idx(path) -> np.ndarray:
-    """An IDX file (optionally gzipped), the MNIST family's format: magic, dims (big-endian), data."""
+    """An IDX file (optionally gzipped), the MNIST family's format: magic, dims (big-endian), data. A file that
+    is not one, or a damaged one (a truncated or corrupt gzip stream, fewer or more values than its header
+    says), raises ValueError naming it; only a regular file is opened (fvkernels.app.listfile.open_regular_file)."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with open_regular_file(path, "an IDX file of the MNIST family is expected") as handle:
+            data = gzip.GzipFile(fileobj=handle).read() if path.suffix == ".gz" else handle.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise ValueError(f"{str(path)!r} is damaged: not a complete gzip stream ({error})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{str(path)!r} is not an IDX file (bad magic number {data[:4].hex()})")
-    ndim = data[3]
+    ndim, dtype = data[3], np.dtype(_IDX_DTYPES[data[2]])
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{str(path)!r} is truncated: {len(data)} bytes, shorter than its {ndim}-d header")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    values = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
-    if values.size != int(np.prod(shape)):
-        raise ValueError(f"{str(path)!r} is truncated: header says {shape}, found {values.size} values")
-    return values.reshape(shape)
+    found = (len(data) - header) / dtype.itemsize
+    if found != math.prod(shape):
+        problem = "is truncated" if found < math.prod(shape) else "is damaged (bytes after its values)"
+        raise ValueError(f"{str(path)!r} {problem}: header says {shape}, found {found:g} values")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -48,8 +60,14 @@ def load_fashion_mnist(split: str, data_dir: Optional[Path] = None) -> Tuple[Ten
             f"Fashion-MNIST not found at {str(folder)!r}: install Debian's package "
             "(`apt-get install dataset-fashion-mnist`) or pass --data DIR holding the four IDX files")
     prefix = "train" if split == "train" else "t10k"
-    images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+    images_path, labels_path = _find(folder, f"{prefix}-images-idx3-ubyte"), _find(folder, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{str(images_path)!r} holds {images.dtype} {images.shape}, not (N, 28, 28) uint8 images")
+    if labels.ndim != 1 or labels.dtype != np.uint8 or (labels.size and labels.max() >= len(FASHION_MNIST_CLASSES)):
+        raise ValueError(f"{str(labels_path)!r} holds {labels.dtype} {labels.shape} values up to "
+                         f"{labels.max() if labels.size else None}, not (N,) uint8 labels below "
+                         f"{len(FASHION_MNIST_CLASSES)}")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{split} split has {images.shape[0]} images but {labels.shape[0]} labels in {folder}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))

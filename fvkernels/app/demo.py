@@ -7,7 +7,9 @@ training images; the test split is used once, for the final numbers.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Dict, List
 import torch
 from tqdm.auto import tqdm
 
-from fvkernels.app.arguments import efficientnet_layer, fraction, layer_help, positive_int
+from fvkernels.app.arguments import efficientnet_layer, layer_help, positive_int
 from fvkernels.app.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, stratified_subset
 from fvkernels.app.efficientnet import efficientnet_lite0, preprocess
 from fvkernels.common import extras
@@ -48,6 +50,50 @@ class Result:
     encode_seconds: float
 
 
+MAX_SEED = 2 ** 32 - 1
+
+
+def validation_share(text: str) -> float:
+    """argparse type of --val-fraction: a share in (0, 1); 0 leaves no images to choose λ3 on, 1 none to train on."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
+    return value
+
+
+def generator_seed(text: str) -> int:
+    """argparse type of --seed: a whole number in 0…2³²−1, refused here rather than by a generator later."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number in 0…{MAX_SEED}, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a whole number in 0…{MAX_SEED}, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> List[int]:
+    """argparse type of a comma-separated list of positive integers ("" for none)."""
+    return [positive_int(item) for item in text.split(",") if item.strip()]
+
+
+def lambda_values(text: str) -> List[float]:
+    """argparse type of --lambdas: one or more comma-separated finite numbers ≥ 0 (λ3 = 0 is FV-VAE⁻)."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers ≥ 0, got {item!r} in {text!r}")
+        values.append(value)
+    return values
+
+
 def add_arguments(parser) -> None:
     """The demo's options. Its FV-VAE is smaller and shorter-trained than the library's defaults (d = 256,
     5000 steps) so that the whole comparison runs in minutes on two CPU cores."""
@@ -57,18 +103,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-size", type=positive_int, default=4000, help="training images (incl. validation)")
     parser.add_argument("--test-size", type=positive_int, default=2000, help="test images")
     parser.add_argument("--full", action="store_true", help="all 60000 training and 10000 test images")
-    parser.add_argument("--val-fraction", type=fraction, default=0.2, help="share of training images for choosing λ3")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subsets, the fits and the training")
+    parser.add_argument("--val-fraction", type=validation_share, default=0.2,
+                        help="share of training images for choosing λ3, in (0, 1)")
+    parser.add_argument("--seed", type=generator_seed, default=0, help="seed of the subsets, the fits and the training")
     parser.add_argument("--image-size", type=positive_int, default=112, help="side the 28×28 images are resized to")
     parser.add_argument("--layer", type=efficientnet_layer, default="block5.depthwise",
                         help=layer_help("EfficientNet-Lite0 tap giving the local descriptors"))
     parser.add_argument("--latent", type=positive_int, default=31,
                         help="FV-VAE latent size d (FV dim C·(d+1); the library's default is 256)")
-    parser.add_argument("--sweep-latents", default="7,15", help="other d for the accuracy-vs-dimension plot")
+    parser.add_argument("--sweep-latents", type=positive_ints, default="7,15",
+                        help="other d for the accuracy-vs-dimension plot (comma-separated; '' for none)")
     parser.add_argument("--hidden", type=positive_int, default=512, help="width of the encoder's hidden layer")
     parser.add_argument("--iterations", type=positive_int, default=400,
                         help="training steps of 128 sets per FV-VAE (the library's default is 5000)")
-    parser.add_argument("--lambdas", default="10,1000", help="λ3 values tried on the validation split")
+    parser.add_argument("--lambdas", type=lambda_values, default="10,1000",
+                        help="λ3 values tried on the validation split (comma-separated, ≥ 0)")
 
 
 def extract_maps(backbone, images: torch.Tensor, args, device, desc: str) -> torch.Tensor:
@@ -107,7 +156,7 @@ def fvvae_encoder(args, latent: int, lambda_cls: float, seed: int) -> FVVAEEncod
 def choose_lambda(args, fit_maps, fit_labels, val_maps, val_labels) -> float:
     """λ3 with the best validation accuracy (ties: the smaller λ3)."""
     scores = {}
-    for value in [float(v) for v in args.lambdas.split(",")]:
+    for value in args.lambdas:
         result = evaluate_encoder(f"FV-VAE λ3={value:g}", fvvae_encoder(args, args.latent, value, args.seed),
                                   fit_maps, fit_labels, val_maps, val_labels, fit_labels=True)
         scores[value] = result.accuracy
@@ -142,7 +191,7 @@ def plot_attention(images, maps, labels, params, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     mass = descriptor_contributions(maps, params).view(len(maps), *maps.shape[2:]).cpu()
-    figure, axes = plt.subplots(2, len(images), figsize=(1.6 * len(images), 3.4))
+    figure, axes = plt.subplots(2, len(images), figsize=(1.6 * len(images), 3.4), squeeze=False)
     for column, (image, heat, label) in enumerate(zip(images.numpy(), (mass / mass.amax((1, 2), keepdim=True)
                                                                         .clamp_min(1e-12)).numpy(), labels)):
         axes[0, column].imshow(image, cmap="gray")
@@ -168,11 +217,33 @@ def print_table(results: List[Result]) -> str:
     return table
 
 
+def validation_size(labels: torch.Tensor, share: float) -> int:
+    """How many of the (shuffled) training images choose λ3; refuses a split the choice cannot run on."""
+    count = int(len(labels) * share)
+    if count < 1:
+        raise ValueError(f"--val-fraction {share} of {len(labels)} training images leaves no validation image; raise "
+                         "--train-size or --val-fraction")
+    classes = labels[count:].unique().tolist()
+    if len(classes) < 2:
+        raise ValueError(f"the {len(labels) - count} training images left beside the {count} validation ones hold only "
+                         f"class(es) {classes}, and the SVM needs two; raise --train-size or lower --val-fraction")
+    return count
+
+
+def check_descriptor_count(num_descriptors: int, args) -> None:
+    """Refuses, before the fits, a --latent or --sweep-latents too large for the training descriptors: VLAD at
+    the FV's dimension C·(d+1) needs d+1 k-means clusters."""
+    latent = max([args.latent, *args.sweep_latents])
+    if num_descriptors < latent + 1:
+        raise ValueError(f"d = {latent} needs {latent + 1} VLAD clusters but the training images give only "
+                         f"{num_descriptors} descriptors; lower --latent/--sweep-latents or raise --train-size or "
+                         "--image-size")
+
+
 def run(args) -> int:
     extras.require("demo", "fvkernels demo")  # before the long work, not at the plots at its end
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.out.mkdir(parents=True, exist_ok=True)
 
     train_images, train_labels = load_fashion_mnist("train", args.data)
     test_images, test_labels = load_fashion_mnist("test", args.data)
@@ -182,6 +253,8 @@ def run(args) -> int:
         test_pick = stratified_subset(test_labels, args.test_size, generator)
         train_images, train_labels = train_images[train_pick], train_labels[train_pick]
         test_images, test_labels = test_images[test_pick], test_labels[test_pick]
+    validation = validation_size(train_labels, args.val_fraction)
+    args.out.mkdir(parents=True, exist_ok=True)
     log(f"Fashion-MNIST: {len(train_images)} training and {len(test_images)} test images; device {device}")
 
     backbone = efficientnet_lite0().to(device).eval()
@@ -190,8 +263,8 @@ def run(args) -> int:
     del backbone
     channels, height, width = train_maps.shape[1:]
     log(f"local descriptors: {height}×{width} = {height * width} per image, C = {channels}")
+    check_descriptor_count(len(train_maps) * height * width, args)
 
-    validation = int(len(train_maps) * args.val_fraction)
     fit_maps, fit_labels = train_maps[validation:], train_labels[validation:]
     val_maps, val_labels = train_maps[:validation], train_labels[:validation]
     log(f"choosing λ3 on {validation} validation images (trained on {len(fit_maps)})")
@@ -218,7 +291,7 @@ def run(args) -> int:
 
     curves = {"FV-VAE": [results[-1]], "GMM-FV": [results[3]], "VLAD": [results[4]]}
     swept = []
-    for latent in [int(v) for v in args.sweep_latents.split(",") if v]:
+    for latent in args.sweep_latents:
         log(f"accuracy vs dimension: d = {latent}, K = {(latent + 1) // 2} / {latent + 1}")
         sweep = [("FV-VAE", f"FV-VAE (d={latent}, λ3={lambda_cls:g})", fvvae_encoder(args, latent, lambda_cls, args.seed),
                   True),
@@ -234,7 +307,7 @@ def run(args) -> int:
     (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results + swept], indent=2) + "\n")
     (args.out / "table.md").write_text(table + "\n")
     plot_accuracy_vs_dim(curves, args.out / "accuracy_vs_dim.png")
-    shown = [int((test_labels == label).nonzero()[0]) for label in range(8)]
+    shown = [int((test_labels == label).nonzero()[0]) for label in test_labels.unique()[:8].tolist()]
     plot_attention(test_images[shown], test_maps[shown], test_labels[shown].tolist(),
                    final_fvvae.model_.to_params(), args.out / "attention.png")
     log(f"wrote {args.out}/results.json, table.md, accuracy_vs_dim.png, attention.png")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fvkernels.app.listfile import list_file_lines
+from fvkernels.app.listfile import list_file_lines, open_regular_file, whitespace_fields
 from fvkernels.common import extras
 from fvkernels.common.tensors import improved_normalisation
 from fvkernels.pipeline import FVVAEParams, fv_vae_encode
@@ -23,23 +23,20 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 def read_class_index(path) -> Dict[str, int]:
     """UCF101's classInd.txt ("1 ApplyEyeMakeup" per line) → {class name: 0-based label}."""
-    def valid(fields):
-        return len(fields) == 2 and fields[0].isdigit()
-
-    return {fields[1]: int(fields[0]) - 1 for _, fields in list_file_lines(path, "the class index", "'<index> <class name>'", valid)}
+    lines = list_file_lines(path, "the class index", "'<index ≥ 1> <class name>'", whitespace_fields(2, number_at=0,
+                                                                                                      minimum=1))
+    return {name: index - 1 for _, (index, name) in lines}
 
 
 def read_split(path, class_index: Optional[Dict[str, int]] = None) -> List[Tuple[str, int]]:
     """A split file (trainlist01.txt: "Class/v_Class_g08_c01.avi 1"; testlist01.txt: "Class/v_….avi") →
     [(video id without extension, 0-based label)]. Lines without a label take it from class_index."""
-    def valid(fields):
-        return len(fields) == 1 or (len(fields) == 2 and fields[1].isdigit() and int(fields[1]) >= 1)
-
     videos = []
-    for number, fields in list_file_lines(path, "the split file", "'Class/video.avi [label]'", valid):
+    for number, fields in list_file_lines(path, "the split file", "'Class/video.avi [label ≥ 1]'",
+                                          whitespace_fields(1, 2, number_at=1, minimum=1)):
         video = str(Path(fields[0]).with_suffix(""))
         if len(fields) > 1:
-            label = int(fields[1]) - 1
+            label = fields[1] - 1
         elif class_index is not None and Path(video).parts[0] in class_index:
             label = class_index[Path(video).parts[0]]
         else:
@@ -75,12 +72,18 @@ def sample_frames(frames: Sequence, count: Optional[int]) -> list:
 
 
 def load_images(paths: Sequence, size: Tuple[int, int]) -> Tensor:
-    """RGB images resized to size = (height, width), as (F, 3, H, W) floats in [0, 1]."""
+    """RGB images resized to size = (height, width), as (F, 3, H, W) floats in [0, 1]. A path that is not a
+    readable image raises OSError or ValueError naming it; a FIFO, device or socket is refused without being
+    opened (open_regular_file), so that a hostile corpus cannot make the reader wait forever."""
     Image = extras.load("images", "reading images and frames (Pillow)", "PIL.Image")
     images = []
     for path in paths:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+        try:
+            with open_regular_file(path, "only image files and folders of them are read") as handle, \
+                    Image.open(handle) as image:
+                rgb = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+        except (EOFError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's refusals that are no OSError
+            raise ValueError(f"{str(path)!r} is not a readable image ({type(error).__name__}: {error})") from error
         images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return torch.stack(images)
 

@@ -8,8 +8,10 @@ graph and raises a RuntimeError carrying the message when the compiled code runs
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -139,3 +141,35 @@ def check_finite_tensors(named: Dict[str, Optional[Tensor]], advice: str) -> Non
             shown = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
             finding = f"{name} holds {shown}{where} ({count} of {tensor.numel()} entries are NaN or Inf)"
             raise NonFiniteError(f"{finding}; {advice}", finding)
+
+
+# ---- arguments -------------------------------------------------------------------------------------------------
+
+def whole_number(name: str, value, minimum: int = 1) -> int:
+    """value as an int when it is a whole number ≥ minimum (an int, a numpy integer or a float such as 16.0);
+    otherwise ValueError naming the argument. A bool is refused: True is not a count."""
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, (bool, np.bool_)) or not whole or value < minimum:
+        raise ValueError(f"{name} must be a whole number ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def flag(name: str, value) -> bool:
+    """value when it is True or False (or a numpy bool); otherwise TypeError: bool("False") is True, so a flag
+    given as a string or a number is refused rather than guessed."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def real_number(name: str, value, *, minimum: Optional[float] = None, below: Optional[float] = None) -> float:
+    """value as a float when it is a finite real number ≥ minimum and < below (each when given); otherwise
+    TypeError (not a real number) or ValueError (out of range) naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum) or (below is not None and value >= below):
+        bounds = f" in [{minimum:g}, {below:g})" if minimum is not None and below is not None else \
+            f" ≥ {minimum:g}" if minimum is not None else f" < {below:g}" if below is not None else ""
+        raise ValueError(f"{name} must be a finite number{bounds}, got {value!r}")
+    return value

@@ -43,8 +43,10 @@ def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:  # "No space left on device" — writing what?
+            error.filename = str(path)
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable, not only the file's bytes

@@ -8,7 +8,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.svm import LinearSVC
 from torch import Tensor
 
-from fvkernels.evaluation.features import ArrayLike, NotFitted, as_matrix
+from fvkernels.common.checks import check_finite
+from fvkernels.evaluation.features import ArrayLike, NotFitted, as_matrix, check_fit_finite, class_indices
+
+# What to do when the solver overflows on finite features: its GEMMs run in float32.
+RESCALE_ADVICE = "rescale the features, e.g. with fvkernels.evaluation.normalize (signed square root and L2)"
 
 
 class LinearSVM(ClassifierMixin, BaseEstimator):
@@ -25,6 +29,9 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
     column per class in `classes_` order (also for two classes); predict(features) → labels. Features may be
     torch tensors (any device; results are tensors) or numpy arrays (results are numpy arrays). After fit:
     classes_, n_features_in_, and weights_ (newton, (D + 1, K)) or liblinear_ (the fitted LinearSVC).
+
+    Features holding NaN or ±Inf are refused (ValueError naming the rows), as are NaN or fractional labels; scores
+    or weights that overflow on finite features raise instead of being returned.
     """
 
     def __init__(self, C: float = 100.0, solver: str = "newton", tol: float = 1e-5, max_iter: int = 100,
@@ -37,13 +44,9 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         if not self.C > 0:
             raise ValueError(f"C must be positive, got {self.C}")
         x = as_matrix(features, "features").detach()
-        labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
-        if labels.shape != (x.shape[0],):
-            raise ValueError(f"labels must be a vector of {x.shape[0]} class labels (one per row), got shape "
-                             f"{labels.shape}")
-        self.classes_, indices = np.unique(labels, return_inverse=True)  # any labels: strings, -1/1, …
+        self.classes_, indices = class_indices(labels, x.shape[0])
         if len(self.classes_) < 2:
-            raise ValueError("the SVM needs at least two classes in labels")
+            raise ValueError(f"the SVM needs at least two classes in labels, got only {self.classes_.tolist()}")
         self.n_features_in_ = x.shape[1]
         y = torch.from_numpy(indices.astype(np.int64)).to(x.device)
         if self.solver == "liblinear":
@@ -51,7 +54,8 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
                                         random_state=self.random_state).fit(x.cpu().numpy(), y.cpu().numpy())
         else:
             targets = torch.where(y[:, None] == torch.arange(len(self.classes_), device=x.device)[None, :], 1.0, -1.0)
-            self.weights_ = squared_hinge_newton(_with_intercept(x.float()), targets, self.C, self.tol, self.max_iter)
+            self.weights_ = squared_hinge_newton(_solver_input(x), targets, self.C, self.tol, self.max_iter)
+        check_fit_finite(self, RESCALE_ADVICE)
         return self
 
     def decision_function(self, features: ArrayLike):
@@ -61,7 +65,9 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
             if scores.dim() == 1:  # scikit-learn gives one column, positive for classes_[1], for two classes
                 scores = torch.stack([-scores, scores], 1)
         else:
-            scores = (_with_intercept(x.float().to(self.weights_.device)) @ self.weights_).cpu()
+            scores = (_solver_input(x.to(self.weights_.device)) @ self.weights_).cpu()
+        check_finite(scores, lambda rows: f"the scores of rows {rows} (indices) overflowed float32 although their "
+                                          f"features are finite; {RESCALE_ADVICE}")
         return scores.numpy() if isinstance(features, np.ndarray) else scores
 
     def predict(self, features: ArrayLike):
@@ -78,12 +84,18 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
             raise NotFitted("LinearSVM is not fitted yet; call fit(features, labels) first")
         x = as_matrix(features, "features").detach()
         if x.shape[1] != self.n_features_in_:
-            raise ValueError(f"features have {x.shape[1]} columns but the SVM was fitted on {self.n_features_in_}; "
-                             "encode them with the encoder the SVM was trained on")
+            raise ValueError(f"X has {x.shape[1]} features but LinearSVM was fitted with {self.n_features_in_} "
+                             "features; encode them with the encoder the SVM was trained on")
         return x
 
 
-def _with_intercept(x: Tensor) -> Tensor:
+def _solver_input(features: Tensor) -> Tensor:
+    """The newton solver's float32 features with the intercept's column of ones. Finite features beyond float32's
+    range become ±Inf there, and the solver would stop at zero weights without a word: refused instead."""
+    x = features.float()
+    largest = torch.finfo(torch.float32).max
+    check_finite(x, lambda rows: f"features rows {rows} (indices) exceed float32's range (±{largest:.3g}), in which "
+                                 f"the solver computes; {RESCALE_ADVICE}")
     return torch.cat([x, torch.ones_like(x[:, :1])], 1)
 
 

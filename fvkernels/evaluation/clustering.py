@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fvkernels.common.checks import check_finite, check_finite_tensors
 from fvkernels.evaluation.sets import progress_disabled, row_slices
 
 
@@ -18,11 +19,25 @@ def squared_distances(x: Tensor, x_squared_norms: Tensor, centres: Tensor) -> Te
     return (x_squared_norms[:, None] - 2 * x @ centres.t() + centres.square().sum(1)).clamp_min_(0)
 
 
+def check_finite_descriptors(descriptors: Tensor) -> None:
+    check_finite(descriptors, lambda rows: f"descriptors {rows} (rows) hold NaN or Inf; clean or drop them")
+
+
+def checked_squared_norms(x: Tensor) -> Tensor:
+    """(M,) ‖x‖² of (M, C) finite descriptors, refusing rows whose square overflows the dtype: their distances would
+    be Inf − Inf = NaN, and the nearest centre an arbitrary one."""
+    squared_norms = x.square().sum(1)
+    check_finite(squared_norms, lambda rows: f"descriptors {rows} (rows) have squared norms that overflow {x.dtype} "
+                                             f"(> {torch.finfo(x.dtype).max:.3g}); rescale the descriptors or give "
+                                             "them as float64")
+    return squared_norms
+
+
 def kmeans_plusplus(descriptors: Tensor, num_clusters: int, generator: torch.Generator) -> Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre drawn with probability ∝ its
     squared distance to the nearest centre so far. Returns (K, C) rows of `descriptors`."""
     num_rows = descriptors.shape[0]
-    squared_norms = descriptors.square().sum(1)
+    squared_norms = checked_squared_norms(descriptors)
     first = int(torch.randint(num_rows, (1,), generator=generator, device=generator.device))
     centres = [descriptors[first]]
     nearest = squared_distances(descriptors, squared_norms, descriptors[first:first + 1])[:, 0]
@@ -40,9 +55,10 @@ def kmeans(descriptors: Tensor, num_clusters: int, *, max_iterations: int = 100,
     """Lloyd's k-means from k-means++ seeds on (M, C) descriptors. Stops when the mean squared distance
     to the nearest centre improves by less than `tolerance` (relative). Returns the (K, C) centres and
     the mean squared distance before each update. A cluster that loses all its points keeps its centre."""
+    check_finite_descriptors(descriptors)
     generator = torch.Generator(device=descriptors.device).manual_seed(seed)
     centres = kmeans_plusplus(descriptors, num_clusters, generator)
-    squared_norms = descriptors.square().sum(1)
+    squared_norms = checked_squared_norms(descriptors)
     history: List[float] = []
     bar = tqdm(range(max_iterations), desc="k-means", disable=progress_disabled(progress), leave=False)
     for _ in bar:
@@ -68,7 +84,8 @@ def kmeans(descriptors: Tensor, num_clusters: int, *, max_iterations: int = 100,
 
 @dataclass
 class DiagonalGMM:
-    """means (K, C), variances (K, C) (diagonal covariances), priors (K,) summing to 1."""
+    """means (K, C), variances (K, C) (diagonal covariances), priors (K,) summing to 1; all finite, variances
+    positive (a GMM given by hand, loaded, or reached by EM is refused otherwise, naming the components)."""
 
     means: Tensor
     variances: Tensor
@@ -80,8 +97,14 @@ class DiagonalGMM:
                              f"{tuple(self.variances.shape)}")
         if self.priors.shape != self.means.shape[:1]:
             raise ValueError(f"priors must be (K,) = ({self.means.shape[0]},), got {tuple(self.priors.shape)}")
+        check_finite_tensors({"the GMM's means": self.means, "the GMM's variances": self.variances,
+                              "the GMM's priors": self.priors},
+                             "a GMM's parameters must be finite: refit it on rescaled descriptors or in float64, or "
+                             "reload it")
         if not bool((self.variances > 0).all()):
-            raise ValueError("variances must be positive")
+            components = (self.variances <= 0).any(1).nonzero().flatten()[:10].tolist()
+            raise ValueError(f"variances must be positive, but components {components} have variances down to "
+                             f"{float(self.variances.min()):.3g}; floor them (fit_gmm's variance_floor) or refit")
 
     @property
     def num_components(self) -> int:
@@ -121,9 +144,18 @@ def fit_gmm(descriptors: Tensor, num_components: int, *, max_iterations: int = 1
     A component that loses all responsibility keeps its mean and variance with a prior of ~0.
     """
     num_rows, channels = descriptors.shape
+    check_finite_descriptors(descriptors)
     data_variance = descriptors.var(0, unbiased=False)
-    if not float(data_variance.max()) > 0:
-        raise ValueError("all descriptors are identical; a GMM cannot be fitted to them")
+    largest_variance = float(data_variance.max())
+    if not math.isfinite(largest_variance):
+        raise ValueError(f"the descriptors' variance overflows {descriptors.dtype} (values up to "
+                         f"{float(descriptors.abs().max()):.3g}); divide them by a constant or fit in float64")
+    if largest_variance == 0:
+        spread = float((descriptors.amax(0) - descriptors.amin(0)).max())
+        if spread == 0:
+            raise ValueError("all descriptors are identical; a GMM cannot be fitted to them")
+        raise ValueError(f"the descriptors' variance underflows {descriptors.dtype} (they differ by at most "
+                         f"{spread:.3g}); multiply them by a constant or fit in float64")
     floor = variance_floor * data_variance.max()
     generator = torch.Generator(device=descriptors.device).manual_seed(seed)
     gmm = DiagonalGMM(kmeans_plusplus(descriptors, num_components, generator),

@@ -17,6 +17,9 @@ the k-means centres, or only C), `transform(sets)` returns (N, dim) on the sets'
 Everything runs as GEMMs in torch over chunks of sets (posteriors (T×K) times descriptors (T×C)), so
 it runs on the GPU when the sets are there and never holds an N×T×K×C tensor. Fits are deterministic
 for a given `seed`.
+
+Nothing non-finite passes: sets holding NaN or ±Inf are refused by fit and transform (naming the sets), and a fit
+or an encoding that overflows on finite sets raises, naming the fitted tensor or the sets, instead of returning it.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from torch import Tensor
 
+from fvkernels.common.checks import check_finite
 from fvkernels.common.tensors import improved_normalisation, l2_normalize, length_mask
 from fvkernels.evaluation.clustering import DiagonalGMM, fit_gmm, kmeans, squared_distances
-from fvkernels.evaluation.features import NotFitted
+from fvkernels.evaluation.features import NotFitted, check_fit_finite, class_indices
 from fvkernels.evaluation.sets import DEFAULT_FIT_DESCRIPTORS, DescriptorSets, SetsLike
 from fvkernels.nn import FVVAE
 from fvkernels.training import SetData, train
@@ -57,6 +61,9 @@ class SetEncoder(TransformerMixin, BaseEstimator):
     clone, Pipeline, GridSearchCV); what fit learns ends in "_". Sets come as a torch tensor (the result is a tensor
     on its device and dtype) or a numpy array (the result is a numpy array), or a list of either."""
 
+    # What to do when fit or transform overflows on finite sets.
+    overflow_advice = "rescale the descriptors (e.g. divide them by their largest magnitude) or give them as float64"
+
     @property
     def dim(self) -> int:
         """Length of the vector each set is encoded to."""
@@ -68,6 +75,7 @@ class SetEncoder(TransformerMixin, BaseEstimator):
         data = DescriptorSets(sets)
         self._fit(data, y)
         self.channels_ = data.channels
+        check_fit_finite(self, self.overflow_advice)
         return self
 
     def transform(self, sets: SetsLike):
@@ -80,6 +88,9 @@ class SetEncoder(TransformerMixin, BaseEstimator):
         out = torch.empty((data.num_sets, self._dim()), dtype=data.dtype, device=data.device)
         for chunk, padded, lengths in data.chunks(self._elements_per_set(data.max_length), self.progress):
             out[chunk] = self._encode(padded, lengths)
+            check_finite(out[chunk], lambda bad: f"{type(self).__name__} encoded sets {bad} (indices) to NaN or Inf "
+                                                 f"although their descriptors are finite: the encoding overflowed "
+                                                 f"{out.dtype}; {self.overflow_advice}", offset=chunk.start)
         return data.as_input_type(out)
 
     def __sklearn_tags__(self):
@@ -181,6 +192,8 @@ class GMMFisherEncoder(SetEncoder):
     percents of the largest FV entry, float64 agrees with VLFeat to rounding. float64 GEMMs cost about
     twice float32 on CPUs; None computes in the sets' own dtype (for GPUs with slow float64).
     """
+
+    overflow_advice = "rescale the descriptors or compute in float64 (compute_dtype='float64')"
 
     def __init__(self, num_components: int = 16, *, normalize: bool = True, max_iterations: int = 100,
                  tolerance: float = 1e-6, variance_floor: float = 1e-4,
@@ -286,7 +299,8 @@ class VLADEncoder(SetEncoder):
         centers = self.centers_.to(device=padded.device, dtype=padded.dtype)
         num_sets, set_size, channels = padded.shape
         flat = padded.reshape(-1, channels)
-        nearest = squared_distances(flat, flat.square().sum(1), centers).argmin(1).view(num_sets, set_size)
+        squared_norms = flat.square().sum(1)
+        nearest = squared_distances(flat, squared_norms, centers).argmin(1).view(num_sets, set_size)
         assignments = torch.nn.functional.one_hot(nearest, int(self.num_clusters)).to(padded.dtype)
         assignments *= length_mask(lengths, padded.shape[1])[..., None]
         sums = torch.bmm(assignments.transpose(1, 2), padded)                  # (n, K, C)
@@ -294,6 +308,10 @@ class VLADEncoder(SetEncoder):
         if self.intra_normalization:
             residuals = l2_normalize(residuals, dim=2)
         vlad = residuals.flatten(1)
+        # A set whose ‖x‖² overflows has no nearest centre (its distances are Inf − Inf): its code is marked NaN,
+        # not left finite and arbitrary, so that transform refuses it by name.
+        overflowed = ~torch.isfinite(squared_norms.view(num_sets, set_size).sum(1, keepdim=True))
+        vlad = vlad.masked_fill(overflowed, float("nan"))
         return improved_normalisation(vlad) if self.normalize else vlad
 
 
@@ -337,6 +355,9 @@ class FVVAEEncoder(SetEncoder):
     layer), history_ (the loss per step), classes_ (the labels, when y was used).
     """
 
+    overflow_advice = ("pre-normalise the descriptors (prenorm='descriptor') or rescale them, or train with a lower "
+                       "lr if the training diverged")
+
     def __init__(self, latent_dim: int = 256, hidden: Sequence[int] = (512,), *, lambda_cls: Optional[float] = None,
                  prenorm: Optional[str] = "descriptor", norm_scale: Optional[float] = None, dropout: float = 0.5,
                  sigma_floor: float = 0.05, iterations: int = 5000, batch_size: int = 128, lr: float = 1.0,
@@ -351,10 +372,7 @@ class FVVAEEncoder(SetEncoder):
         lengths = None if data.items is None else data.lengths
         labels = None
         if y is not None and self.lambda_cls != 0:
-            y = np.asarray(y.cpu() if isinstance(y, Tensor) else y)
-            if y.shape != (data.num_sets,):
-                raise ValueError(f"y has shape {y.shape} for {data.num_sets} sets; give one class label per set")
-            self.classes_, indices = np.unique(y, return_inverse=True)  # any labels: strings, -1/1, 5/6, …
+            self.classes_, indices = class_indices(y, data.num_sets, "y")
             labels = torch.from_numpy(indices.astype(np.int64)).to(data.device)
         with torch.random.fork_rng(devices=[]):  # the initial weights from `seed`, the caller's generator untouched
             torch.manual_seed(self.seed)

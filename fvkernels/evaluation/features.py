@@ -2,13 +2,15 @@
 improved normalisation (paper §5.2: signed square root, then L2)."""
 from __future__ import annotations
 
-from typing import Optional, Union
+import dataclasses
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
 from torch import Tensor
 
+from fvkernels.common.checks import check_finite, check_finite_tensors
 from fvkernels.common.tensors import improved_normalisation
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -27,13 +29,59 @@ def normalize(features: ArrayLike) -> ArrayLike:
 
 
 def as_matrix(values: ArrayLike, name: str) -> Tensor:
-    """values as an (N, D) floating tensor (integer and boolean features are taken as float32)."""
+    """values as an (N, D) floating tensor (integer and boolean features are taken as float32); rows holding NaN
+    or ±Inf are refused, naming them: every matrix of the classification protocol (features, scores) comes
+    through here, and a NaN row would otherwise turn into a prediction or a score without a trace."""
     tensor = torch.as_tensor(values)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be a (N, D) matrix, got shape {tuple(tensor.shape)}")
     if tensor.dtype.is_complex:
         raise TypeError(f"{name} must be real, got {tensor.dtype}")
+    check_finite(tensor, lambda rows: f"{name} rows {rows} (indices) hold NaN or Inf; clean or drop those rows")
     return tensor if tensor.dtype.is_floating_point else tensor.float()
+
+
+def class_indices(labels, count: int, name: str = "labels") -> Tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct classes of `labels` (any kind: ints, strings, -1/1, …) and each row's index into them.
+    Float labels must be whole numbers: NaN or a fraction is a missing label or a regression target, and would
+    otherwise become a class of its own."""
+    values = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
+    if values.shape != (count,):
+        raise ValueError(f"{name} must be a vector of {count} class labels (one per row), got shape {values.shape}")
+    if values.dtype.kind == "f":
+        missing = np.flatnonzero(~np.isfinite(values))
+        if missing.size:
+            raise ValueError(f"{name} of rows {missing[:10].tolist()} (indices) are NaN or Inf; drop those rows or "
+                             "give them their class")
+        fractional = np.flatnonzero(values != np.round(values))
+        if fractional.size:
+            raise ValueError(f"{name} must be classes, got fractional values (row {fractional[0]}: "
+                             f"{values[fractional[0]].item()!r}); a regression target? map the values to classes")
+    return np.unique(values, return_inverse=True)
+
+
+def fitted_tensors(estimator) -> Dict[str, Tensor]:
+    """Everything fit learned as named tensors: the attributes ending in "_" that are tensors, or hold them
+    (a dataclass such as DiagonalGMM, a torch module), named like estimator.attribute.field."""
+    prefix = type(estimator).__name__
+    named: Dict[str, Tensor] = {}
+    for attribute, value in vars(estimator).items():
+        if not attribute.endswith("_"):
+            continue
+        if isinstance(value, Tensor):
+            named[f"{prefix}.{attribute}"] = value
+        elif isinstance(value, torch.nn.Module):
+            named.update((f"{prefix}.{attribute}.{key}", tensor) for key, tensor in value.state_dict().items())
+        elif dataclasses.is_dataclass(value):
+            named.update((f"{prefix}.{attribute}.{field.name}", getattr(value, field.name))
+                         for field in dataclasses.fields(value) if isinstance(getattr(value, field.name), Tensor))
+    return named
+
+
+def check_fit_finite(estimator, advice: str) -> None:
+    """Refuses a fit that came out NaN or ±Inf from finite inputs (overflow, a diverged optimisation), naming the
+    fitted tensor and where, instead of leaving an estimator that encodes or predicts garbage."""
+    check_finite_tensors(fitted_tensors(estimator), f"the fit overflowed or diverged on finite inputs; {advice}")
 
 
 def as_labels(labels: ArrayLike, count: int, num_classes: Optional[int] = None) -> Tensor:

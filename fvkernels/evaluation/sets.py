@@ -1,5 +1,5 @@
 """Descriptor sets as the set encoders take them: an (N, T, C) tensor, (N, C, H, W) feature maps or a list of
-(T_i, C) tensors, validated, read in bounded chunks or sampled."""
+(T_i, C) tensors, validated (shapes, dtypes, finite values), read in bounded chunks or sampled."""
 from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence, Tuple, Union
@@ -25,7 +25,11 @@ def progress_disabled(progress: Optional[bool]) -> Optional[bool]:
 
 class DescriptorSets:
     """The sets handed to fit/transform, validated, with chunked and sampled access. numpy arrays are taken as
-    tensors (without a copy where they can be); `as_input_type` turns a result back into the input's kind."""
+    tensors (without a copy where they can be); `as_input_type` turns a result back into the input's kind.
+
+    Sets holding NaN or ±Inf are refused here, naming them, before any work: every encoder's fit and transform
+    take their sets through this class, and a NaN would otherwise end in a fitted GMM, k-means centres, a trained
+    layer or an encoding, or (a fit subsamples) not be seen at all."""
 
     def __init__(self, sets: SetsLike):
         self.from_numpy = isinstance(sets, np.ndarray) or (
@@ -69,6 +73,9 @@ class DescriptorSets:
             raise TypeError(f"descriptors must be floating, got {reference.dtype}")
         self.channels = reference.shape[-1]
         self.dtype, self.device = reference.dtype, reference.device
+        for chunk, padded, _ in self.chunks(self.max_length * self.channels, progress=False):
+            check_finite(padded, lambda bad: f"sets {bad} (indices) hold NaN or Inf descriptors; clean or drop those "
+                                             "sets", offset=chunk.start)
 
     def as_input_type(self, result: Tensor):
         """result as the sets were given: a numpy array for numpy input, the tensor otherwise."""
@@ -95,8 +102,6 @@ class DescriptorSets:
                 padded = self.tensor[chunk]
             else:
                 padded = torch.nn.utils.rnn.pad_sequence(self.items[chunk], batch_first=True)
-            check_finite(padded, lambda bad: f"sets {bad} (indices) hold NaN or Inf descriptors; clean or drop them",
-                         offset=start)
             yield chunk, padded, lengths
 
     def sample(self, max_count: int, generator: torch.Generator) -> Tensor:
@@ -116,7 +121,6 @@ class DescriptorSets:
             offsets = picks - (ends - self.lengths)[owners]
             per_set = offsets.split(torch.bincount(owners, minlength=self.num_sets).tolist())
             rows = torch.cat([item[rows.to(self.device)] for item, rows in zip(self.items, per_set)])
-        check_finite(rows, lambda _: "the descriptors hold NaN or Inf values; clean or drop those sets")
         return rows
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fvkernels.common.checks import all_finite, check_finite, check_finite_tensors, tracing, transformed
+from fvkernels.common.checks import all_finite, check_finite, check_finite_tensors, flag, tracing, transformed
 from fvkernels.common.tensors import NORM_FLOOR, l2_normalize, length_mask
 from fvkernels.ops import dispatch
 from fvkernels.ops.fv_accumulate import fv_accumulate_functional, fv_accumulate_out_op
@@ -281,6 +281,7 @@ def fv_vae_encode(acts: Tensor, params: FVVAEParams, *, lengths=None, normalize:
     out: an (N, C·(d+1)) buffer to write into, for inference loops (see fv_accumulate).
     """
     num_sets, set_size, lengths = check_encode_inputs(acts, params, lengths)
+    normalize = flag("normalize", normalize)
     # Checks the choice now; the op gets the caller's word and resolves it where it runs (portable graphs).
     dispatch.resolve(backend, acts.device, compute_dtype(acts.dtype, acts.device, out))
     check_finite_inputs(acts, params)

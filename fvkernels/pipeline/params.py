@@ -1,8 +1,6 @@
 """The parameters of a trained FV-VAE (DESIGN §2): what the pipeline needs, checked once when they are made."""
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import InitVar, dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
@@ -10,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fvkernels.common.checks import check_finite_tensors, require
+from fvkernels.common.checks import check_finite_tensors, flag, real_number, require
 from fvkernels.common.tensors import floor_for
 
 PRENORMS = ("descriptor", "map", None)
@@ -62,9 +60,7 @@ class FVVAEParams:
                 type(layer).__name__
             raise ValueError(f"{where} must be a (weight (out, in), bias (out,), relu: bool) triple, got {got}")
         weight, bias, relu = layer
-        if not isinstance(relu, (bool, np.bool_)):  # bool("False") is True: no guessing from other types
-            raise TypeError(f"{where}'s relu flag must be True or False, got {relu!r} ({type(relu).__name__})")
-        return _as_tensor(f"{where} weight", weight), _as_tensor(f"{where} bias", bias), bool(relu)
+        return _as_tensor(f"{where} weight", weight), _as_tensor(f"{where} bias", bias), flag(f"{where}'s relu", relu)
 
     @property
     def fisher_rsqrt(self) -> Optional[Tensor]:
@@ -78,11 +74,9 @@ class FVVAEParams:
             raise ValueError(f"prenorm must be one of {PRENORMS}, got {self.prenorm!r}")
         if self.spp not in SPP_MODES:
             raise ValueError(f"spp must be one of {SPP_MODES}, got {self.spp!r}")
-        if isinstance(self.norm_scale, bool) or not isinstance(self.norm_scale, numbers.Real):
-            raise TypeError(f"norm_scale must be a real number, got {self.norm_scale!r} "
-                            f"({type(self.norm_scale).__name__})")
-        if not (math.isfinite(self.norm_scale) and self.norm_scale > 0):
-            raise ValueError(f"norm_scale must be finite and positive, got {self.norm_scale}")
+        real_number("norm_scale", self.norm_scale)
+        if not self.norm_scale > 0:
+            raise ValueError(f"norm_scale must be a finite number > 0, got {self.norm_scale}")
         if not self.encoder:
             raise ValueError("encoder must have at least one (weight, bias, relu) layer")
         if self.dec_weight.dim() != 2:
