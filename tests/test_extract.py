@@ -384,3 +384,30 @@ def test_claiming_a_folder_removes_only_temporaries_of_writers_that_are_gone(cor
     finally:
         alive.kill()
         alive.wait()
+
+
+@pytest.mark.parametrize("failing_fsync", [1, 4, 7])  # the claimed manifest, a rename, a later shard
+def test_a_full_disk_during_extraction_names_the_file_and_a_rerun_completes_it(corpus, extracted, tmp_path,
+                                                                              monkeypatch, failing_fsync):
+    import errno
+
+    import fvkernels.common.files as files
+
+    real_fsync, calls = os.fsync, []
+
+    def fills_up(descriptor):
+        calls.append(descriptor)
+        if len(calls) == failing_fsync:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(descriptor)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(files.os, "fsync", fills_up)
+    with pytest.raises(OSError, match=r"No space left on device: '.*/out/(shard-0000\d\.(npy|json)|manifest\.json)'"):
+        extract_corpus(corpus, out)
+    monkeypatch.undo()
+    assert not any(path.name.startswith(".") for path in out.iterdir())  # no temporary left behind
+    with pytest.raises((ValueError, FileNotFoundError)):  # an incomplete extraction, or none yet
+        load_fisher_vectors(out)
+    extract_corpus(corpus, out)
+    assert folder_bytes(out) == folder_bytes(extracted)

@@ -95,3 +95,11 @@ def test_readme_layout_table_names_every_part_of_the_tree():
         if not re.search(rf"\b{re.escape(name)}\b", table):
             missing.append(str(path.relative_to(ROOT)))
     assert not missing, f"README's layout table does not name {missing}"
+
+
+def test_every_test_the_readme_names_exists():
+    named = set(re.findall(r"(tests/\w+\.py)::(\w+)", (ROOT / "README.md").read_text()))
+    assert named, "the README's Guarantees name no test"
+    missing = [f"{file}::{test}" for file, test in sorted(named)
+               if not re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.MULTILINE)]
+    assert not missing, f"the README names tests that do not exist: {missing}"

@@ -45,14 +45,22 @@ def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> 
         os.replace(temporary, path)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:  # "No space left on device" — writing what?
-            error.filename = str(path)
+        _name_the_file(error, path)
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable, not only the file's bytes
         os.fsync(folder)
+    except OSError as error:
+        _name_the_file(error, path)
+        raise
     finally:
         os.close(folder)
+
+
+def _name_the_file(error: BaseException, path: Path) -> None:
+    """Gives an OSError without a file name ("No space left on device" — writing what?) the path written."""
+    if isinstance(error, OSError) and error.filename is None:
+        error.filename = str(path)
 
 
 def _umask() -> int:
