@@ -12,14 +12,15 @@
 
 namespace py = pybind11;
 using fvk::FVAccumulateArgs;
+using fvk::FVAccumulateBackwardArgs;
 
 namespace {
 
-template <typename Ptr>
-void def_pointer(py::class_<FVAccumulateArgs>& cls, const char* name, Ptr FVAccumulateArgs::*field) {
+template <class Struct, typename Ptr>
+void def_pointer(py::class_<Struct>& cls, const char* name, Ptr Struct::*field) {
   cls.def_property(
-      name, [field](const FVAccumulateArgs& a) { return reinterpret_cast<std::uintptr_t>(a.*field); },
-      [field](FVAccumulateArgs& a, std::uintptr_t address) { a.*field = reinterpret_cast<Ptr>(address); });
+      name, [field](const Struct& a) { return reinterpret_cast<std::uintptr_t>(a.*field); },
+      [field](Struct& a, std::uintptr_t address) { a.*field = reinterpret_cast<Ptr>(address); });
 }
 
 template <std::size_t Rank>
@@ -73,8 +74,22 @@ PYBIND11_MODULE(_C, m) {
   def_strides(args, "x_scale_stride", &FVAccumulateArgs::x_scale_stride);
   def_strides(args, "w_stride", &FVAccumulateArgs::w_stride);
 
+  py::class_<FVAccumulateBackwardArgs> backward_args(m, "FVAccumulateBackwardArgs");
+  backward_args.def(py::init<>())
+      .def_readwrite("forward", &FVAccumulateBackwardArgs::forward)
+      .def_readwrite("grad_out_stride_n", &FVAccumulateBackwardArgs::grad_out_stride_n);
+  def_pointer(backward_args, "grad_out", &FVAccumulateBackwardArgs::grad_out);
+  def_pointer(backward_args, "grad_z", &FVAccumulateBackwardArgs::grad_z);
+  def_pointer(backward_args, "grad_x", &FVAccumulateBackwardArgs::grad_x);
+  def_pointer(backward_args, "grad_x_scale", &FVAccumulateBackwardArgs::grad_x_scale);
+  def_pointer(backward_args, "grad_weight", &FVAccumulateBackwardArgs::grad_weight);
+  def_pointer(backward_args, "grad_bias", &FVAccumulateBackwardArgs::grad_bias);
+  def_pointer(backward_args, "grad_inv_sigma2", &FVAccumulateBackwardArgs::grad_inv_sigma2);
+
   // The GIL is released: the kernels only touch the memory the pointers name.
   m.def("fv_accumulate_cpu", &fvk::fv_accumulate_cpu, py::arg("args"), py::arg("num_threads") = 0,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fv_accumulate_backward_cpu", &fvk::fv_accumulate_backward_cpu, py::arg("args"), py::arg("num_threads") = 0,
         py::call_guard<py::gil_scoped_release>());
   m.def("cpu_kernel_isa", &fvk::cpu_kernel_isa);
 

@@ -12,6 +12,7 @@
 //   v        = g · fisher_rsqrt[c,k]            (if fisher_rsqrt)
 //   out[n,c,k] = signed_sqrt ? sign(v)·sqrt(|v|) : v
 //   row_sumsq[n,c] = Σ_k out[n,c,k]²            (if row_sumsq; float32, one writer per row)
+// and the backward of g (FVAccumulateBackwardArgs, below).
 #pragma once
 
 #include <cstdint>
@@ -49,6 +50,30 @@ struct FVAccumulateArgs {
   // CUDA only: float32 scratch of workspace_floats elements, at least fv_accumulate_cuda_workspace_floats.
   float* workspace = nullptr;
   int64_t workspace_floats = 0;
+};
+
+// The gradients of g (before the signed square root) with respect to the forward's inputs, given
+// gout = ∂L/∂v (v = g · fisher_rsqrt as above). With h = gout · fisher_rsqrt, split into h_w (C, d) and
+// h_b (C,), per set and descriptor (DESIGN §1.5; the mask 1(p > 0) is a constant almost everywhere):
+//   a[t,c]  = Σ_k z[t,k]·h_w[c,k] + h_b[c]              (∂L/∂r)
+//   q[t,c]  = (p > 0 ∧ t < len) ? a[t,c]·inv_sigma2[c] : 0    (∂L/∂p)
+//   grad_z[t,k]        = Σ_c r[t,c]·h_w[c,k] + Σ_c q[t,c]·w[c,k]
+//   grad_x[t,c]        = −q[t,c]·x_scale[t]
+//   grad_x_scale[t]    = −Σ_c q[t,c]·x[t,c]
+//   grad_weight[c,k]  += Σ_t q[t,c]·z[t,k]      grad_bias[c] += Σ_t q[t,c]
+//   grad_inv_sigma2[c]+= Σ_t (p > 0 ∧ t < len) ? a[t,c]·(p − xh)[t,c] : 0
+// Rows t ≥ len get zero gradients. Each output pointer may be null (not needed: no work for it).
+struct FVAccumulateBackwardArgs {
+  FVAccumulateArgs forward;  // the forward call's inputs; its out, row_sumsq and signed_sqrt are unused
+  const void* grad_out = nullptr;  // (N, C, d+1), each set's block contiguous, sets grad_out_stride_n apart
+  int64_t grad_out_stride_n = 0;
+  // Outputs, contiguous, in the forward's dtype.
+  void* grad_z = nullptr;           // (N, T, d)
+  void* grad_x = nullptr;           // (N, T, C)
+  void* grad_x_scale = nullptr;     // (N, T)
+  void* grad_weight = nullptr;      // (C, d)
+  void* grad_bias = nullptr;        // (C,)
+  void* grad_inv_sigma2 = nullptr;  // (C,)
 };
 
 }  // namespace fvk

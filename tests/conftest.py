@@ -7,7 +7,19 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fvkernels.ops import _extension  # noqa: E402
+
+from tests.helpers import runnable_isas  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=runnable_isas())
+def isa(request, monkeypatch):
+    """Runs the test once per instruction-set build (FVK_CPU_ISA is read at every call)."""
+    monkeypatch.setenv("FVK_CPU_ISA", request.param)
+    assert _extension.extension().cpu_kernel_isa() == request.param
+    return request.param

@@ -16,7 +16,7 @@ from fvkernels.app.backbones import Backbone
 from fvkernels.app.distributed import leaving_at_exit
 from fvkernels.common.files import state_digest
 from fvkernels.nn import FVVAE
-from fvkernels.ops import dispatch
+from fvkernels.ops import _extension, dispatch
 from fvkernels.training import SetData
 
 PROCESSES = 2
@@ -189,3 +189,22 @@ def _join_and_run(rank, processes, store, task, args):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=processes)
     with leaving_at_exit(True):
         task(rank, *args)
+
+
+# ---- the CPU kernels' instruction-set builds -----------------------------------------------------------
+
+ISA_ORDER = ("generic", "avx2", "avx512")
+
+
+def runnable_isas():
+    """The instruction-set builds this CPU can run, the kernel's own choice last."""
+    if _extension.IMPORT_ERROR is not None:
+        return []
+    override = os.environ.pop("FVK_CPU_ISA", None)
+    try:
+        best = _extension.extension().cpu_kernel_isa()
+    finally:
+        if override is not None:
+            os.environ["FVK_CPU_ISA"] = override
+    return list(ISA_ORDER[: ISA_ORDER.index(best) + 1])
+

@@ -3,7 +3,6 @@
 Odd shapes around the kernel's panel sizes, ragged and empty sets, strided inputs, every epilogue option,
 and every instruction-set build this CPU can run (FVK_CPU_ISA).
 """
-import os
 
 import pytest
 import torch
@@ -18,31 +17,9 @@ pytestmark = pytest.mark.skipif(_extension.IMPORT_ERROR is not None,
                                 reason=f"the C++ extension is not built ({_extension.IMPORT_ERROR})")
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
-ISA_ORDER = ("generic", "avx2", "avx512")
 # Shapes around the panel sizes (16/32 columns, 6/12 rows); the largest are left to test_long_sets.
 SHAPES = [(channels, latent, set_size) for channels in (1, 3, 17, 512) for latent in (1, 7, 16, 256, 300)
           for set_size in (0, 1, 5, 50, 130) if channels * latent * set_size <= 512 * 256 * 50]
-
-
-def runnable_isas():
-    """The instruction-set builds this CPU can run, the kernel's own choice last."""
-    if _extension.IMPORT_ERROR is not None:
-        return []
-    override = os.environ.pop("FVK_CPU_ISA", None)
-    try:
-        best = _extension.extension().cpu_kernel_isa()
-    finally:
-        if override is not None:
-            os.environ["FVK_CPU_ISA"] = override
-    return list(ISA_ORDER[: ISA_ORDER.index(best) + 1])
-
-
-@pytest.fixture(params=runnable_isas())
-def isa(request, monkeypatch):
-    """Runs the test once per instruction-set build (FVK_CPU_ISA is read at every call)."""
-    monkeypatch.setenv("FVK_CPU_ISA", request.param)
-    assert _extension.extension().cpu_kernel_isa() == request.param
-    return request.param
 
 
 def expected_output(z, x, w, b, s, f, lengths, x_scale=None, signed_sqrt=False):

@@ -1,7 +1,8 @@
-// The fused kernel for AVX2 + FMA (compiled with -mavx2 -mfma, see CMakeLists.txt).
+// The fused kernels (forward and backward) for AVX2 + FMA (compiled with -mavx2 -mfma, see CMakeLists.txt).
 #include <immintrin.h>
 
 #include "fv_accumulate_isa.h"
+#include "fv_accumulate_backward_kernel.h"
 #include "fv_accumulate_kernel.h"
 
 namespace fvk::isa {
@@ -18,5 +19,9 @@ struct Avx2 {
 }  // namespace
 
 void fv_accumulate_avx2(const FVAccumulateArgs& args, int num_threads) { run_fused_kernel<Avx2>(args, num_threads); }
+
+void fv_accumulate_backward_avx2(const FVAccumulateBackwardArgs& args, int num_threads) {
+  run_fused_backward<Avx2>(args, num_threads);
+}
 
 }  // namespace fvk::isa

@@ -1,7 +1,8 @@
-// The fused kernel for AVX-512 (compiled with -mavx512f … -mfma, see CMakeLists.txt).
+// The fused kernels (forward and backward) for AVX-512 (compiled with -mavx512f … -mfma, see CMakeLists.txt).
 #include <immintrin.h>
 
 #include "fv_accumulate_isa.h"
+#include "fv_accumulate_backward_kernel.h"
 #include "fv_accumulate_kernel.h"
 
 namespace fvk::isa {
@@ -19,6 +20,10 @@ struct Avx512 {
 
 void fv_accumulate_avx512(const FVAccumulateArgs& args, int num_threads) {
   run_fused_kernel<Avx512>(args, num_threads);
+}
+
+void fv_accumulate_backward_avx512(const FVAccumulateBackwardArgs& args, int num_threads) {
+  run_fused_backward<Avx512>(args, num_threads);
 }
 
 }  // namespace fvk::isa

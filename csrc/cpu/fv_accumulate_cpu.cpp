@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fv_accumulate_backward_kernel.h"
 #include "fv_accumulate_isa.h"
 #include "fv_accumulate_kernel.h"
 
@@ -75,7 +76,8 @@ void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument("fv_accumulate_cpu: " + message);
 }
 
-void check_args(const FVAccumulateArgs& a) {
+// with_out: the forward's out must be given (the backward takes the forward's inputs only).
+void check_args(const FVAccumulateArgs& a, bool with_out) {
   require(a.dtype == DType::Float32 || a.dtype == DType::Float64,
           "dtype must be float32 or float64 (the CPU kernel computes in these; widen bfloat16/float16 inputs "
           "to float32 first, as fvkernels.ops.cpp does)");
@@ -83,8 +85,8 @@ void check_args(const FVAccumulateArgs& a) {
           "num_sets, set_size, channels and latent must be >= 0, got " + std::to_string(a.num_sets) + ", " +
               std::to_string(a.set_size) + ", " + std::to_string(a.channels) + ", " + std::to_string(a.latent));
   if (a.num_sets == 0 || a.channels == 0) return;
-  require(a.out != nullptr, "out must not be null");
-  require(a.num_sets == 1 || a.out_stride_n >= a.channels * (a.latent + 1),
+  require(!with_out || a.out != nullptr, "out must not be null");
+  require(!with_out || a.num_sets == 1 || a.out_stride_n >= a.channels * (a.latent + 1),
           "out_stride_n must be >= channels * (latent + 1) = " + std::to_string(a.channels * (a.latent + 1)) +
               " so that sets do not overlap, got " + std::to_string(a.out_stride_n));
   require(a.dec_bias != nullptr && a.inv_sigma2 != nullptr, "dec_bias and inv_sigma2 must not be null");
@@ -101,13 +103,28 @@ void check_args(const FVAccumulateArgs& a) {
 }  // namespace
 
 void fv_accumulate_cpu(const FVAccumulateArgs& args, int num_threads) {
-  check_args(args);
+  check_args(args, true);
   switch (selected_isa()) {
 #ifdef FVK_X86_KERNELS
     case Isa::Avx512: isa::fv_accumulate_avx512(args, num_threads); break;
     case Isa::Avx2: isa::fv_accumulate_avx2(args, num_threads); break;
 #endif
     default: run_fused_kernel<Generic>(args, num_threads); break;
+  }
+}
+
+void fv_accumulate_backward_cpu(const FVAccumulateBackwardArgs& args, int num_threads) {
+  check_args(args.forward, false);
+  require(args.forward.num_sets <= 1 || args.grad_out_stride_n >= args.forward.channels * (args.forward.latent + 1),
+          "grad_out_stride_n must be >= channels * (latent + 1)");
+  require(args.forward.num_sets == 0 || args.forward.channels == 0 || args.grad_out != nullptr,
+          "grad_out must not be null");
+  switch (selected_isa()) {
+#ifdef FVK_X86_KERNELS
+    case Isa::Avx512: isa::fv_accumulate_backward_avx512(args, num_threads); break;
+    case Isa::Avx2: isa::fv_accumulate_backward_avx2(args, num_threads); break;
+#endif
+    default: run_fused_backward<Generic>(args, num_threads); break;
   }
 }
 

@@ -11,6 +11,10 @@ namespace fvk {
 // default. Results do not depend on num_threads.
 void fv_accumulate_cpu(const FVAccumulateArgs& args, int num_threads);
 
+// Its fused backward (csrc/fv_accumulate.h), same dtypes and ISA choice; deterministic for a given
+// num_threads (the weight, bias and inv_sigma2 gradients are summed per thread, then in thread order).
+void fv_accumulate_backward_cpu(const FVAccumulateBackwardArgs& args, int num_threads);
+
 // The instruction set the kernel dispatches to: "avx512", "avx2" or "generic" — the best this CPU
 // supports, or a lower one named by the environment variable FVK_CPU_ISA (read at every call; naming
 // one the CPU lacks throws std::invalid_argument).

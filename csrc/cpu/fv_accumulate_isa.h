@@ -10,5 +10,7 @@ namespace fvk::isa {
 // dispatcher's TU.
 void fv_accumulate_avx2(const FVAccumulateArgs& args, int num_threads);
 void fv_accumulate_avx512(const FVAccumulateArgs& args, int num_threads);
+void fv_accumulate_backward_avx2(const FVAccumulateBackwardArgs& args, int num_threads);
+void fv_accumulate_backward_avx512(const FVAccumulateBackwardArgs& args, int num_threads);
 
 }  // namespace fvk::isa

@@ -18,26 +18,9 @@
 // blocking alone, so results do not depend on the thread count or on the channel blocking.
 #pragma once
 
-#include <omp.h>
-
-#include <algorithm>
-#include <array>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <new>
-#include <type_traits>
-#include <utility>
-
-#include "../fv_accumulate.h"
-
-#define FVK_ALWAYS_INLINE inline __attribute__((always_inline))
+#include "cpu_microkernel.h"
 
 namespace fvk {
-// Each instruction-set TU gets its own private copy of everything below. With external linkage the
-// linker would keep one instantiation of, say, an inline helper for all TUs, and could hand the
-// portable path an AVX-512 body.
 namespace {
 
 // Descriptors per row block: R (rows × channels) and the packed z rows stay in L2, and the
@@ -46,56 +29,9 @@ constexpr int64_t kMaxBlockRows = 128;
 // Upper bound on the bytes of one work item's G, so that it stays in L2 next to the packed weights.
 constexpr int64_t kOutputBlockBytes = 512 * 1024;
 constexpr int64_t kItemsPerThread = 16;
-constexpr std::size_t kAlignment = 64;
 
-template <typename Scalar, int Bytes>
-struct VectorOf {
-  typedef Scalar type __attribute__((vector_size(Bytes)));
-};
-
-template <class F, int... I>
-FVK_ALWAYS_INLINE void unrolled_impl(F& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-
-// f(0), …, f(N − 1) with compile-time indices, so arrays of accumulators are never indexed at run time
-// (which would force them out of registers onto the stack).
-template <int N, class F>
-FVK_ALWAYS_INLINE void unrolled(F&& f) {
-  unrolled_impl(f, std::make_integer_sequence<int, N>{});
-}
-
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-// `count` items cut into ceil(count / max_size) ranges whose sizes differ by at most one: a set of
-// 50 descriptors becomes 5 panels of 10 rows rather than 4 × 12 + 2.
-struct BalancedSplit {
-  int64_t count;
-  int64_t parts;
-  BalancedSplit(int64_t count_, int64_t max_size) : count(count_), parts(ceil_div(count_, max_size)) {}
-  int64_t begin(int64_t part) const { return count * part / parts; }
-  int64_t size(int64_t part) const { return begin(part + 1) - begin(part); }
-};
-
-struct AlignedDelete {
-  void operator()(void* pointer) const { ::operator delete(pointer, std::align_val_t(kAlignment)); }
-};
-
-template <typename T>
-using AlignedArray = std::unique_ptr<T[], AlignedDelete>;
-
-template <typename T>
-AlignedArray<T> aligned_array(int64_t count) {
-  const std::size_t bytes = static_cast<std::size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
-  return AlignedArray<T>(static_cast<T*>(::operator new(bytes, std::align_val_t(kAlignment))));
-}
-
-// Isa: vector_bytes (register width); max_rows (accumulator rows of the microkernel, bounded by the
-// register file: max_rows × 2 accumulators + 2 B vectors must fit); stream(Scalar*, vector), a
-// non-temporal store to a vector-aligned address; fence(), ordering those stores.
 template <typename Scalar, class Isa>
-class FusedKernel {
+class FusedKernel : Microkernel<Scalar, Isa> {
  public:
   static void run(const FVAccumulateArgs& args, int num_threads) {
     if (args.num_sets == 0 || args.channels == 0) return;
@@ -104,58 +40,18 @@ class FusedKernel {
   }
 
  private:
-  using Vec = typename VectorOf<Scalar, Isa::vector_bytes>::type;
-  static constexpr int kLanes = Isa::vector_bytes / static_cast<int>(sizeof(Scalar));
-  static constexpr int kVecsPerRow = 2;
-  static constexpr int kPanelWidth = kLanes * kVecsPerRow;  // columns of one microkernel tile
-  static constexpr int kMaxRows = Isa::max_rows;
-
+  using Base = Microkernel<Scalar, Isa>;
+  using typename Base::StreamSlice;
+  using typename Base::Vec;
   template <int Rows>
-  struct Tile {
-    Vec v[Rows][kVecsPerRow];
-  };
-
-  static FVK_ALWAYS_INLINE Vec load(const Scalar* p) {
-    Vec v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
-  static FVK_ALWAYS_INLINE void store(Scalar* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-
-  // Finished output vectors for a microkernel to copy to out on its way (see OutputStream).
-  struct StreamSlice {
-    const Scalar* source = nullptr;
-    Scalar* destination = nullptr;
-    int64_t vectors = 0;
-  };
-
-  // acc[i][·] = Σ_k a[i·a_row + k·a_step] · b[k·ldb + ·]: the one microkernel of both GEMMs. A is read
-  // in place and broadcast: z rows (a_step = 1) or R's columns (a_row = 1, a compile-time constant so
-  // that its rows become plain displacements). Meanwhile it streams `slice` to out, its stores spaced
-  // evenly over the iterations.
-  template <int Rows, typename RowStride>
-  static FVK_ALWAYS_INLINE void multiply(Tile<Rows>& acc, int64_t depth, const Scalar* a, RowStride a_row,
-                                         int64_t a_step, const Scalar* b, int64_t ldb, const StreamSlice& slice) {
-    const Scalar* stream_source = slice.source;
-    Scalar* stream_destination = slice.destination;
-    const int64_t stream_vectors = slice.vectors;
-    const int64_t stream_interval = stream_vectors > 0 ? depth / stream_vectors : 0;
-    int64_t countdown = stream_interval, streamed = 0;
-    unrolled<Rows>([&](auto i) { unrolled<kVecsPerRow>([&](auto j) { acc.v[i][j] = Vec{}; }); });
-    for (int64_t k = 0; k < depth; ++k, a += a_step, b += ldb) {
-      Vec b_row[kVecsPerRow];
-      unrolled<kVecsPerRow>([&](auto j) { b_row[j] = load(b + j * kLanes); });
-      unrolled<Rows>([&](auto i) {
-        const Scalar a_ki = a[i * a_row];
-        unrolled<kVecsPerRow>([&](auto j) { acc.v[i][j] += b_row[j] * a_ki; });
-      });
-      if (--countdown == 0 && streamed < stream_vectors) {
-        Isa::stream(stream_destination + streamed * kLanes, load(stream_source + streamed * kLanes));
-        ++streamed;
-        countdown = stream_interval;
-      }
-    }
-  }
+  using Tile = typename Base::template Tile<Rows>;
+  using Base::conflict_free_stride;
+  using Base::kLanes;
+  using Base::kMaxRows;
+  using Base::kPanelWidth;
+  using Base::kVecsPerRow;
+  using Base::load;
+  using Base::store;
 
   // ---- decoder GEMM: P = Z·Wᵀ for one panel of kPanelWidth channels -------------------------------
 
@@ -173,7 +69,7 @@ class FusedKernel {
   template <int Rows>
   static void decoder_tile(const DecoderPanel& panel, const Scalar* z_rows, Scalar* residual, const StreamSlice& slice) {
     Tile<Rows> pre;
-    multiply<Rows>(pre, panel.latent, z_rows, panel.z_stride, 1, panel.weight, kPanelWidth, slice);
+    Base::template multiply<Rows>(pre, panel.latent, z_rows, panel.z_stride, 1, panel.weight, kPanelWidth, slice);
     unrolled<kVecsPerRow>([&](auto j) {
       const Vec bias = load(panel.bias + j * kLanes);
       const Vec inv_sigma2 = load(panel.inv_sigma2 + j * kLanes);
@@ -213,7 +109,7 @@ class FusedKernel {
   static void outer_tile(const OuterPass& pass, int64_t channel, int64_t column, const StreamSlice& slice) {
     const int64_t ld = pass.latent_stride;
     Tile<Rows> g;
-    multiply<Rows>(g, pass.depth, pass.residual + channel, std::integral_constant<int64_t, 1>{}, pass.residual_stride,
+    Base::template multiply<Rows>(g, pass.depth, pass.residual + channel, std::integral_constant<int64_t, 1>{}, pass.residual_stride,
                    pass.z_rows + column, ld, slice);
     Scalar* partial = pass.partial + channel * ld + column;
     if (pass.has_partial) {
@@ -384,13 +280,6 @@ class FusedKernel {
 
   int64_t staging_size() const { return round_up(kMaxRows * (latent_ + 1), kPanelWidth); }
 
-  // A row stride of at least `columns`, whole vectors, and not a multiple of 512 bytes: the rows of a
-  // panel walked down a column then fall into different L1 sets instead of evicting each other.
-  static int64_t conflict_free_stride(int64_t columns) {
-    const int64_t stride = round_up(columns, kLanes);
-    return stride * int64_t(sizeof(Scalar)) % 512 == 0 ? stride + kLanes : stride;
-  }
-
   Scratch thread_scratch(int thread) const {
     Scalar* parts[6];
     Scalar* p = scratch_.get() + thread * scratch_stride_;
@@ -422,7 +311,7 @@ class FusedKernel {
 #pragma omp parallel num_threads(num_threads_)
     {
 #pragma omp for schedule(static) nowait
-      for (int64_t panel = 0; panel < panels; ++panel) pack_weight_panel(panel);
+      for (int64_t panel = 0; panel < panels; ++panel) Base::pack_weight_panel(args_, panel, weight_.get());
       const int64_t fisher_rows = fisher_ == nullptr ? 0 : args_.channels;
 #pragma omp for schedule(static)  // its closing barrier also waits for the weights
       for (int64_t c = 0; c < fisher_rows; ++c) pack_fisher_row(c);
@@ -434,17 +323,6 @@ class FusedKernel {
           run_item(item / blocks_per_set_, item % blocks_per_set_, scratch, stream);
       }
       Isa::fence();  // orders the non-temporal stores before the caller reads out
-    }
-  }
-
-  // weight_[panel][k][j] = W[panel · kPanelWidth + j, k], zero past C.
-  void pack_weight_panel(int64_t panel) const {
-    const Scalar* w = static_cast<const Scalar*>(args_.dec_weight);
-    Scalar* packed = weight_.get() + panel * latent_ * kPanelWidth;
-    for (int j = 0; j < kPanelWidth; ++j) {
-      const int64_t c = panel * kPanelWidth + j;
-      for (int64_t k = 0; k < latent_; ++k)
-        packed[k * kPanelWidth + j] = c < args_.channels ? w[c * args_.w_stride[0] + k * args_.w_stride[1]] : Scalar(0);
     }
   }
 
@@ -487,62 +365,15 @@ class FusedKernel {
     for (int64_t b = 0; b < row_blocks.parts; ++b) {
       const int64_t first_row = row_blocks.begin(b), rows = row_blocks.size(b);
       const BalancedSplit row_panels(rows, kMaxRows);
-      pack_z(n, first_row, rows, scratch.z_rows);
-      copy_x_hat(n, first_row, rows, first_channel, channels, channels_padded, residual_stride, scratch.residual);
+      Base::pack_z(args_, n, first_row, rows, latent_padded_, latent_stride_, scratch.z_rows);
+      Base::copy_x(args_, true, n, first_row, rows, first_channel, channels, channels_padded, residual_stride,
+                   scratch.residual);
       decoder_gemm(first_channel, channels_padded, residual_stride, row_panels, scratch, stream);
       pass.depth = rows;
       pass.has_partial = b > 0;
       pass.last = b + 1 == row_blocks.parts;
       outer_gemm(pass, first_channel, channels, scratch.column_sums, out, row_sumsq, stream);
     }
-  }
-
-  // z rows [first_row, first_row + rows) of set n, zero-padded to whole column panels.
-  void pack_z(int64_t n, int64_t first_row, int64_t rows, Scalar* z_rows) const {
-    const Scalar* z = static_cast<const Scalar*>(args_.z) + n * args_.z_stride[0] + first_row * args_.z_stride[1];
-    const int64_t k_stride = args_.z_stride[2];
-    for (int64_t t = 0; t < rows; ++t) {
-      const Scalar* source = z + t * args_.z_stride[1];
-      Scalar* row = z_rows + t * latent_stride_;
-      if (k_stride == 1) {
-        std::copy_n(source, latent_, row);
-      } else {
-        for (int64_t k = 0; k < latent_; ++k) row[k] = source[k * k_stride];
-      }
-      std::fill(row + latent_, row + latent_padded_, Scalar(0));
-    }
-  }
-
-  // residual[t][c] = x̂[n, first_row + t, first_channel + c], zero in the padding channels.
-  void copy_x_hat(int64_t n, int64_t first_row, int64_t rows, int64_t first_channel, int64_t channels,
-                  int64_t channels_padded, int64_t residual_stride, Scalar* residual) const {
-    const Scalar* x = static_cast<const Scalar*>(args_.x) + n * args_.x_stride[0] + first_row * args_.x_stride[1] +
-                      first_channel * args_.x_stride[2];
-    const Scalar* x_scale = static_cast<const Scalar*>(args_.x_scale);
-    const int64_t t_stride = args_.x_stride[1], c_stride = args_.x_stride[2];
-    auto scale = [&](int64_t t) {
-      return x_scale == nullptr ? Scalar(1)
-                                : x_scale[n * args_.x_scale_stride[0] + (first_row + t) * args_.x_scale_stride[1]];
-    };
-    if (c_stride <= t_stride) {  // descriptors stored as rows (N, T, C): walk channels innermost
-      for (int64_t t = 0; t < rows; ++t) {
-        const Scalar s = scale(t);
-        const Scalar* source = x + t * t_stride;
-        Scalar* row = residual + t * residual_stride;
-        if (c_stride == 1) {
-          for (int64_t c = 0; c < channels; ++c) row[c] = source[c] * s;
-        } else {
-          for (int64_t c = 0; c < channels; ++c) row[c] = source[c * c_stride] * s;
-        }
-      }
-    } else {  // channel-major maps (the (N, T, C) view of NCHW): walk descriptors innermost
-      for (int64_t c = 0; c < channels; ++c) {
-        const Scalar* source = x + c * c_stride;
-        for (int64_t t = 0; t < rows; ++t) residual[t * residual_stride + c] = source[t * t_stride] * scale(t);
-      }
-    }
-    for (int64_t t = 0; t < rows; ++t)
-      std::fill(residual + t * residual_stride + channels, residual + t * residual_stride + channels_padded, Scalar(0));
   }
 
   void decoder_gemm(int64_t first_channel, int64_t channels_padded, int64_t residual_stride,

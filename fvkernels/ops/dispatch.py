@@ -107,3 +107,14 @@ def supports_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> bo
 def launch(backend: str, args: FVAccumulateArgs) -> None:
     """Runs a resolved backend's launcher on a validated call."""
     importlib.import_module(_LAUNCHER_MODULES[backend]).launch(args)
+
+
+def has_fused_backward(backend: str) -> bool:
+    """Whether `backend` has its own backward kernel; the others take the reference's GEMM-shaped torch code
+    (reference.fv_accumulate_backward), which torch.compile can see into."""
+    return hasattr(importlib.import_module(_LAUNCHER_MODULES[backend]), "backward")
+
+
+def launch_backward(backend: str, args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:
+    """Runs a resolved backend's backward kernel (has_fused_backward) on a validated call."""
+    return importlib.import_module(_LAUNCHER_MODULES[backend]).backward(args, grad_out, needs)

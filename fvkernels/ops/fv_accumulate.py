@@ -3,8 +3,10 @@
 Both take the kernels' whole contract (csrc/fv_accumulate.h): the prenorm folded in as a per-descriptor scale,
 the signed square root at the store, and per-row sums of squares for the L2 norm.
 - `fv_accumulate` is functional and differentiable: it returns the (N, C, d+1) output and the (N, C) float32
-  row sums of squares ((N, 0) when not asked for). Its backward is GEMM-shaped torch code shared by all
-  backends (reference.fv_accumulate_backward), through the signed square root and the row sums.
+  row sums of squares ((N, 0) when not asked for). Its backward goes through the signed square root and the
+  row sums to `fvkernels::fv_accumulate_backward`, the backend's fused backward kernel where it has one
+  (dispatch.has_fused_backward: "cpp"), and to the reference's GEMM-shaped torch code otherwise
+  (reference.fv_accumulate_backward, also the double backward).
 - `fv_accumulate_out` writes into given buffers (a mutating op, `Tensor(a!) out`): inference into a kept
   buffer, and the pipeline's chunked inference.
 register_fake makes both traceable by torch.compile and torch.export and checkable by torch.library.opcheck;
@@ -15,7 +17,7 @@ call, outside them.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -52,9 +54,35 @@ def _(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, si
     return _empty_outputs(z, x, with_row_sumsq)
 
 
+# The gradients fv_accumulate_backward_op returns, in its order; those not asked for are empty.
+_BACKWARD_GRADS = ("z", "x", "dec_weight", "dec_bias", "inv_sigma2", "x_scale")
+
+
+@torch.library.custom_op("fvkernels::fv_accumulate_backward", mutates_args=())
+def fv_accumulate_backward_op(grad_out: Tensor, z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor,
+                              inv_sigma2: Tensor, fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor],
+                              x_scale: Optional[Tensor], needs: List[bool], backend: str) -> List[Tensor]:
+    """A backend's fused backward (dispatch.has_fused_backward): the gradients of fv_accumulate (before its signed
+    square root) w.r.t. _BACKWARD_GRADS given ∂L/∂out, each an empty tensor where `needs` says no."""
+    # grad_out stands in for the forward's out in the call's structure: the same shape, read instead of written.
+    args = FVAccumulateArgs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, grad_out.contiguous(),
+                            x_scale)
+    grads = dispatch.launch_backward(dispatch.resolve(backend, z.device, z.dtype), args, grad_out, needs)
+    return [z.new_empty(0) if grad is None else grad for grad in grads]
+
+
+@fv_accumulate_backward_op.register_fake
+def _(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, needs, backend):
+    num_sets, set_size, latent = z.shape
+    channels = x.shape[2]
+    shapes = [z.shape, x.shape, (channels, latent), (channels,), (channels,), (num_sets, set_size)]
+    return [z.new_empty(shape if need else 0) for shape, need in zip(shapes, needs)]
+
+
 def _setup_context(ctx, inputs, output):
-    z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, signed_sqrt, with_row_sumsq, _ = inputs
+    z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, signed_sqrt, with_row_sumsq, backend = inputs
     ctx.signed_sqrt = signed_sqrt
+    ctx.backend = backend
     stored = output[0] if signed_sqrt or with_row_sumsq else None  # what the epilogue's derivatives need
     ctx.save_for_backward(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, stored)
 
@@ -66,9 +94,29 @@ def _backward(ctx, grad_out, grad_row_sumsq):
     if ctx.signed_sqrt:
         grad_out = grad_out * signed_sqrt_derivative(stored)
     needs = ctx.needs_input_grad
-    grads = fv_accumulate_backward(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale,
-                                   needs[:6] + needs[7:8])
+    needs = needs[:6] + needs[7:8]  # (z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, x_scale)
+    grads = _gradients(ctx.backend, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale,
+                       needs)
     return (*grads[:6], None, grads[6], None, None, None)
+
+
+def _gradients(backend, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, needs):
+    """The backward's gradients (as reference.fv_accumulate_backward returns them) from the backend's fused kernel
+    where it has one; from the reference's torch code for a double backward (which differentiates it), for the
+    Fisher's own gradient (the kernels do not form G unscaled), and for backends without one."""
+    resolved = dispatch.resolve(backend, z.device, z.dtype)
+    if torch.is_grad_enabled() or not dispatch.has_fused_backward(resolved) or z.shape[0] == 0 or x.shape[2] == 0:
+        return fv_accumulate_backward(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths,
+                                      x_scale, needs)
+    kernel_needs = [bool(need) for need in needs[:5] + needs[6:]]
+    fused = fv_accumulate_backward_op(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt,
+                                      lengths, x_scale, kernel_needs, resolved)
+    fused = [grad if need else None for grad, need in zip(fused, kernel_needs)]
+    grad_fisher = None
+    if needs[5] and fisher_rsqrt is not None:
+        grad_fisher = fv_accumulate_backward(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths,
+                                             x_scale, (False,) * 5 + (True, False))[5]
+    return (*fused[:5], grad_fisher, fused[5])
 
 
 fv_accumulate_op.register_autograd(_backward, setup_context=_setup_context)
