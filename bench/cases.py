@@ -29,7 +29,7 @@ class Case:
     latent: int = 256  # d
     ragged: bool = False  # set lengths drawn in [T/2, T] (the first set full)
     scaling: bool = False  # a point of the throughput-vs-T plot (C=512, d=256, ≈12.8k descriptors per call)
-    operation: str = "fv_accumulate"  # or "fv_vae_encode", the whole pipeline
+    operation: str = "fv_accumulate"  # or "fv_accumulate_train" (forward + backward), "fv_vae_encode" (the pipeline)
 
     @property
     def group(self) -> str:
@@ -53,6 +53,13 @@ FV_ACCUMULATE_CASES = (
     Case("sweep-t16", "T sweep", 800, 16, 512, scaling=True),
     Case("sweep-t196", "T sweep", 64, 196, 512, scaling=True),
     Case("sweep-t3136", "T sweep", 4, 3136, 512, scaling=True),
+)
+
+# A training step through the layer (forward + backward w.r.t. z, x, W, b, σx⁻²): the sizes fine-tuning meets.
+TRAINING_CASES = (
+    Case("train-t196", "training step, forward + backward (14x14 maps)", 64, 196, 512, operation="fv_accumulate_train"),
+    Case("train-frames", "training step, forward + backward (video frames)", 256, 50, 512,
+         operation="fv_accumulate_train"),
 )
 
 # The full pipeline on images: a 512→512→256 encoder (C=512, d=256) → C·(d+1) = 131584-d Fisher vectors.
@@ -125,6 +132,12 @@ def valid_descriptors(case: Case, lengths: Optional[Tensor]) -> int:
 def fv_accumulate_flops(case: Case, descriptors: int) -> int:
     """Decoder GEMM 2·C·d plus outer product 2·C·(d+1) per descriptor (DESIGN §1)."""
     return descriptors * (2 * case.channels * case.latent + 2 * case.channels * (case.latent + 1))
+
+
+def training_flops(case: Case, descriptors: int) -> int:
+    """The forward's two GEMMs and the backward's four (∂L/∂r, ∂z twice, ∂W): three times the forward. A kernel
+    that recomputes the decoder tile does one GEMM more than this counts."""
+    return 3 * fv_accumulate_flops(case, descriptors)
 
 
 def pipeline_flops(case: Case, params: FVVAEParams, descriptors: int) -> int:

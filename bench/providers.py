@@ -91,6 +91,22 @@ def fv_accumulate_fn(provider: Provider, full: bool) -> Callable[..., Tensor]:
     return _into_kept_output(encode) if provider.reuse_output else encode
 
 
+def training_step_fn(provider: Provider, full: bool) -> Callable[..., list]:
+    """(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, grad_out) → the gradients w.r.t. the first
+    five: one forward and one backward as a training step through the layer runs them."""
+    if provider.implementation == EAGER:
+        forward = fv_accumulate_reference
+    elif provider.implementation == COMPILE:
+        forward = compiled(fv_accumulate_reference, provider.device, full)
+    else:
+        forward = functools.partial(fv_accumulate, backend=provider.implementation)
+
+    def step(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, grad_out) -> list:
+        inputs = [t.detach().requires_grad_() for t in (z, x, dec_weight, dec_bias, inv_sigma2)]
+        return list(torch.autograd.grad(forward(*inputs, fisher_rsqrt, lengths), inputs, grad_out))
+    return step
+
+
 def _into_kept_output(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """fn(..., out=buffer) with the buffer allocated by the first call and reused by every later one."""
     kept = []

@@ -24,6 +24,7 @@ RESULTS_MD = "RESULTS.md"
 PLOT_PNG = "throughput_vs_T.png"
 BASELINE = "torch"  # providers.BASELINE: the eager composite every ratio refers to
 OPERATIONS = (("fv_accumulate", "fv_accumulate (the fused op)"),
+              ("fv_accumulate_train", "Training: fv_accumulate forward + backward"),
               ("fv_vae_encode", "Pipeline: fv_vae_encode against the torch pipeline and VLFeat"))
 
 
@@ -74,7 +75,7 @@ class Run:
         return None if other is None else other.median_s / row.median_s
 
 
-# ---- targets (issue 3): what the CPU kernel and pipeline must reach, each judged on this run ------------------
+# ---- targets (issues 3 and 12): what the CPU kernel and pipeline must reach, each judged on this run ------------------
 
 @dataclass(frozen=True)
 class Target:
@@ -113,6 +114,15 @@ TARGETS = (
     Target("fv_vae_encode (cpp) ≥ 1.2× the torch eager pipeline", "pipeline-images", "cpp", "speedup", 1.2,
            versus=BASELINE),
     Target("fv_vae_encode (cpp) peak extra memory ≤ 25% of its output", "pipeline-images", "cpp", "memory", 0.25),
+    # issue 12
+    *(Target(f"cpp fv_accumulate ≥ 1.2× torch.compile of the composite at T={size}", case, "cpp", "speedup", 1.2,
+             versus="torch.compile")
+      for size, case in ((16, "sweep-t16"), (50, "frames-c512"), (196, "sweep-t196"), (784, "images"),
+                         (1250, "videos"), (3136, "sweep-t3136"))),
+    Target("cpp forward + backward ≥ 2× eager autograd of the composite (N=64, T=196)", "train-t196", "cpp",
+           "speedup", 2.0, versus=BASELINE),
+    Target("cpp forward + backward ≥ 1.3× torch.compile of the composite (N=64, T=196)", "train-t196", "cpp",
+           "speedup", 1.3, versus="torch.compile"),
 )
 TARGET_DEVICE = "cpu"
 
@@ -195,7 +205,7 @@ def _group_table(run: Run, rows: List[Row]) -> List[str]:
 
 def markdown(run: Run, target_lines: List[List[str]], note: Optional[str]) -> str:
     lines = _run_header(run, note)
-    lines += ["", "## Targets (issue 3, CPU)", ""] + _table(["target", "measured", "verdict"], target_lines)
+    lines += ["", "## Targets (issues 3 and 12, CPU)", ""] + _table(["target", "measured", "verdict"], target_lines)
     lines += ["", "## Machine ceilings (measured in the same process)", ""] + _ceilings_table(run)
     for operation, title in OPERATIONS:
         lines += ["", f"## {title}"]
@@ -206,7 +216,8 @@ def markdown(run: Run, target_lines: List[List[str]], note: Optional[str]) -> st
               "- Times are pytest-benchmark's median over its rounds, after one untimed first call (compilation, "
               "autotuning; its time is the \"first call\" column). GPU calls end with a device synchronisation.",
               "- FLOPs of fv_accumulate: valid descriptors × (2·C·d + 2·C·(d+1)); the pipeline adds the encoder's "
-              "2·Σ(in·out) per descriptor (DESIGN §1). VLFeat computes a different model: only its time compares.",
+              "2·Σ(in·out) per descriptor (DESIGN §1). VLFeat computes a different model: only its time compares. "
+              "A training step counts three times the forward's FLOPs (two GEMMs forward, four backward).",
               "- Bytes: every input read once plus the output written once.",
               "- Of roofline: max(FLOPs / GEMM rate of the dtype, bytes / copy bandwidth) over the measured time.",
               "- Peak extra memory: what fv_vae_encode (or the baseline) allocates beyond its input and output "
