@@ -16,7 +16,7 @@ define install_torch
 		|| $(1) -m pip install "torch>=2.6"
 endef
 
-.PHONY: install demo test bench data sdist-check clean
+.PHONY: install demo test bench gpu-check data sdist-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: $(VENV)/.extra-test
 
 bench: $(VENV)/.extra-test
 	$(PY) -m pytest bench --benchmark
+
+# On a machine with a GPU, in its own Python (a CUDA torch, triton, pybind11, cmake; no venv, no network needed):
+# builds the CUDA kernel for the card, runs the GPU tests and benchmarks, writes bench/RESULTS.md. Exits 0 without a GPU.
+gpu-check:
+	python3 bench/gpu_check.py
 
 # The pip route: build the sdist and a wheel from it, install the sdist into a fresh venv, encode with the C++ kernel.
 SDIST_DIR := build/sdist-check

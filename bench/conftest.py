@@ -131,5 +131,5 @@ def pytest_terminal_summary(terminalreporter, config):
     # bench/RESULTS.md reports the runs saved in bench/results/; a JSON saved elsewhere gets its report beside it.
     out_dir = BENCH_DIR if json_path.parent == RESULTS_DIR else json_path.parent
     terminalreporter.section("fvkernels targets")
-    for line in report.write_report(json_path, out_dir):
+    for line in report.write_report([json_path], out_dir):
         terminalreporter.write_line(line)

@@ -6,6 +6,7 @@ bfloat16 CPU kernel: Provider("cpp-bf16", "cpu", "cpp", torch.bfloat16).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -72,13 +73,15 @@ VLFEAT_PROVIDER = Provider("vlfeat", "cpu", VLFEAT)
 
 
 def compiled(fn: Callable, device: str, full: bool) -> Callable:
-    """torch.compile of fn for one static shape (mode="max-autotune" on GPU, the default mode on CPU)."""
+    """torch.compile of fn for one static shape: mode="max-autotune" on GPU, the default mode on CPU, or the mode
+    FVK_BENCH_COMPILE_MODE names (bench/gpu_check.py uses "default" to fit its time)."""
     torch.compiler.reset()  # each case compiles afresh: no recompile limit, no automatic dynamic shapes
     if not full:
         # Inductor's C++ build takes ~30 s per graph on a cold 2-core machine; the smoke run checks that the
         # composite traces and runs (Dynamo + AOTAutograd), the full run measures Inductor's code.
         return torch.compile(fn, backend="aot_eager", dynamic=False)
-    return torch.compile(fn, mode="max-autotune" if device == "cuda" else None, dynamic=False)
+    mode = os.environ.get("FVK_BENCH_COMPILE_MODE") or ("max-autotune" if device == "cuda" else None)
+    return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
 
 
 def fv_accumulate_fn(provider: Provider, full: bool) -> Callable[..., Tensor]:

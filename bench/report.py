@@ -2,7 +2,8 @@
 
 The JSON is pytest-benchmark's (`--benchmark-json`) with the "fvkernels" section bench/conftest.py adds
 (ceilings, versions, providers that could not run). `pytest bench/ --benchmark` calls this at its end;
-standalone: python bench/report.py [bench/results/RUN.json] [--note TEXT]   (default: the newest run).
+standalone: python bench/report.py [bench/results/RUN.json ...] [--note TEXT]   (default: the newest run; several
+runs, e.g. a CPU run and a GPU run, make one report).
 Reads only the JSON (no torch), so a saved run can be re-reported anywhere.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -55,14 +56,25 @@ class Row:
 
 
 class Run:
-    def __init__(self, data: dict):
-        self.data = data
-        self.extra = data["fvkernels"]
-        self.rows: List[Row] = []
-        for bench in data["benchmarks"]:
-            info = bench["extra_info"]
-            self.rows.append(Row(info["provider"], info["device"], info["dtype"], info["case"], bench["group"], info,
-                                 bench["stats"]["median"], bench["stats"]["rounds"]))
+    """One or more runs' JSON read as one: a CPU run and a GPU run (bench/gpu_check.py) make one report. Rows of a
+    later run replace an earlier run's for the same case, device and provider; ceilings are kept per device; a
+    provider unavailable in one run but measured in another is not listed as unavailable."""
+
+    def __init__(self, *datas: dict):
+        self.sources = list(datas)
+        rows: Dict[tuple, Row] = {}
+        for data in datas:
+            for bench in data["benchmarks"]:
+                info = bench["extra_info"]
+                row = Row(info["provider"], info["device"], info["dtype"], info["case"], bench["group"], info,
+                          bench["stats"]["median"], bench["stats"]["rounds"])
+                rows[row.case, row.device, row.provider] = row
+        self.rows: List[Row] = list(rows.values())
+        measured = {f"{row.device}-{row.provider}" for row in self.rows}
+        self.extra = {
+            "ceilings": {device: ceilings for data in datas for device, ceilings in data["fvkernels"]["ceilings"].items()},
+            "unavailable": {name: why for data in datas for name, why in data["fvkernels"]["unavailable"].items()
+                            if name not in measured}}
         self.groups: Dict[str, List[Row]] = defaultdict(list)
         for row in self.rows:
             self.groups[row.group].append(row)
@@ -150,26 +162,28 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 
 def _run_header(run: Run, note: Optional[str]) -> List[str]:
-    machine, extra = run.data["machine_info"], run.extra
-    commit = run.data.get("commit_info", {})
-    cpu_info = machine.get("cpu", {})
-    cpu = cpu_info.get("brand_raw") or machine.get("processor") or "unknown CPU"
-    if "family" in cpu_info:  # a virtual machine's brand string may not name the generation
-        cpu += f" (family {cpu_info['family']}, model {cpu_info.get('model')}, {cpu_info.get('count')} logical CPUs)"
-    versions = extra["versions"]
-    lines = ["# fvkernels benchmark results", "",
-             f"- date: {run.data['datetime'][:19].replace('T', ' ')} UTC",
-             f"- machine: {cpu}, {extra['threads']} torch threads; GPU: {extra['gpu'] or 'none'}; "
-             f"load average (1/5/15 min) at the end: {'/'.join(f'{v:.1f}' for v in extra['load_average'])}",
-             f"- torch {versions['torch']}, triton {versions['triton'] or 'not installed'}, "
-             f"python {versions['python']}, pytest-benchmark {run.data['version']}",
-             f"- fvkernels commit {str(commit.get('id', 'unknown'))[:10]}"
-             f"{' with uncommitted changes' if commit.get('dirty') else ''}"]
+    lines = ["# fvkernels benchmark results", ""]
+    for data in run.sources:
+        machine, extra = data["machine_info"], data["fvkernels"]
+        commit = data.get("commit_info", {})
+        cpu_info = machine.get("cpu", {})
+        cpu = cpu_info.get("brand_raw") or machine.get("processor") or "unknown CPU"
+        if "family" in cpu_info:  # a virtual machine's brand string may not name the generation
+            cpu += (f" (family {cpu_info['family']}, model {cpu_info.get('model')}, {cpu_info.get('count')} "
+                    "logical CPUs)")
+        versions = extra["versions"]
+        lines += [f"- run of {data['datetime'][:19].replace('T', ' ')} UTC",
+                  f"  - machine: {cpu}, {extra['threads']} torch threads; GPU: {extra['gpu'] or 'none'}; "
+                  f"load average (1/5/15 min) at the end: {'/'.join(f'{v:.1f}' for v in extra['load_average'])}",
+                  f"  - torch {versions['torch']}, triton {versions['triton'] or 'not installed'}, "
+                  f"python {versions['python']}, pytest-benchmark {data['version']}",
+                  f"  - fvkernels commit {str(commit.get('id', 'unknown'))[:10]}"
+                  f"{' with uncommitted changes' if commit.get('dirty') else ''}"]
     if note:
         lines.append(f"- note: {note}")
-    if extra["unavailable"]:
-        lines.append("- not available in this run:")
-        lines += [f"  - {name}: {why}" for name, why in sorted(extra["unavailable"].items())]
+    if run.extra["unavailable"]:
+        lines.append("- not available in these runs:")
+        lines += [f"  - {name}: {why}" for name, why in sorted(run.extra["unavailable"].items())]
     return lines
 
 
@@ -249,24 +263,26 @@ def plot(run: Run, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(json_path: Path, out_dir: Path, note: Optional[str] = None) -> List[str]:
-    """Writes RESULTS.md and the plot into out_dir; returns one line per target for the terminal."""
-    run = Run(json.loads(json_path.read_text()))
+def write_report(json_paths: Sequence[Path], out_dir: Path, note: Optional[str] = None) -> List[str]:
+    """Writes RESULTS.md and the plot of the runs (read as one, see Run) into out_dir; returns one line per target
+    for the terminal."""
+    run = Run(*(json.loads(Path(path).read_text()) for path in json_paths))
     target_lines = [[target.text, *judge(run, target)] for target in TARGETS]
     (out_dir / RESULTS_MD).write_text(markdown(run, target_lines, note))
     plot(run, out_dir / PLOT_PNG)
     return [f"{verdict:>12}  {measured:>7}  {text}" for text, measured, verdict in target_lines] + [
-        f"wrote {out_dir / RESULTS_MD} and {out_dir / PLOT_PNG} from {json_path}"]
+        f"wrote {out_dir / RESULTS_MD} and {out_dir / PLOT_PNG} from {', '.join(map(str, json_paths))}"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="?", type=Path, help="a run's JSON (default: the newest in bench/results/)")
+    parser.add_argument("json", nargs="*", type=Path,
+                        help="runs' JSON, reported as one (default: the newest in bench/results/)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR, help="where RESULTS.md and the plot go")
     parser.add_argument("--note", help="a line about the run (what was available, how busy the machine was)")
     args = parser.parse_args()
-    json_path = args.json or max((BENCH_DIR / "results").glob("*.json"))
-    for line in write_report(json_path, args.out_dir, args.note):
+    json_paths = args.json or [max((BENCH_DIR / "results").glob("*.json"))]
+    for line in write_report(json_paths, args.out_dir, args.note):
         print(line)
 
 
