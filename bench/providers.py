@@ -1,7 +1,6 @@
 """The implementations compared side by side, and the plain torch FV-VAE pipeline they are measured against.
 
-A provider is a name, a device, an implementation and a dtype. Adding one is one line in PROVIDERS, e.g. a
-bfloat16 CPU kernel: Provider("cpp-bf16", "cpu", "cpp", torch.bfloat16).
+A provider is a name, a device, an implementation and a dtype. Adding one is one line in PROVIDERS.
 """
 from __future__ import annotations
 
@@ -63,6 +62,8 @@ PROVIDERS = (
     Provider("torch.compile", "cpu", COMPILE),
     Provider("cpp", "cpu", "cpp"),
     Provider("cpp-out", "cpu", "cpp", reuse_output=True),
+    Provider("cpp-bf16", "cpu", "cpp", torch.bfloat16),
+    Provider("cpp-bf16-out", "cpu", "cpp", torch.bfloat16, reuse_output=True),
     Provider(BASELINE, "cuda", EAGER),
     Provider("torch.compile", "cuda", COMPILE),
     Provider("triton", "cuda", "triton"),

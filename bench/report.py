@@ -94,7 +94,10 @@ class Target:
     text: str
     case: str
     provider: str
-    measure: str  # "speedup" over `versus`, "sgemm" (fraction of the fp32 GEMM ceiling), "memory" (peak extra / output)
+    # "speedup" over `versus`; "sgemm" (fraction of the fp32 GEMM ceiling); "memory" (peak extra / output);
+    # "ceiling_share": the speedup of a bfloat16 provider over `versus` (its fp32 twin) as a fraction of the ratio
+    # of the machine's bf16 and fp32 GEMM ceilings, what bf16 could gain at most
+    measure: str
     threshold: float
     versus: Optional[str] = None
 
@@ -103,6 +106,12 @@ class Target:
             return run.speedup(row, self.versus)
         if self.measure == "sgemm":
             return row.gflops / run.extra["ceilings"][row.device]["gemm_gflops_float32"]
+        if self.measure == "ceiling_share":
+            ceilings = run.extra["ceilings"][row.device]
+            speedup = run.speedup(row, self.versus)
+            if speedup is None or "gemm_gflops_bfloat16" not in ceilings:
+                return None
+            return speedup / (ceilings["gemm_gflops_bfloat16"] / ceilings["gemm_gflops_float32"])
         return row.info["peak_extra_bytes"] / row.info["output_bytes"]
 
     def shown(self, value: float) -> str:
@@ -131,6 +140,10 @@ TARGETS = (
              versus="torch.compile")
       for size, case in ((16, "sweep-t16"), (50, "frames-c512"), (196, "sweep-t196"), (784, "images"),
                          (1250, "videos"), (3136, "sweep-t3136"))),
+    Target("bf16 cpp forward (kept buffer) ≥ 60% of (bf16 ceiling ÷ fp32 ceiling) × fp32 cpp at T=50 (N=256)",
+           "frames-c512", "cpp-bf16-out", "ceiling_share", 0.6, versus="cpp-out"),
+    Target("bf16 cpp forward ≥ 60% of (bf16 ceiling ÷ fp32 ceiling) × fp32 cpp at T=784", "images", "cpp-bf16",
+           "ceiling_share", 0.6, versus="cpp"),
     Target("cpp forward + backward ≥ 2× eager autograd of the composite (N=64, T=196)", "train-t196", "cpp",
            "speedup", 2.0, versus=BASELINE),
     Target("cpp forward + backward ≥ 1.3× torch.compile of the composite (N=64, T=196)", "train-t196", "cpp",

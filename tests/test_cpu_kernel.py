@@ -11,7 +11,7 @@ from fvkernels.common.tensors import signed_sqrt as signed_sqrt_of
 from fvkernels.ops import _extension, cpp, reference
 from fvkernels.ops.kernel_args import FVAccumulateArgs
 
-from tests.helpers import poisoned_output, random_problem, relative_error
+from tests.helpers import poisoned_output, random_problem, relative_error, runnable_isas
 
 pytestmark = pytest.mark.skipif(_extension.IMPORT_ERROR is not None,
                                 reason=f"the C++ extension is not built ({_extension.IMPORT_ERROR})")
@@ -123,12 +123,18 @@ def test_independent_of_thread_count():
     assert torch.equal(one, two) and torch.equal(one, three)
 
 
-def test_half_dtypes_are_refused_by_the_kernel():
+@pytest.mark.parametrize("dtype,isa_name", [(torch.float16, None), (torch.bfloat16, "avx2")])
+def test_half_dtypes_the_kernel_has_no_build_for_are_refused(dtype, isa_name, monkeypatch):
+    """float16 always; bfloat16 where the bfloat16 kernel cannot run (here: the ISA limited to AVX2)."""
+    if isa_name is not None:
+        monkeypatch.setenv("FVK_CPU_ISA", isa_name)
+        if isa_name not in runnable_isas():
+            pytest.skip(f"this CPU has no {isa_name}")
     problem = random_problem(2, 5, 3, 4, dtype=torch.float32)
-    out = torch.empty(2, 3, 5, dtype=torch.bfloat16)
+    out = torch.empty(2, 3, 5, dtype=dtype)
     struct = _extension.kernel_struct(FVAccumulateArgs(
-        *[t.bfloat16() if t.is_floating_point() else t for t in problem[:6]], problem[6], out))
-    with pytest.raises(ValueError, match="float32 or float64"):
+        *[t.to(dtype) if t.is_floating_point() else t for t in problem[:6]], problem[6], out))
+    with pytest.raises(ValueError, match="float32 or float64, or bfloat16 for the forward on a CPU with AVX512-BF16"):
         _extension.extension().fv_accumulate_cpu(struct, 1)
 
 

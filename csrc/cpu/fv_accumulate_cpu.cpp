@@ -72,15 +72,29 @@ Isa selected_isa() {
   throw std::invalid_argument(std::string("FVK_CPU_ISA must be one of avx512, avx2, generic, got '") + requested + "'");
 }
 
+}  // namespace
+
+bool bf16_kernel_available() {
+#ifdef FVK_X86_KERNELS
+  __builtin_cpu_init();
+  return selected_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+namespace {
+
 void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument("fv_accumulate_cpu: " + message);
 }
 
 // with_out: the forward's out must be given (the backward takes the forward's inputs only).
 void check_args(const FVAccumulateArgs& a, bool with_out) {
-  require(a.dtype == DType::Float32 || a.dtype == DType::Float64,
-          "dtype must be float32 or float64 (the CPU kernel computes in these; widen bfloat16/float16 inputs "
-          "to float32 first, as fvkernels.ops.cpp does)");
+  require(a.dtype == DType::Float32 || a.dtype == DType::Float64 || (with_out && a.dtype == DType::BFloat16 &&
+                                                                    bf16_kernel_available()),
+          "dtype must be float32 or float64, or bfloat16 for the forward on a CPU with AVX512-BF16 (the CPU "
+          "kernels compute in these; widen other inputs to float32 first, as fvkernels.ops.cpp does)");
   require(a.num_sets >= 0 && a.set_size >= 0 && a.channels >= 0 && a.latent >= 0,
           "num_sets, set_size, channels and latent must be >= 0, got " + std::to_string(a.num_sets) + ", " +
               std::to_string(a.set_size) + ", " + std::to_string(a.channels) + ", " + std::to_string(a.latent));
@@ -104,6 +118,9 @@ void check_args(const FVAccumulateArgs& a, bool with_out) {
 
 void fv_accumulate_cpu(const FVAccumulateArgs& args, int num_threads) {
   check_args(args, true);
+#ifdef FVK_X86_KERNELS
+  if (args.dtype == DType::BFloat16) return isa::fv_accumulate_bf16_avx512bf16(args, num_threads);
+#endif
   switch (selected_isa()) {
 #ifdef FVK_X86_KERNELS
     case Isa::Avx512: isa::fv_accumulate_avx512(args, num_threads); break;

@@ -6,10 +6,15 @@
 
 namespace fvk {
 
-// Fused FV accumulation on the CPU (OpenMP over sets × channel blocks) in float32 or float64; throws
+// Fused FV accumulation on the CPU (OpenMP over sets × channel blocks) in float32 or float64, or bfloat16
+// where bf16_kernel_available(); throws
 // std::invalid_argument for another dtype or inconsistent arguments. num_threads <= 0 means OpenMP's
 // default. Results do not depend on num_threads.
 void fv_accumulate_cpu(const FVAccumulateArgs& args, int num_threads);
+
+// Whether the CPU (and FVK_CPU_ISA) allow the bfloat16 forward (AVX512-BF16: fv_accumulate_bf16_kernel.h);
+// without it fv_accumulate_cpu refuses bfloat16.
+bool bf16_kernel_available();
 
 // Its fused backward (csrc/fv_accumulate.h), same dtypes and ISA choice; deterministic for a given
 // num_threads (the weight, bias and inv_sigma2 gradients are summed per thread, then in thread order).

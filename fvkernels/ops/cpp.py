@@ -11,8 +11,10 @@ from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 
 def launch(args: FVAccumulateArgs) -> None:
-    if args.z.dtype in (torch.float16, torch.bfloat16):
-        # The CPU kernel computes in float32 or float64; half inputs are widened here (small next to the GEMMs).
+    if args.z.dtype == torch.float16 or (args.z.dtype == torch.bfloat16
+                                         and not extension().cpu_bf16_kernel_available()):
+        # The CPU kernels compute in float32 or float64, and in bfloat16 on CPUs with AVX512-BF16; other half
+        # inputs are widened here (small next to the GEMMs).
         wide = {name: tensor.float() for name, tensor in args.float_inputs().items()}
         out_wide = torch.empty(args.out.shape, dtype=torch.float32)
         launch(args.replace(out=out_wide, **wide))

@@ -1,0 +1,401 @@
+// The fused CPU forward of csrc/fv_accumulate.h for bfloat16 inputs on AVX512-BF16 (vdpbf16ps: 16 lanes,
+// each the fp32 sum of two bf16 products), compiled only in fv_accumulate_avx512bf16.cpp.
+//
+// The same walk as the fp32 kernel (fv_accumulate_kernel.h): one work item is (set n, block of channels),
+// its G block stays in cache while the set's descriptors pass in row blocks. The two GEMMs multiply bf16
+// pairs along their depth, so their operands are packed pairwise ("VNNI" layout: the two bf16 of a pair
+// side by side in one 32-bit lane):
+//   1. decoder GEMM  P = Z·Wᵀ, pairs along d: A = z rows as they are, B = W packed [d/2][channel][2];
+//      its epilogue forms the residual in fp32 (mask, x̂, σx⁻², the bias column's sums in fp32) and stores
+//      it as bf16 pairs along t, R2[t/2][channel][2];
+//   2. outer-product GEMM  G += Rᵀ·Z, pairs along t: A = R2, B = z packed [t/2][k][2];
+//      the last block applies fisher_rsqrt and the signed square root in fp32 and stores bf16.
+// Accumulation is fp32 throughout; only the GEMM operands are bf16 (the inputs already are; R is rounded
+// to bf16 once, as torch's bf16 composite rounds it).
+#pragma once
+
+#include <immintrin.h>
+
+#include "cpu_microkernel.h"
+
+namespace fvk {
+namespace {
+
+class Bf16Kernel {
+ public:
+  static void run(const FVAccumulateArgs& args, int num_threads) {
+    if (args.num_sets == 0 || args.channels == 0) return;
+    const Bf16Kernel kernel(args, num_threads);
+    kernel.execute();
+  }
+
+ private:
+  using Bf16 = uint16_t;
+  static constexpr int kLanes = 16;                 // fp32 lanes of a vector
+  static constexpr int kPanelWidth = 2 * kLanes;    // columns of one microkernel tile
+  static constexpr int kMaxRows = 12;               // 12 × 2 accumulators + 2 B vectors + 1 broadcast of 32 zmm
+  static constexpr int64_t kMaxBlockRows = 128;     // even: rows pair up
+  static constexpr int64_t kOutputBlockBytes = 512 * 1024;
+  static constexpr int64_t kItemsPerThread = 16;
+
+  static float to_float(Bf16 v) {
+    const uint32_t bits = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  static Bf16 to_bf16(float f) {  // round to nearest even, as vcvtneps2bf16 (NaN stays NaN)
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return Bf16((bits >> 16) | 0x40);
+    return Bf16((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+
+  // acc[i][j] = Σ_p pair(a[i·a_row + p·a_step]) · b[p][j·16 .. j·16 + 15][2]: the one microkernel of both GEMMs.
+  // a holds bf16 pairs as 32-bit words; b holds, per pair p, 32 columns of bf16 pairs (two vectors).
+  template <int Rows, typename RowStride>
+  static FVK_ALWAYS_INLINE void multiply(__m512 (&acc)[Rows][2], int64_t pairs, const uint32_t* a, RowStride a_row,
+                                         int64_t a_step, const Bf16* b) {
+    unrolled<Rows>([&](auto i) { acc[i][0] = acc[i][1] = _mm512_setzero_ps(); });
+    for (int64_t p = 0; p < pairs; ++p, a += a_step, b += 2 * kPanelWidth) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kPanelWidth);
+      unrolled<Rows>([&](auto i) {
+        const __m512bh a_i = (__m512bh)_mm512_set1_epi32(int(a[i * a_row]));
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a_i, b0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a_i, b1);
+      });
+    }
+  }
+
+  // 32 bf16 of two rows of 16 columns, interleaved: (row0[c], row1[c]) pairs for c = 0…15.
+  static FVK_ALWAYS_INLINE __m512i interleave_rows(__m512 row0, __m512 row1) {
+    const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(row1, row0);  // [row0 (16), row1 (16)]
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(order, halves);
+  }
+
+  struct Scratch {
+    Bf16* z_rows;       // [row][z_row_width()]: z rows, zero-padded
+    Bf16* z_pairs;      // [latent_padded / 32][row / 2][32][2]: z paired along t (B of the outer GEMM)
+    float* x_hat;       // [row][channel_block]
+    Bf16* residual;     // [row / 2][channel_block][2]: R paired along t (A of the outer GEMM)
+    float* partial;     // [channel][latent_padded]: G of the earlier row blocks
+    float* column_sums; // [channel_block]
+    float* staged;      // [kMaxRows][latent_padded]: a finished channel panel before its store
+  };
+
+  Bf16Kernel(const FVAccumulateArgs& args, int num_threads)
+      : args_(args),
+        latent_(args.latent),
+        latent_pairs_(ceil_div(args.latent, 2)),
+        latent_padded_(round_up(args.latent, kPanelWidth)),
+        channels_padded_(round_up(args.channels, kPanelWidth)),
+        block_rows_(std::min(kMaxBlockRows, round_up(std::max<int64_t>(args.set_size, 1), 2))) {
+    num_threads_ = num_threads > 0 ? num_threads : omp_get_max_threads();
+    const int64_t panels = channels_padded_ / kPanelWidth;
+    const int64_t budget_panels = std::max<int64_t>(
+        1, kOutputBlockBytes / (kPanelWidth * std::max<int64_t>(latent_padded_, 1) * int64_t(sizeof(float))));
+    int64_t blocks = ceil_div(panels, budget_panels);
+    while (blocks < panels && args.num_sets * blocks < kItemsPerThread * num_threads_) ++blocks;
+    channel_block_ = ceil_div(panels, blocks) * kPanelWidth;
+    blocks_per_set_ = ceil_div(channels_padded_, channel_block_);
+
+    weight_ = aligned_array<Bf16>(channels_padded_ * latent_pairs_ * 2);
+    bias_ = aligned_array<float>(channels_padded_);
+    inv_sigma2_ = aligned_array<float>(channels_padded_);
+    const Bf16* bias = static_cast<const Bf16*>(args.dec_bias);
+    const Bf16* inv_sigma2 = static_cast<const Bf16*>(args.inv_sigma2);
+    for (int64_t c = 0; c < channels_padded_; ++c) {  // zero padding: padded channels' residual is exactly 0
+      bias_[c] = c < args.channels ? to_float(bias[c]) : 0.0f;
+      inv_sigma2_[c] = c < args.channels ? to_float(inv_sigma2[c]) : 0.0f;
+    }
+    if (args.fisher_rsqrt != nullptr) fisher_ = aligned_array<float>(args.channels * (latent_ + 1));
+    scratch_stride_ = 0;
+    for (int64_t size : scratch_bytes()) scratch_stride_ += round_up(size, 64);
+    scratch_ = aligned_array<char>(scratch_stride_ * num_threads_);
+  }
+
+  std::array<int64_t, 7> scratch_bytes() const {
+    return {block_rows_ * z_row_width() * int64_t(sizeof(Bf16)),
+            latent_padded_ * block_rows_ * int64_t(sizeof(Bf16)),
+            block_rows_ * channel_block_ * int64_t(sizeof(float)),
+            block_rows_ * channel_block_ * int64_t(sizeof(Bf16)),
+            channel_block_ * latent_padded_ * int64_t(sizeof(float)),
+            channel_block_ * int64_t(sizeof(float)),
+            kMaxRows * latent_padded_ * int64_t(sizeof(float))};
+  }
+
+  // Row stride of z_rows: whole pairs for the decoder GEMM, whole panels for the pair packing.
+  int64_t z_row_width() const { return std::max(latent_pairs_ * 2, latent_padded_); }
+
+  Scratch thread_scratch(int thread) const {
+    char* parts[7];
+    char* p = scratch_.get() + thread * scratch_stride_;
+    const auto sizes = scratch_bytes();
+    for (int i = 0; i < 7; ++i) {
+      parts[i] = p;
+      p += round_up(sizes[i], 64);
+    }
+    return Scratch{reinterpret_cast<Bf16*>(parts[0]), reinterpret_cast<Bf16*>(parts[1]),
+                   reinterpret_cast<float*>(parts[2]), reinterpret_cast<Bf16*>(parts[3]),
+                   reinterpret_cast<float*>(parts[4]), reinterpret_cast<float*>(parts[5]),
+                   reinterpret_cast<float*>(parts[6])};
+  }
+
+  void execute() const {
+    const int64_t items = args_.num_sets * blocks_per_set_;
+#pragma omp parallel num_threads(num_threads_)
+    {
+#pragma omp for schedule(static) nowait
+      for (int64_t c = 0; c < channels_padded_; ++c) pack_weight_channel(c);
+      const int64_t fisher_rows = fisher_ == nullptr ? 0 : args_.channels;
+#pragma omp for schedule(static)  // its closing barrier also waits for the weights
+      for (int64_t c = 0; c < fisher_rows; ++c) {
+        const Bf16* fisher = static_cast<const Bf16*>(args_.fisher_rsqrt) + c * (latent_ + 1);
+        for (int64_t k = 0; k <= latent_; ++k) fisher_[c * (latent_ + 1) + k] = to_float(fisher[k]);
+      }
+      const Scratch scratch = thread_scratch(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < items; ++item) run_item(item / blocks_per_set_, item % blocks_per_set_, scratch);
+    }
+  }
+
+  // weight_[c / 32][p][c % 32][j] = W[c, 2p + j], zero past C and d.
+  void pack_weight_channel(int64_t c) const {
+    const Bf16* w = static_cast<const Bf16*>(args_.dec_weight);
+    Bf16* panel = weight_.get() + (c / kPanelWidth) * latent_pairs_ * 2 * kPanelWidth + (c % kPanelWidth) * 2;
+    for (int64_t k = 0; k < latent_pairs_ * 2; ++k) {
+      const bool real = c < args_.channels && k < latent_;
+      panel[(k / 2) * 2 * kPanelWidth + (k % 2)] = real ? w[c * args_.w_stride[0] + k * args_.w_stride[1]] : Bf16(0);
+    }
+  }
+
+  void run_item(int64_t n, int64_t block, const Scratch& s) const {
+    const int64_t first_channel = block * channel_block_;
+    const int64_t channels = std::min(channel_block_, args_.channels - first_channel);
+    const int64_t channels_padded = round_up(channels, kPanelWidth);
+    Bf16* out = static_cast<Bf16*>(args_.out) + n * args_.out_stride_n + first_channel * (latent_ + 1);
+    float* row_sumsq = args_.row_sumsq == nullptr ? nullptr : args_.row_sumsq + n * args_.channels + first_channel;
+    const int64_t length = args_.lengths == nullptr ? args_.set_size : args_.lengths[n];
+    if (length == 0) {
+      std::fill_n(out, channels * (latent_ + 1), Bf16(0));
+      if (row_sumsq != nullptr) std::fill_n(row_sumsq, channels, 0.0f);
+      return;
+    }
+    std::fill_n(s.column_sums, channels_padded, 0.0f);
+    const int64_t blocks = ceil_div(length, block_rows_);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first_row = b * block_rows_;
+      const int64_t rows = std::min(block_rows_, length - first_row);
+      const int64_t rows_padded = round_up(rows, 2);
+      pack_z(n, first_row, rows, rows_padded, s);
+      copy_x_hat(n, first_row, rows, first_channel, channels, channels_padded, s.x_hat);
+      decoder_gemm(first_channel, channels_padded, rows, rows_padded, s);
+      outer_gemm(first_channel, channels, channels_padded, rows_padded / 2, b == 0, b + 1 == blocks, out, row_sumsq, s);
+    }
+  }
+
+  // z rows as bf16 pairs along d (A of the decoder GEMM), and paired along t per 32-column panel of d (B of the
+  // outer GEMM); the padding row of an odd block and the padding columns are zero.
+  void pack_z(int64_t n, int64_t first_row, int64_t rows, int64_t rows_padded, const Scratch& s) const {
+    const Bf16* z = static_cast<const Bf16*>(args_.z) + n * args_.z_stride[0] + first_row * args_.z_stride[1];
+    const int64_t padded_width = z_row_width();
+    for (int64_t t = 0; t < rows_padded; ++t) {
+      Bf16* row = s.z_rows + t * padded_width;
+      const Bf16* source = z + t * args_.z_stride[1];
+      if (t < rows && args_.z_stride[2] == 1) {
+        std::copy_n(source, latent_, row);
+      } else {
+        for (int64_t k = 0; k < latent_; ++k) row[k] = t < rows ? source[k * args_.z_stride[2]] : Bf16(0);
+      }
+      std::fill(row + latent_, row + padded_width, Bf16(0));
+    }
+    const int64_t pairs = rows_padded / 2;
+    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+    for (int64_t panel = 0; panel < latent_padded_ / kPanelWidth; ++panel) {
+      Bf16* destination = s.z_pairs + panel * pairs * 2 * kPanelWidth;
+      for (int64_t q = 0; q < pairs; ++q) {
+        const __m512i even = _mm512_loadu_si512(s.z_rows + 2 * q * padded_width + panel * kPanelWidth);
+        const __m512i odd = _mm512_loadu_si512(s.z_rows + (2 * q + 1) * padded_width + panel * kPanelWidth);
+        _mm512_storeu_si512(destination + q * 2 * kPanelWidth, _mm512_permutex2var_epi16(even, low, odd));
+        _mm512_storeu_si512(destination + q * 2 * kPanelWidth + kPanelWidth, _mm512_permutex2var_epi16(even, high, odd));
+      }
+    }
+  }
+
+  void copy_x_hat(int64_t n, int64_t first_row, int64_t rows, int64_t first_channel, int64_t channels,
+                  int64_t channels_padded, float* x_hat) const {
+    const Bf16* x = static_cast<const Bf16*>(args_.x) + n * args_.x_stride[0] + first_row * args_.x_stride[1] +
+                    first_channel * args_.x_stride[2];
+    const Bf16* x_scale = static_cast<const Bf16*>(args_.x_scale);
+    for (int64_t t = 0; t < rows; ++t) {
+      const float scale = x_scale == nullptr ? 1.0f : to_float(x_scale[n * args_.x_scale_stride[0] +
+                                                                       (first_row + t) * args_.x_scale_stride[1]]);
+      float* row = x_hat + t * channels_padded;
+      const Bf16* source = x + t * args_.x_stride[1];
+      if (args_.x_stride[2] == 1) {
+        const __m512 scales = _mm512_set1_ps(scale);
+        for (int64_t c = 0; c < channels_padded; c += kLanes) {
+          const __mmask16 lanes = channels - c >= kLanes ? __mmask16(0xffff)
+                                  : __mmask16((1u << std::max<int64_t>(channels - c, 0)) - 1);
+          const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, source + c));
+          _mm512_storeu_ps(row + c, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), scales));
+        }
+      } else {
+        for (int64_t c = 0; c < channels; ++c) row[c] = to_float(source[c * args_.x_stride[2]]) * scale;
+        std::fill(row + channels, row + channels_padded, 0.0f);
+      }
+    }
+  }
+
+  // ---- 1. P = Z·Wᵀ and the residual, stored as bf16 pairs along t --------------------------------------
+
+  template <int Rows>
+  static void decoder_tile(const uint32_t* z_pairs, int64_t z_stride, int64_t latent_pairs, const Bf16* weight,
+                           const float* bias, const float* inv_sigma2, const float* x_hat, int64_t x_stride,
+                           int64_t valid_rows, float* column_sums, Bf16* residual, int64_t residual_stride) {
+    __m512 acc[Rows][2];
+    multiply<Rows>(acc, latent_pairs, z_pairs, z_stride, 1, weight);
+    unrolled<2>([&](auto j) {
+      const __m512 b = _mm512_loadu_ps(bias + j * kLanes);
+      const __m512 s = _mm512_loadu_ps(inv_sigma2 + j * kLanes);
+      __m512 sums = _mm512_loadu_ps(column_sums + j * kLanes);
+      unrolled<Rows>([&](auto i) {
+        const __m512 p = _mm512_add_ps(acc[i][j], b);
+        __mmask16 active = _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_GT_OQ);
+        if (i >= valid_rows) active = 0;  // the zero padding row of an odd block
+        const __m512 r = _mm512_maskz_mul_ps(active, _mm512_sub_ps(p, _mm512_loadu_ps(x_hat + i * x_stride + j * kLanes)), s);
+        sums = _mm512_add_ps(sums, r);
+        acc[i][j] = r;
+      });
+      _mm512_storeu_ps(column_sums + j * kLanes, sums);
+    });
+    unrolled<Rows / 2>([&](auto q) {
+      unrolled<2>([&](auto j) {
+        _mm512_storeu_si512(residual + q * residual_stride + j * kPanelWidth,
+                            interleave_rows(acc[2 * q][j], acc[2 * q + 1][j]));
+      });
+    });
+  }
+
+  template <int... I>
+  static constexpr auto decoder_tiles(std::integer_sequence<int, I...>) {
+    return std::array<void (*)(const uint32_t*, int64_t, int64_t, const Bf16*, const float*, const float*,
+                               const float*, int64_t, int64_t, float*, Bf16*, int64_t),
+                      sizeof...(I)>{&decoder_tile<2 * (I + 1)>...};
+  }
+
+  void decoder_gemm(int64_t first_channel, int64_t channels_padded, int64_t rows, int64_t rows_padded,
+                    const Scratch& s) const {
+    static constexpr auto tiles = decoder_tiles(std::make_integer_sequence<int, kMaxRows / 2>{});
+    const BalancedSplit panels(rows_padded / 2, kMaxRows / 2);  // in row pairs
+    const int64_t row_width = z_row_width();
+    for (int64_t c = 0; c < channels_padded; c += kPanelWidth) {
+      const Bf16* weight = weight_.get() + (first_channel + c) * latent_pairs_ * 2;
+      for (int64_t part = 0; part < panels.parts; ++part) {
+        const int64_t row = 2 * panels.begin(part);
+        tiles[panels.size(part) - 1](reinterpret_cast<const uint32_t*>(s.z_rows + row * row_width), row_width / 2,
+                                     latent_pairs_, weight, bias_.get() + first_channel + c,
+                                     inv_sigma2_.get() + first_channel + c, s.x_hat + row * channels_padded + c,
+                                     channels_padded, rows - row, s.column_sums + c,
+                                     s.residual + (row / 2) * channels_padded * 2 + c * 2, channels_padded * 2);
+      }
+    }
+  }
+
+  // ---- 2. G += Rᵀ·Z, finished on the last block ---------------------------------------------------------
+
+  template <int Rows>
+  static void outer_tile(const uint32_t* residual, int64_t pairs, int64_t pair_stride, const Bf16* z_pairs,
+                         float* partial, int64_t partial_stride, bool first, bool last, float* staged) {
+    __m512 acc[Rows][2];
+    multiply<Rows>(acc, pairs, residual, std::integral_constant<int64_t, 1>{}, pair_stride, z_pairs);
+    unrolled<Rows>([&](auto i) {
+      unrolled<2>([&](auto j) {
+        float* slot = partial + i * partial_stride + j * kLanes;
+        const __m512 g = first ? acc[i][j] : _mm512_add_ps(acc[i][j], _mm512_loadu_ps(slot));
+        _mm512_storeu_ps(last ? staged + i * partial_stride + j * kLanes : slot, g);
+      });
+    });
+  }
+
+  template <int... I>
+  static constexpr auto outer_tiles(std::integer_sequence<int, I...>) {
+    return std::array<void (*)(const uint32_t*, int64_t, int64_t, const Bf16*, float*, int64_t, bool, bool, float*),
+                      sizeof...(I)>{&outer_tile<I + 1>...};
+  }
+
+  void outer_gemm(int64_t first_channel, int64_t channels, int64_t channels_padded, int64_t pairs, bool first,
+                  bool last, Bf16* out, float* row_sumsq, const Scratch& s) const {
+    static constexpr auto tiles = outer_tiles(std::make_integer_sequence<int, kMaxRows>{});
+    const BalancedSplit panels(channels, kMaxRows);
+    const auto* residual = reinterpret_cast<const uint32_t*>(s.residual);
+    for (int64_t part = 0; part < panels.parts; ++part) {
+      const int64_t channel = panels.begin(part), rows = panels.size(part);
+      for (int64_t column = 0; column < latent_padded_; column += kPanelWidth)
+        tiles[rows - 1](residual + channel, pairs, channels_padded, s.z_pairs + (column / kPanelWidth) * pairs * 2 *
+                        kPanelWidth, s.partial + channel * latent_padded_ + column, latent_padded_, first, last,
+                        s.staged + column);
+      if (last) finish_channels(first_channel + channel, rows, s.column_sums + channel, s.staged,
+                                out + channel * (latent_ + 1), row_sumsq == nullptr ? nullptr : row_sumsq + channel);
+    }
+  }
+
+  // Fisher scaling, signed square root and row sums of squares (of the stored bf16 values) in fp32, then the
+  // bf16 store, 16 values at a time.
+  void finish_channels(int64_t first_channel, int64_t rows, const float* column_sums, float* staged, Bf16* out,
+                       float* row_sumsq) const {
+    const int64_t width = latent_ + 1;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t c = first_channel + i;
+      const float* fisher = fisher_ == nullptr ? nullptr : fisher_.get() + c * width;
+      float* values = staged + i * latent_padded_;
+      const float bias_term = column_sums[i];
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t k = 0; k < width; k += kLanes) {
+        const __mmask16 lanes = width - k >= kLanes ? __mmask16(0xffff) : __mmask16((1u << (width - k)) - 1);
+        // the bias column (k = d) comes from the column sums, not from staged
+        __m512 v = _mm512_maskz_loadu_ps(k + kLanes <= latent_ ? lanes : __mmask16(lanes & ((1u << std::max<int64_t>(latent_ - k, 0)) - 1)),
+                                         values + k);
+        if (latent_ >= k && latent_ < k + kLanes)
+          v = _mm512_mask_blend_ps(__mmask16(1u << (latent_ - k)), v, _mm512_set1_ps(bias_term));
+        if (fisher != nullptr) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(lanes, fisher + k));
+        if (args_.signed_sqrt) {
+          const __m512 magnitude = _mm512_abs_ps(v);
+          const __m512 root = _mm512_sqrt_ps(magnitude);
+          v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(root),
+                                                  _mm512_and_si512(_mm512_castps_si512(v),
+                                                                   _mm512_set1_epi32(int(0x80000000u)))));
+        }
+        const __m256i stored = (__m256i)_mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16(out + i * width + k, lanes, stored);
+        const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(stored), 16));
+        squares = _mm512_mask3_fmadd_ps(rounded, rounded, squares, lanes);
+      }
+      if (row_sumsq != nullptr) row_sumsq[i] = _mm512_reduce_add_ps(squares);
+    }
+  }
+
+  const FVAccumulateArgs& args_;
+  const int64_t latent_;
+  const int64_t latent_pairs_;   // ceil(d / 2): depth of the decoder GEMM
+  const int64_t latent_padded_;  // d rounded up to whole column panels
+  const int64_t channels_padded_;
+  const int64_t block_rows_;
+  int num_threads_ = 1;
+  int64_t channel_block_ = 0;
+  int64_t blocks_per_set_ = 0;
+  AlignedArray<Bf16> weight_;      // [C_padded / 32][d / 2][32][2]
+  AlignedArray<float> bias_;       // [C_padded]
+  AlignedArray<float> inv_sigma2_; // [C_padded]
+  AlignedArray<float> fisher_;     // [C][d + 1]; null without fisher_rsqrt
+  int64_t scratch_stride_ = 0;     // bytes
+  AlignedArray<char> scratch_;
+};
+
+}  // namespace
+}  // namespace fvk
