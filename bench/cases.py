@@ -29,7 +29,9 @@ class Case:
     latent: int = 256  # d
     ragged: bool = False  # set lengths drawn in [T/2, T] (the first set full)
     scaling: bool = False  # a point of the throughput-vs-T plot (C=512, d=256, ≈12.8k descriptors per call)
-    operation: str = "fv_accumulate"  # or "fv_accumulate_train" (forward + backward), "fv_vae_encode" (the pipeline)
+    # or "fv_accumulate_train" (forward + backward), "fv_vae_encode" (the pipeline), "pixels_to_fv" and
+    # "fine_tune_step" (USER_CASES)
+    operation: str = "fv_accumulate"
 
     @property
     def group(self) -> str:
@@ -60,6 +62,16 @@ TRAINING_CASES = (
     Case("train-t196", "training step, forward + backward (14x14 maps)", 64, 196, 512, operation="fv_accumulate_train"),
     Case("train-frames", "training step, forward + backward (video frames)", 256, 50, 512,
          operation="fv_accumulate_train"),
+)
+
+# What a user feels (issue 12): pixels to Fisher vectors through EfficientNet-Lite0's head (224² images → 7×7
+# maps of 1280 channels → 1280·257-dimensional vectors), and one fine-tuning step of the backbone's top block
+# (block15 and the head) with the layer and a linear classifier on its normalised Fisher vectors.
+USER_CASES = (
+    Case("pixels-to-fv", "images/s, EfficientNet-Lite0 224² → head (7×7×1280) → fv_vae_encode", 16, 49, 1280,
+         operation="pixels_to_fv"),
+    Case("fine-tune-step", "fine-tuning step: block15 + head + FVVAE + linear classifier, forward + backward", 16, 49,
+         1280, operation="fine_tune_step"),
 )
 
 # The full pipeline on images: a 512→512→256 encoder (C=512, d=256) → C·(d+1) = 131584-d Fisher vectors.

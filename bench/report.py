@@ -26,7 +26,9 @@ PLOT_PNG = "throughput_vs_T.png"
 BASELINE = "torch"  # providers.BASELINE: the eager composite every ratio refers to
 OPERATIONS = (("fv_accumulate", "fv_accumulate (the fused op)"),
               ("fv_accumulate_train", "Training: fv_accumulate forward + backward"),
-              ("fv_vae_encode", "Pipeline: fv_vae_encode against the torch pipeline and VLFeat"))
+              ("fv_vae_encode", "Pipeline: fv_vae_encode against the torch pipeline and VLFeat"),
+              ("pixels_to_fv", "What a user feels: images per second from pixels to Fisher vectors"),
+              ("fine_tune_step", "What a user feels: a fine-tuning step through the layer"))
 
 
 @dataclass
@@ -212,15 +214,15 @@ def _ceilings_table(run: Run) -> List[str]:
 
 def _group_table(run: Run, rows: List[Row]) -> List[str]:
     memory = any("peak_extra_bytes" in row.info for row in rows)
-    header = ["provider", "dtype", "median ms", "ms per set", "GFLOP/s", f"× {BASELINE} eager", "of roofline",
-              "first call s", "rounds"]
+    header = ["provider", "dtype", "median ms", "ms per set", "sets per s", "GFLOP/s", f"× {BASELINE} eager",
+              "of roofline", "first call s", "rounds"]
     if memory:
         header += ["peak extra MB", "of output"]
     body = []
     for row in sorted(rows, key=lambda r: r.median_s, reverse=True):
         ceilings = run.extra["ceilings"][row.device]
         line = [row.provider, row.dtype, f"{row.median_s * 1e3:.2f}", f"{row.median_s * 1e3 / row.info['sets']:.3f}",
-                _number(row.gflops, ".1f"), _number(run.speedup(row, BASELINE), ".2f"),
+                f"{row.info['sets'] / row.median_s:.1f}", _number(row.gflops, ".1f"), _number(run.speedup(row, BASELINE), ".2f"),
                 _number(row.roofline_fraction(ceilings), ".0%"), f"{row.info['first_call_s']:.2f}", str(row.rounds)]
         if memory:
             extra_bytes = row.info.get("peak_extra_bytes")
