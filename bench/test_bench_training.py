@@ -26,9 +26,12 @@ def test_training_step(benchmark, bench, case, provider):
     step = training_step_fn(provider, bench.full)
 
     grads = bench.first_call(benchmark, provider, lambda: step(*inputs))
-    for name, got, want in zip(("z", "x", "dec_weight", "dec_bias", "inv_sigma2"), grads, expected):
-        error = relative_error(got, want)
-        assert error <= TOLERANCE[provider.dtype], f"{provider}'s grad of {name} differs by {error:.2e}"
+    # Judged against the float32 composite next to the eager composite's own error in the provider's dtype
+    # (flash-attention's rule): bfloat16 inputs alone move the gradients by a few percent.
+    composite = training_step_fn(reference, bench.full)(*inputs)
+    for name, got, low, want in zip(("z", "x", "dec_weight", "dec_bias", "inv_sigma2"), grads, composite, expected):
+        error, allowed = relative_error(got, want), max(TOLERANCE[provider.dtype], 2 * relative_error(low, want))
+        assert error <= allowed, f"{provider}'s grad of {name} differs by {error:.2e} (allowed {allowed:.2e})"
 
     descriptors = valid_descriptors(case, inputs[6])
     bench.time(benchmark, provider, case, lambda: step(*inputs), flops=training_flops(case, descriptors),
