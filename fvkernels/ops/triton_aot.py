@@ -141,9 +141,27 @@ def reduce_job(arch: int, dtype: str, latent: int) -> Job:
     return Job("reduce", arch, dtype, latent, "all", tuple(constexprs.items()), 4, 1)
 
 
+# The d the backward kernels are compiled for: small, and the widest each element size takes (a wider d runs the
+# reference's torch code).
+BACKWARD_LATENTS = {dtype: (7, 33, triton_fv.MAX_BACKWARD_D[size] - 1, triton_fv.MAX_BACKWARD_D[size])
+                    for dtype, size in ELEMENT_TYPES.items()}
+
+
+def backward_job(kernel: str, arch: int, dtype: str, latent: int) -> Job:
+    """One of the backward kernels with every optional input and every gradient, as triton_fv.backward
+    launches it on the GPU."""
+    tiles = triton_fv.backward_tiles(ELEMENT_TYPES[dtype], latent)
+    constexprs = dict(LATENT=latent, BLOCK_D=triton.next_power_of_2(max(latent, 16)),
+                      BLOCK_T=tiles.block_t, BLOCK_C=tiles.block_c, HAS_X_SCALE=True,
+                      HAS_LENGTHS=True, HAS_FISHER=True, DOT_PRECISION="ieee")
+    constexprs.update(dict(NEED_Z=True, NEED_X=True, NEED_SCALE=True) if kernel == "backward_rows"
+                      else dict(NEED_W=True))
+    return Job(kernel, arch, dtype, latent, "all", tuple(constexprs.items()), tiles.num_warps, tiles.num_stages)
+
+
 def all_jobs(arches) -> list:
     """Every viable config of the bf16 and fp32 (ieee) main loops per arch and d; the other variants on
-    the first arch; the split reduction per arch, dtype and d."""
+    the first arch; the split reduction per arch, dtype and d; the backward kernels per arch, dtype and d."""
     jobs = []
     for arch in arches:
         for latent in LATENTS:
@@ -154,6 +172,8 @@ def all_jobs(arches) -> list:
                 jobs += [accumulate_job(arch, dtype, latent, configs_for(arch, dtype, latent, precision)[0],
                                         variant, precision) for dtype, variant, precision in EXTRA_VARIANTS]
             jobs += [reduce_job(arch, dtype, latent) for dtype in ELEMENT_TYPES]
+        jobs += [backward_job(kernel, arch, dtype, latent) for kernel in ("backward_rows", "backward_params")
+                 for dtype in ("bf16", "fp32") for latent in BACKWARD_LATENTS[dtype]]
     return jobs
 
 
@@ -166,6 +186,14 @@ def _argument_values(job: Job) -> dict:
     if job.kernel == "reduce":
         return dict(C=p.channels, t_splits=p.t_splits, workspace_stride_split=p.num_sets * p.channels * row_length,
                     workspace_stride_set=p.channels * row_length, out_stride_set=p.channels * row_length)
+    strides = dict(stride_zn=p.set_size * latent, stride_zt=latent, stride_zk=1, stride_xn=p.set_size * p.channels,
+                   stride_xt=p.channels, stride_xc=1, stride_sn=p.set_size, stride_st=1, stride_wc=latent,
+                   stride_wk=1, stride_gn=p.channels * row_length)
+    if job.kernel == "backward_rows":
+        return dict(T=p.set_size, C=p.channels, **strides)
+    if job.kernel == "backward_params":
+        return dict(N=p.num_sets, T=p.set_size, C=p.channels, sets_per_group=2, stride_group_w=p.channels * latent,
+                    stride_group_c=p.channels, **strides)
     x_strides = ((p.channels * p.set_size, 1, p.set_size) if p.channel_major_x
                  else (p.set_size * p.channels, p.channels, 1))
     finish = dict(job.constexprs)["FINISH"]
@@ -179,6 +207,12 @@ def _argument_values(job: Job) -> dict:
 
 def _pointer_types(job: Job) -> dict:
     element = f"*{job.dtype}"
+    if job.kernel.startswith("backward"):
+        inputs = dict(z_ptr=element, x_ptr=element, x_scale_ptr=element, w_ptr=element, b_ptr=element,
+                      s_ptr=element, fisher_ptr=element, lengths_ptr="*i64", grad_out_ptr=element)
+        if job.kernel == "backward_rows":
+            return dict(inputs, grad_z_ptr=element, grad_x_ptr=element, grad_scale_ptr=element)
+        return dict(inputs, grad_w_ptr="*fp32", grad_b_ptr="*fp32", grad_s_ptr="*fp32")
     if job.kernel == "reduce":
         return dict(workspace_ptr="*fp32", out_ptr=element, fisher_ptr=element, row_sumsq_ptr="*fp32")
     finish = dict(job.constexprs)["FINISH"]
@@ -190,7 +224,9 @@ def _pointer_types(job: Job) -> dict:
 def _source(job: Job):
     """The ASTSource the JIT would build: ints of 1 become constants, multiples of 16 get hints."""
     # the accumulate kernel's JITFunction sits inside its autotuner
-    fn = {"accumulate": triton_fv._fv_accumulate_kernel.fn, "reduce": triton_fv._fv_reduce_splits_kernel}[job.kernel]
+    fn = {"accumulate": triton_fv._fv_accumulate_kernel.fn, "reduce": triton_fv._fv_reduce_splits_kernel,
+          "backward_rows": triton_fv._fv_backward_rows_kernel,
+          "backward_params": triton_fv._fv_backward_params_kernel}[job.kernel]
     constexprs = dict(job.constexprs)
     signature, hinted = {}, []
     values = _argument_values(job)

@@ -436,3 +436,240 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None) -> None:
                 BLOCK_J=reduce_block_j(row_length), num_warps=4)
         elif tile_row_sums is not None and tile_row_sums is not row_sumsq:
             torch.sum(tile_row_sums, 0, out=row_sumsq)
+
+
+# ---- the backward ----------------------------------------------------------------------------------------
+#
+# The gradients of csrc/fv_accumulate.h (FVAccumulateBackwardArgs there) in two kernels that recompute the
+# decoder tile as the forward does, with h = grad_out · fisher_rsqrt:
+# - per (set, block of rows): P = Z·Wᵀ + b and A = Z·H_wᵀ + h_b per block of channels, their masked products
+#   Q = ∂L/∂p and R = r, grad_x = −Q·x_scale, grad_x_scale = −Σ_c Q·x, and grad_z = Σ_c R·H_w + Q·W accumulated
+#   over the channel blocks on chip;
+# - per (block of channels, group of sets): the same P, A and Q, and grad_W += Qᵀ·Z, grad_b += Σ Q,
+#   grad_inv_sigma2 += Σ 1(p > 0)·A·(p − x̂); groups write fp32 partial sums that the launcher adds in a fixed
+#   order (deterministic).
+# d is one tile (at most MAX_BACKWARD_D by element size); a wider d takes the reference's torch code. fp32
+# "ieee" dots hold their operands in registers: past d = 64 the full-d tiles spill kilobytes on sm_90
+# (triton_aot.py's report), where cuBLAS's GEMMs in the reference serve better.
+MAX_BACKWARD_D = {2: 64, 4: 64} if triton_interpreted() else {2: 256, 4: 64}
+
+
+@dataclass(frozen=True)
+class BackwardTiles:
+    block_t: int
+    block_c: int
+    num_warps: int
+    num_stages: int = 3
+
+
+def backward_tiles(element_size: int, latent: int) -> BackwardTiles:
+    """Tiles of the backward kernels, sized by triton_aot.py's register and spill report for sm_90: fp32 "ieee"
+    dots hold their operands in registers and take 16×16 tiles; 16-bit operands take 32×32 tiles, over 8 warps
+    once d passes 128."""
+    if triton_interpreted():
+        return BackwardTiles(16, 16, 1, 1)
+    if element_size == 4:
+        return BackwardTiles(16, 16, 4)
+    return BackwardTiles(32, 32, 8 if latent > 128 else 4)
+# Groups of sets of the parameter-gradient kernel: enough programs for the SMs, each over several sets.
+INTERPRETER_SET_GROUPS = 2
+
+
+@triton.jit
+def _decoder_gradient_tiles(z, n, c_block, rows, row_mask, x_ptr, x_scale_ptr, w_ptr, b_ptr, s_ptr, h, h_bias,
+                            C, stride_xn, stride_xt, stride_xc, stride_sn, stride_st, stride_wc, stride_wk,
+                            length, LATENT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                            HAS_X_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """For one block of rows and channels: the mask, R (the residual r), Q (∂L/∂p), A (∂L/∂r), P − x̂, x and
+    the rows' x_scale, all fp32 [BLOCK_T, BLOCK_C] (x_scale [BLOCK_T])."""
+    channels = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    ks = tl.arange(0, BLOCK_D)
+    w = _load_tile(w_ptr, channels, ks, stride_wc, stride_wk, channel_mask, ks < LATENT, False)
+    pre = tl.dot(z, tl.trans(w), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    pre += tl.load(b_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)[None, :]
+    a = tl.dot(z, tl.trans(h), input_precision=DOT_PRECISION, out_dtype=tl.float32) + h_bias[None, :]
+    x = _load_tile(x_ptr + n.to(tl.int64) * stride_xn, rows, channels, stride_xt, stride_xc, row_mask, channel_mask,
+                   False).to(tl.float32)
+    if HAS_X_SCALE:
+        scale = tl.load(x_scale_ptr + n.to(tl.int64) * stride_sn + rows * stride_st, mask=row_mask,
+                        other=0.0).to(tl.float32)
+    else:
+        scale = tl.full(rows.shape, 1.0, tl.float32)
+    inv_sigma2 = tl.load(s_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)[None, :]
+    active = (pre > 0) & (rows < length)[:, None] & channel_mask[None, :]
+    difference = pre - x * scale[:, None]
+    residual = tl.where(active, difference * inv_sigma2, 0.0)
+    q = tl.where(active, a * inv_sigma2, 0.0)
+    return active, residual, q, a, difference, x, scale, w, channels, channel_mask
+
+
+@triton.jit
+def _load_h(grad_out_ptr, fisher_ptr, n, channels, channel_mask, stride_gn, LATENT: tl.constexpr,
+            BLOCK_D: tl.constexpr, HAS_FISHER: tl.constexpr):
+    """h = grad_out[n] · fisher_rsqrt for a block of channels: H_w [BLOCK_C, BLOCK_D] and h_b [BLOCK_C], fp32."""
+    ks = tl.arange(0, BLOCK_D)
+    offsets = channels[:, None] * (LATENT + 1) + ks[None, :]
+    mask = channel_mask[:, None] & (ks < LATENT)[None, :]
+    h = tl.load(grad_out_ptr + n.to(tl.int64) * stride_gn + offsets, mask=mask, other=0.0).to(tl.float32)
+    h_bias = tl.load(grad_out_ptr + n.to(tl.int64) * stride_gn + channels * (LATENT + 1) + LATENT, mask=channel_mask,
+                     other=0.0).to(tl.float32)
+    if HAS_FISHER:
+        h *= tl.load(fisher_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        h_bias *= tl.load(fisher_ptr + channels * (LATENT + 1) + LATENT, mask=channel_mask, other=0.0).to(tl.float32)
+    return h, h_bias
+
+
+@triton.jit
+def _fv_backward_rows_kernel(
+        z_ptr, x_ptr, x_scale_ptr, w_ptr, b_ptr, s_ptr, fisher_ptr, lengths_ptr, grad_out_ptr,
+        grad_z_ptr, grad_x_ptr, grad_scale_ptr, T, C,
+        stride_zn, stride_zt, stride_zk, stride_xn, stride_xt, stride_xc, stride_sn, stride_st,
+        stride_wc, stride_wk, stride_gn,
+        LATENT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_X_SCALE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_FISHER: tl.constexpr,
+        NEED_Z: tl.constexpr, NEED_X: tl.constexpr, NEED_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    t_blocks = tl.cdiv(T, BLOCK_T)
+    n = tl.program_id(0) // t_blocks
+    rows = (tl.program_id(0) % t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    length = tl.load(lengths_ptr + n) if HAS_LENGTHS else T
+    ks = tl.arange(0, BLOCK_D)
+    z = _load_tile(z_ptr + n.to(tl.int64) * stride_zn, rows, ks, stride_zt, stride_zk, row_mask, ks < LATENT, False)
+    grad_z = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    grad_scale = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for c_block in range(0, tl.cdiv(C, BLOCK_C)):
+        channels = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+        h, h_bias = _load_h(grad_out_ptr, fisher_ptr, n, channels, channels < C, stride_gn, LATENT, BLOCK_D,
+                            HAS_FISHER)
+        active, residual, q, a, difference, x, scale, w, channels, channel_mask = _decoder_gradient_tiles(
+            z, n, c_block, rows, row_mask, x_ptr, x_scale_ptr, w_ptr, b_ptr, s_ptr, h.to(z.dtype), h_bias, C,
+            stride_xn, stride_xt, stride_xc, stride_sn, stride_st, stride_wc, stride_wk, length, LATENT, BLOCK_D,
+            BLOCK_C, HAS_X_SCALE, DOT_PRECISION)
+        if NEED_X:
+            offsets = (n.to(tl.int64) * T + rows[:, None]) * C + channels[None, :]
+            tl.store(grad_x_ptr + offsets, (-q * scale[:, None]).to(grad_x_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & channel_mask[None, :])
+        if NEED_SCALE:
+            grad_scale -= tl.sum(q * x, 1)
+        if NEED_Z:
+            grad_z += tl.dot(residual.to(z.dtype), h.to(z.dtype), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            grad_z += tl.dot(q.to(z.dtype), w, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    if NEED_Z:
+        offsets = (n.to(tl.int64) * T + rows[:, None]) * LATENT + ks[None, :]
+        tl.store(grad_z_ptr + offsets, grad_z.to(grad_z_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (ks < LATENT)[None, :])
+    if NEED_SCALE:
+        tl.store(grad_scale_ptr + n.to(tl.int64) * T + rows, grad_scale.to(grad_scale_ptr.dtype.element_ty),
+                 mask=row_mask)
+
+
+@triton.jit
+def _fv_backward_params_kernel(
+        z_ptr, x_ptr, x_scale_ptr, w_ptr, b_ptr, s_ptr, fisher_ptr, lengths_ptr, grad_out_ptr,
+        grad_w_ptr, grad_b_ptr, grad_s_ptr, N, T, C, sets_per_group,
+        stride_zn, stride_zt, stride_zk, stride_xn, stride_xt, stride_xc, stride_sn, stride_st,
+        stride_wc, stride_wk, stride_gn, stride_group_w, stride_group_c,
+        LATENT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_X_SCALE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_FISHER: tl.constexpr, NEED_W: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    c_block = tl.program_id(0) % c_blocks
+    group = tl.program_id(0) // c_blocks
+    ks = tl.arange(0, BLOCK_D)
+    channels = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    grad_w = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    grad_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    grad_s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    first_set = group * sets_per_group
+    for i in range(0, tl.minimum(first_set + sets_per_group, N) - first_set):
+        n = first_set + i
+        length = tl.load(lengths_ptr + n) if HAS_LENGTHS else T
+        h, h_bias = _load_h(grad_out_ptr, fisher_ptr, n, channels, channel_mask, stride_gn, LATENT, BLOCK_D,
+                            HAS_FISHER)
+        for t_block in range(0, tl.cdiv(length, BLOCK_T)):
+            rows = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
+            row_mask = rows < T
+            z = _load_tile(z_ptr + n.to(tl.int64) * stride_zn, rows, ks, stride_zt, stride_zk, row_mask, ks < LATENT,
+                           False)
+            active, residual, q, a, difference, x, scale, w, _, _ = _decoder_gradient_tiles(
+                z, n, c_block, rows, row_mask, x_ptr, x_scale_ptr, w_ptr, b_ptr, s_ptr, h.to(z.dtype), h_bias, C,
+                stride_xn, stride_xt, stride_xc, stride_sn, stride_st, stride_wc, stride_wk, length, LATENT,
+                BLOCK_D, BLOCK_C, HAS_X_SCALE, DOT_PRECISION)
+            grad_b += tl.sum(q, 0)
+            grad_s += tl.sum(tl.where(active, a * difference, 0.0), 0)
+            if NEED_W:
+                grad_w += tl.dot(tl.trans(q.to(z.dtype)), z, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    if NEED_W:
+        offsets = group.to(tl.int64) * stride_group_w + channels[:, None] * LATENT + ks[None, :]
+        tl.store(grad_w_ptr + offsets, grad_w, mask=channel_mask[:, None] & (ks < LATENT)[None, :])
+    tl.store(grad_b_ptr + group.to(tl.int64) * stride_group_c + channels, grad_b, mask=channel_mask)
+    tl.store(grad_s_ptr + group.to(tl.int64) * stride_group_c + channels, grad_s, mask=channel_mask)
+
+
+def set_groups(num_sets: int, channel_blocks: int, device: torch.device) -> int:
+    """Groups of sets for the parameter gradients: enough programs to fill the SMs once, a fixed number
+    under the interpreter."""
+    if triton_interpreted():
+        return min(num_sets, INTERPRETER_SET_GROUPS)
+    return max(1, min(num_sets, sm_count(device) // channel_blocks))
+
+
+def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:
+    """The fused Triton backward (the kernels above): gradients w.r.t. (z, x, dec_weight, dec_bias, inv_sigma2,
+    x_scale) before the signed square root, each None where `needs` says no; a d wider than MAX_BACKWARD_D (for
+    the element size) takes the reference's torch code."""
+    from fvkernels.ops.reference import fv_accumulate_backward
+
+    z, x, x_scale, dec_weight = args.z, args.x, args.x_scale, args.dec_weight
+    num_sets, set_size, latent = z.shape
+    channels = x.shape[2]
+    if latent > MAX_BACKWARD_D[z.element_size()] or latent == 0:
+        grads = fv_accumulate_backward(grad_out, z, x, dec_weight, args.dec_bias, args.inv_sigma2,
+                                       args.fisher_rsqrt, args.lengths, x_scale, (*needs[:5], False, needs[5]))
+        return [*grads[:5], grads[6]]
+    need_z, need_x, need_w, need_b, need_s, need_scale = needs
+    grad_out = grad_out.contiguous()
+    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_z else None
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+    grad_scale = torch.empty((num_sets, set_size), dtype=z.dtype, device=z.device) if need_scale else None
+    placeholder = args.inv_sigma2
+
+    def or_placeholder(tensor):
+        return placeholder if tensor is None else tensor
+    x_scale_strides = x_scale.stride() if x_scale is not None else (0, 0)
+    tiles = backward_tiles(z.element_size(), latent)
+    common = dict(LATENT=latent, BLOCK_D=triton.next_power_of_2(max(latent, 16)), BLOCK_T=tiles.block_t,
+                  BLOCK_C=tiles.block_c, HAS_X_SCALE=x_scale is not None, HAS_LENGTHS=args.lengths is not None,
+                  HAS_FISHER=args.fisher_rsqrt is not None, DOT_PRECISION=fp32_dot_precision(),
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    inputs = (z, x, or_placeholder(x_scale), dec_weight, args.dec_bias, args.inv_sigma2,
+              or_placeholder(args.fisher_rsqrt), or_placeholder(args.lengths), grad_out)
+    strides = (*z.stride(), *x.stride(), *x_scale_strides, *dec_weight.stride(), grad_out.stride(0))
+    device_guard = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
+    with device_guard:
+        if set_size > 0 and (need_z or need_x or need_scale):
+            _fv_backward_rows_kernel[(num_sets * triton.cdiv(set_size, tiles.block_t),)](
+                *inputs, or_placeholder(grad_z), or_placeholder(grad_x), or_placeholder(grad_scale), set_size,
+                channels, *strides, NEED_Z=need_z, NEED_X=need_x, NEED_SCALE=need_scale, **common)
+        elif set_size == 0:
+            for grad in (grad_z, grad_x, grad_scale):
+                if grad is not None:
+                    grad.zero_()
+        grad_w = grad_b = grad_s = None
+        if need_w or need_b or need_s:
+            channel_blocks = triton.cdiv(channels, tiles.block_c)
+            groups = set_groups(num_sets, channel_blocks, z.device)
+            partial_w = torch.empty((groups, channels, latent) if need_w else (1,), dtype=torch.float32,
+                                    device=z.device)
+            partial_b = torch.empty((groups, channels), dtype=torch.float32, device=z.device)
+            partial_s = torch.empty((groups, channels), dtype=torch.float32, device=z.device)
+            _fv_backward_params_kernel[(channel_blocks * groups,)](
+                *inputs, partial_w, partial_b, partial_s, num_sets, set_size, channels,
+                triton.cdiv(num_sets, groups), *strides, channels * latent, channels, NEED_W=need_w, **common)
+            # the groups' partial sums, added in a fixed order
+            grad_w = partial_w.sum(0).to(z.dtype) if need_w else None
+            grad_b = partial_b.sum(0).to(z.dtype) if need_b else None
+            grad_s = partial_s.sum(0).to(z.dtype) if need_s else None
+    return [grad_z, grad_x, grad_w, grad_b, grad_s, grad_scale]
