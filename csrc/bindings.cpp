@@ -102,6 +102,12 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("args"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("fv_accumulate_cuda_workspace_floats", &fvk::fv_accumulate_cuda_workspace_floats, py::arg("args"));
+  m.def(
+      "fv_accumulate_backward_cuda",
+      [](const FVAccumulateBackwardArgs& a, std::uintptr_t stream) {
+        fvk::fv_accumulate_backward_cuda(a, reinterpret_cast<void*>(stream));
+      },
+      py::arg("args"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
   m.attr("built_with_cuda") = true;
 #else
   m.attr("built_with_cuda") = false;

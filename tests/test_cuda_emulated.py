@@ -2,7 +2,8 @@
 against stand-in CUDA headers in which every GPU thread is a fiber and __syncthreads/shuffles are scheduler
 barriers (a deadlock, a barrier in divergent code or a race shows as a failure or as results that change with
 the thread schedule), buffers sit against guard pages and shared memory is poisoned. The harness checks hand-
-picked and random problems (every dtype, tile size, split-T, the epilogue options) against a float64 loop.
+picked and random problems (every dtype, tile size, split-T, the epilogue options) against a float64 loop, and the
+backward kernels on every case with d ≤ 256 (every gradient, poisoned first, three thread orders bit-identical).
 
 No GPU runs here, so this is what executes the CUDA kernel in CI; real-hardware speed and memory-model
 behaviour are checked by tests/test_fv_accumulate.py::test_gpu_backends on a GPU machine.

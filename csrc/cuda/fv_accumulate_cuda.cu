@@ -672,6 +672,300 @@ auto with_element_type(DType dtype, Run&& run) {
   return run(TypeTag<__half>{});
 }
 
+
+// ---- the backward --------------------------------------------------------------------------------
+//
+// The gradients of g (FVAccumulateBackwardArgs in csrc/fv_accumulate.h) in two kernels that recompute
+// the decoder tile as the forward does, with h = grad_out · fisher_rsqrt; everything fp32 FFMA:
+// - backward_rows_kernel: a block owns 16 descriptors of one set and walks the channels 16 at a time:
+//   P = Z·Wᵀ + b and A = Z·H_wᵀ + h_b per (descriptor, channel) thread, Q = ∂L/∂p and R = r into
+//   shared memory, grad_x and grad_x_scale from them, and grad_z += R·H_w + Q·W kept in registers;
+// - backward_params_kernel: a block owns 16 channels and walks every set's descriptors 16 at a time
+//   with the same P, A and Q: grad_W += Qᵀ·Z in registers, grad_b and grad_σx⁻² summed per thread and
+//   reduced in a fixed order. One block per 16 channels: no atomics, deterministic, but a grid of C/16
+//   blocks (a split over sets with a fixed-order sum is the next step for small C).
+// d is at most kMaxBackwardLatent (the Python launcher takes the reference's torch code past it).
+
+constexpr int kBackwardRows = 16;
+constexpr int kBackwardChannels = 16;
+constexpr int kMaxBackwardLatent = 256;
+constexpr int kBackwardColumns = kMaxBackwardLatent / 16;  // columns of d per thread (16 lanes per row)
+static_assert(kBackwardRows * kBackwardChannels == kThreads, "one (descriptor, channel) pair per thread");
+
+template <typename T>
+struct BackwardParams {
+  int num_sets, set_size, channels, latent;
+  const T* z;
+  int64_t z_stride[3];
+  const T* x;
+  int64_t x_stride[3];
+  const T* x_scale;  // or null
+  int64_t x_scale_stride[2];
+  const T* weight;
+  int64_t weight_stride[2];
+  const T* bias;
+  const T* inv_sigma2;
+  const T* fisher_rsqrt;  // or null
+  const int64_t* lengths;  // or null
+  const T* grad_out;
+  int64_t grad_out_stride_n;
+  T *grad_z, *grad_x, *grad_x_scale, *grad_weight, *grad_bias, *grad_inv_sigma2;  // each null if not needed
+};
+
+// Shared tiles of the backward (floats): three [16][d + 1] tiles (z rows; W rows; H rows), four [16][17]
+// tiles (P, A, then R and Q in the rows kernel), 16 h_b values and a 256-float reduction buffer.
+struct BackwardLayout {
+  int pitch;  // d + 1: rows of a [16][d + 1] tile fall into different banks
+  __host__ __device__ explicit BackwardLayout(int latent) : pitch(latent + 1) {}
+  __host__ __device__ int tile_floats() const { return kBackwardRows * pitch; }
+  __host__ __device__ static constexpr int small_floats() { return kBackwardRows * (kBackwardChannels + 1); }
+  __host__ __device__ std::size_t bytes() const {
+    return sizeof(float) * (3 * tile_floats() + 4 * small_floats() + kBackwardChannels + kThreads);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ int backward_length(const BackwardParams<T>& p, int set) {
+  return p.lengths == nullptr ? p.set_size : static_cast<int>(clamp_to<int64_t>(p.lengths[set], 0, p.set_size));
+}
+
+// rows[r][k] = z[n, t0 + r, k] (zero past T or d).
+template <typename T>
+__device__ void stage_z_rows(const BackwardParams<T>& p, int n, int t0, float* rows, int pitch) {
+  for (int i = threadIdx.x; i < kBackwardRows * p.latent; i += kThreads) {
+    const int r = i / p.latent, k = i % p.latent;
+    rows[r * pitch + k] = t0 + r < p.set_size
+        ? load_input(p.z + n * p.z_stride[0] + static_cast<int64_t>(t0 + r) * p.z_stride[1] + k * p.z_stride[2])
+        : 0.0f;
+  }
+}
+
+// weights[c][k] = W[c0 + c, k]; h[c][k] = grad_out[n, c0 + c, k] · fisher_rsqrt[c0 + c, k] and h_bias[c] for
+// k = d (zero past C). n < 0 stages only the weights.
+template <typename T>
+__device__ void stage_channel_rows(const BackwardParams<T>& p, int n, int c0, float* weights, float* h, float* h_bias,
+                                   int pitch) {
+  const int row_length = p.latent + 1;
+  for (int i = threadIdx.x; i < kBackwardChannels * row_length; i += kThreads) {
+    const int c = i / row_length, k = i % row_length;
+    const bool inside = c0 + c < p.channels;
+    const int64_t channel = c0 + c;
+    if (k < p.latent && weights != nullptr)
+      weights[c * pitch + k] = inside ? load_input(p.weight + channel * p.weight_stride[0] + k * p.weight_stride[1]) : 0.0f;
+    if (n < 0) continue;
+    float value = inside ? load_input(p.grad_out + n * p.grad_out_stride_n + channel * row_length + k) : 0.0f;
+    if (inside && p.fisher_rsqrt != nullptr) value *= load_input(p.fisher_rsqrt + channel * row_length + k);
+    if (k < p.latent)
+      h[c * pitch + k] = value;
+    else
+      h_bias[c] = value;
+  }
+}
+
+struct DecoderGradient {
+  bool active;
+  float q, residual, a, difference, x, scale;
+};
+
+// For descriptor t0 + r and channel c0 + c (thread r·16 + c): P, A and the masked Q and R.
+template <typename T>
+__device__ DecoderGradient decoder_gradient(const BackwardParams<T>& p, int n, int t0, int c0, int length,
+                                            const float* rows, const float* weights, const float* h,
+                                            const float* h_bias, int pitch) {
+  const int r = threadIdx.x / kBackwardChannels, c = threadIdx.x % kBackwardChannels;
+  const int t = t0 + r;
+  const int64_t channel = c0 + c;
+  float pre = 0.0f, a = 0.0f;
+  for (int k = 0; k < p.latent; ++k) {
+    const float z = rows[r * pitch + k];
+    pre = fmaf(z, weights[c * pitch + k], pre);
+    a = fmaf(z, h[c * pitch + k], a);
+  }
+  DecoderGradient g{};
+  const bool valid = t < length && channel < p.channels;
+  if (!valid) return g;
+  pre += load_input(p.bias + channel);
+  a += h_bias[c];
+  const float inv_sigma2 = load_input(p.inv_sigma2 + channel);
+  g.x = load_input(p.x + n * p.x_stride[0] + static_cast<int64_t>(t) * p.x_stride[1] + channel * p.x_stride[2]);
+  g.scale = p.x_scale == nullptr ? 1.0f : load_input(p.x_scale + n * p.x_scale_stride[0] +
+                                                     static_cast<int64_t>(t) * p.x_scale_stride[1]);
+  g.active = pre > 0.0f;
+  g.difference = pre - g.x * g.scale;
+  g.a = a;
+  g.residual = g.active ? g.difference * inv_sigma2 : 0.0f;
+  g.q = g.active ? a * inv_sigma2 : 0.0f;
+  return g;
+}
+
+// Sum over the 16 lanes of a half warp that share a row.
+__device__ __forceinline__ float half_warp_sum(float value) {
+  for (int offset = kBackwardChannels / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) backward_rows_kernel(const BackwardParams<T> p) {
+  extern __shared__ float4 shared_storage[];
+  const BackwardLayout layout(p.latent);
+  float* rows = reinterpret_cast<float*>(shared_storage);
+  float* weights = rows + layout.tile_floats();
+  float* h = weights + layout.tile_floats();
+  float* residuals = h + layout.tile_floats();
+  float* qs = residuals + BackwardLayout::small_floats();
+  float* h_bias = qs + 3 * BackwardLayout::small_floats();
+  const int row_blocks = ceil_div(p.set_size, kBackwardRows);
+  const int n = blockIdx.x / row_blocks, t0 = (blockIdx.x % row_blocks) * kBackwardRows;
+  const int length = backward_length(p, n);
+  const int r = threadIdx.x / kBackwardChannels, lane = threadIdx.x % kBackwardChannels;
+  const int small_pitch = kBackwardChannels + 1;
+  stage_z_rows(p, n, t0, rows, layout.pitch);
+  float grad_z[kBackwardColumns] = {};
+  float grad_scale = 0.0f;
+  for (int c0 = 0; c0 < p.channels; c0 += kBackwardChannels) {
+    __syncthreads();  // the previous channel block's tiles are consumed
+    stage_channel_rows(p, n, c0, weights, h, h_bias, layout.pitch);
+    __syncthreads();
+    const DecoderGradient g = decoder_gradient(p, n, t0, c0, length, rows, weights, h, h_bias, layout.pitch);
+    residuals[r * small_pitch + lane] = g.residual;
+    qs[r * small_pitch + lane] = g.q;
+    const int t = t0 + r;
+    const int64_t channel = c0 + lane;
+    if (p.grad_x != nullptr && t < p.set_size && channel < p.channels)
+      p.grad_x[(static_cast<int64_t>(n) * p.set_size + t) * p.channels + channel] = from_float<T>(-g.q * g.scale);
+    grad_scale -= g.q * g.x;
+    __syncthreads();
+    if (p.grad_z == nullptr) continue;
+#pragma unroll
+    for (int j = 0; j < kBackwardColumns; ++j) {
+      const int k = lane + kBackwardChannels * j;
+      if (k >= p.latent) break;
+      float sum = grad_z[j];
+      for (int c = 0; c < kBackwardChannels; ++c)
+        sum = fmaf(residuals[r * small_pitch + c], h[c * layout.pitch + k],
+                   fmaf(qs[r * small_pitch + c], weights[c * layout.pitch + k], sum));
+      grad_z[j] = sum;
+    }
+  }
+  const int t = t0 + r;
+  grad_scale = half_warp_sum(grad_scale);
+  if (t >= p.set_size) return;
+  if (p.grad_x_scale != nullptr && lane == 0)
+    p.grad_x_scale[static_cast<int64_t>(n) * p.set_size + t] = from_float<T>(grad_scale);
+  if (p.grad_z == nullptr) return;
+#pragma unroll
+  for (int j = 0; j < kBackwardColumns; ++j) {
+    const int k = lane + kBackwardChannels * j;
+    if (k < p.latent) p.grad_z[(static_cast<int64_t>(n) * p.set_size + t) * p.latent + k] = from_float<T>(grad_z[j]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) backward_params_kernel(const BackwardParams<T> p) {
+  extern __shared__ float4 shared_storage[];
+  const BackwardLayout layout(p.latent);
+  float* rows = reinterpret_cast<float*>(shared_storage);
+  float* weights = rows + layout.tile_floats();
+  float* h = weights + layout.tile_floats();
+  float* qs = h + layout.tile_floats();
+  float* h_bias = qs + 4 * BackwardLayout::small_floats();
+  float* reduction = h_bias + kBackwardChannels;
+  const int c0 = blockIdx.x * kBackwardChannels;
+  const int r = threadIdx.x / kBackwardChannels, lane = threadIdx.x % kBackwardChannels;
+  const int small_pitch = kBackwardChannels + 1;
+  stage_channel_rows(p, -1, c0, weights, nullptr, nullptr, layout.pitch);
+  float grad_weight[kBackwardColumns] = {};  // channel r of the block, columns lane + 16·j
+  float grad_bias = 0.0f, grad_inv_sigma2 = 0.0f;  // this thread's (descriptor, channel) pairs, channel lane
+  for (int n = 0; n < p.num_sets; ++n) {
+    const int length = backward_length(p, n);
+    __syncthreads();
+    stage_channel_rows(p, n, c0, nullptr, h, h_bias, layout.pitch);
+    for (int t0 = 0; t0 < length; t0 += kBackwardRows) {
+      __syncthreads();  // h staged; the previous rows and Q consumed
+      stage_z_rows(p, n, t0, rows, layout.pitch);
+      __syncthreads();
+      const DecoderGradient g = decoder_gradient(p, n, t0, c0, length, rows, weights, h, h_bias, layout.pitch);
+      qs[r * small_pitch + lane] = g.q;
+      grad_bias += g.q;
+      grad_inv_sigma2 += g.active ? g.a * g.difference : 0.0f;
+      __syncthreads();
+      if (p.grad_weight == nullptr) continue;
+#pragma unroll
+      for (int j = 0; j < kBackwardColumns; ++j) {  // thread (channel r, columns lane + 16·j)
+        const int k = lane + kBackwardChannels * j;
+        if (k >= p.latent) break;
+        float sum = grad_weight[j];
+        for (int t = 0; t < kBackwardRows; ++t) sum = fmaf(qs[t * small_pitch + r], rows[t * layout.pitch + k], sum);
+        grad_weight[j] = sum;
+      }
+    }
+  }
+  const int64_t channel = c0 + r;
+  if (p.grad_weight != nullptr && channel < p.channels) {
+#pragma unroll
+    for (int j = 0; j < kBackwardColumns; ++j) {
+      const int k = lane + kBackwardChannels * j;
+      if (k < p.latent) p.grad_weight[channel * p.latent + k] = from_float<T>(grad_weight[j]);
+    }
+  }
+  // grad_bias and grad_inv_sigma2 of channel `lane`, summed over the 16 descriptor rows in a fixed order.
+  for (int pass = 0; pass < 2; ++pass) {
+    __syncthreads();
+    reduction[threadIdx.x] = pass == 0 ? grad_bias : grad_inv_sigma2;
+    __syncthreads();
+    if (threadIdx.x < kBackwardChannels && c0 + static_cast<int>(threadIdx.x) < p.channels) {
+      float sum = 0.0f;
+      for (int row = 0; row < kBackwardRows; ++row) sum += reduction[row * kBackwardChannels + threadIdx.x];
+      T* target = pass == 0 ? p.grad_bias : p.grad_inv_sigma2;
+      if (target != nullptr) target[c0 + threadIdx.x] = from_float<T>(sum);
+    }
+  }
+}
+
+template <typename T>
+void launch_backward(const FVAccumulateBackwardArgs& args, cudaStream_t stream) {
+  const FVAccumulateArgs& f = args.forward;
+  BackwardParams<T> p{};
+  p.num_sets = static_cast<int>(f.num_sets);
+  p.set_size = static_cast<int>(f.set_size);
+  p.channels = static_cast<int>(f.channels);
+  p.latent = static_cast<int>(f.latent);
+  p.z = static_cast<const T*>(f.z);
+  p.x = static_cast<const T*>(f.x);
+  p.x_scale = static_cast<const T*>(f.x_scale);
+  p.weight = static_cast<const T*>(f.dec_weight);
+  for (int i = 0; i < 3; ++i) {
+    p.z_stride[i] = f.z_stride[i];
+    p.x_stride[i] = f.x_stride[i];
+  }
+  for (int i = 0; i < 2; ++i) {
+    p.x_scale_stride[i] = f.x_scale_stride[i];
+    p.weight_stride[i] = f.w_stride[i];
+  }
+  p.bias = static_cast<const T*>(f.dec_bias);
+  p.inv_sigma2 = static_cast<const T*>(f.inv_sigma2);
+  p.fisher_rsqrt = static_cast<const T*>(f.fisher_rsqrt);
+  p.lengths = f.lengths;
+  p.grad_out = static_cast<const T*>(args.grad_out);
+  p.grad_out_stride_n = args.grad_out_stride_n;
+  p.grad_z = static_cast<T*>(args.grad_z);
+  p.grad_x = static_cast<T*>(args.grad_x);
+  p.grad_x_scale = static_cast<T*>(args.grad_x_scale);
+  p.grad_weight = static_cast<T*>(args.grad_weight);
+  p.grad_bias = static_cast<T*>(args.grad_bias);
+  p.grad_inv_sigma2 = static_cast<T*>(args.grad_inv_sigma2);
+  const std::size_t shared_bytes = BackwardLayout(p.latent).bytes();
+  for (const auto kernel : {backward_rows_kernel<T>, backward_params_kernel<T>})
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)),
+               "raising the backward kernels' dynamic shared memory limit");
+  if (p.set_size > 0 && (p.grad_z != nullptr || p.grad_x != nullptr || p.grad_x_scale != nullptr))
+    launch_kernel(backward_rows_kernel<T>, static_cast<int64_t>(p.num_sets) * ceil_div(p.set_size, kBackwardRows),
+                  shared_bytes, stream, "launching backward_rows_kernel", p);
+  if (p.grad_weight != nullptr || p.grad_bias != nullptr || p.grad_inv_sigma2 != nullptr)
+    launch_kernel(backward_params_kernel<T>, ceil_div(p.channels, kBackwardChannels), shared_bytes, stream,
+                  "launching backward_params_kernel", p);
+}
+
 }  // namespace
 
 int64_t fv_accumulate_cuda_workspace_floats(const FVAccumulateArgs& args) {
@@ -689,6 +983,29 @@ void fv_accumulate_cuda(const FVAccumulateArgs& args, void* stream) {
   if (!check_args(args)) return;  // the output is empty
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   with_element_type(args.dtype, [&](auto type) { launch<typename decltype(type)::type>(args, cuda_stream); });
+}
+
+void fv_accumulate_backward_cuda(const FVAccumulateBackwardArgs& args, void* stream) {
+  const FVAccumulateArgs& f = args.forward;
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  if (!check_args(f)) {  // no sets or no channels: the gradients that have elements are zero
+    const std::size_t element = f.dtype == DType::Float32 ? 4 : 2;
+    const std::pair<void*, int64_t> gradients[] = {
+        {args.grad_z, f.num_sets * f.set_size * f.latent}, {args.grad_x_scale, f.num_sets * f.set_size},
+        {args.grad_weight, f.channels * f.latent}, {args.grad_bias, f.channels}, {args.grad_inv_sigma2, f.channels}};
+    for (const auto& [pointer, count] : gradients)
+      if (pointer != nullptr && count > 0)
+        check_cuda(cudaMemsetAsync(pointer, 0, element * static_cast<std::size_t>(count), cuda_stream),
+                   "zeroing a gradient");
+    return;
+  }
+  if (f.latent > kMaxBackwardLatent)
+    throw std::invalid_argument("fv_accumulate_backward_cuda: latent (d) = " + std::to_string(f.latent) +
+                                " is above " + std::to_string(kMaxBackwardLatent) +
+                                "; fvkernels.ops.cuda takes the reference's torch code there");
+  if (f.num_sets > 1 && args.grad_out_stride_n < f.channels * (f.latent + 1))
+    throw std::invalid_argument("fv_accumulate_backward_cuda: grad_out_stride_n must be >= channels * (latent + 1)");
+  with_element_type(f.dtype, [&](auto type) { launch_backward<typename decltype(type)::type>(args, cuda_stream); });
 }
 
 }  // namespace fvk

@@ -14,4 +14,8 @@ void fv_accumulate_cuda(const FVAccumulateArgs& args, void* stream);
 // allocates it from its own allocator, in the order of the stream the kernel runs on.
 int64_t fv_accumulate_cuda_workspace_floats(const FVAccumulateArgs& args);
 
+// The fused backward (FVAccumulateBackwardArgs), enqueued on `stream`; float32/bfloat16/float16, d at most
+// 256 (std::invalid_argument beyond). Each gradient that is not null is written whole; no workspace.
+void fv_accumulate_backward_cuda(const FVAccumulateBackwardArgs& args, void* stream);
+
 }  // namespace fvk

@@ -55,3 +55,23 @@ def kernel_struct(args: FVAccumulateArgs):
     if args.row_sumsq is not None:
         struct.row_sumsq = args.row_sumsq.data_ptr()
     return struct
+
+
+GRADIENT_FIELDS = ("grad_z", "grad_x", "grad_weight", "grad_bias", "grad_inv_sigma2", "grad_x_scale")
+
+
+def backward_struct(args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> tuple:
+    """The compiled module's FVAccumulateBackwardArgs for the backward of a forward call, and the gradients it will
+    write (new contiguous tensors in the forward's dtype, None where `needs` says no), in GRADIENT_FIELDS order."""
+    z, x = args.z, args.x
+    num_sets, set_size, latent = z.shape
+    channels = x.shape[2]
+    shapes = [z.shape, x.shape, (channels, latent), (channels,), (channels,), (num_sets, set_size)]
+    grads = [z.new_empty(shape) if need else None for shape, need in zip(shapes, needs)]
+    struct = extension().FVAccumulateBackwardArgs()
+    struct.forward = kernel_struct(args)
+    struct.grad_out, struct.grad_out_stride_n = grad_out.data_ptr(), grad_out.stride(0)
+    for name, grad in zip(GRADIENT_FIELDS, grads):
+        if grad is not None:
+            setattr(struct, name, grad.data_ptr())
+    return struct, grads

@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fvkernels.ops._extension import extension, kernel_struct
+from fvkernels.ops._extension import backward_struct, extension, kernel_struct
 from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 
@@ -32,17 +32,7 @@ def backward(args: FVAccumulateArgs, grad_out: Tensor, needs: Sequence[bool]) ->
         grad_out = grad_out.float()
         grads = backward(args.replace(out=grad_out, **wide), grad_out, needs)
         return [None if grad is None else grad.to(args.z.dtype) for grad in grads]
-    z, x = args.z, args.x
-    num_sets, set_size, latent = z.shape
-    channels = x.shape[2]
-    shapes = [z.shape, x.shape, (channels, latent), (channels,), (channels,), (num_sets, set_size)]
-    grads = [z.new_empty(shape) if need else None for shape, need in zip(shapes, needs)]
-    grad_out = grad_out.contiguous()
-    struct = extension().FVAccumulateBackwardArgs()
-    struct.forward = kernel_struct(args)
-    struct.grad_out, struct.grad_out_stride_n = grad_out.data_ptr(), grad_out.stride(0)
-    for name, grad in zip(("grad_z", "grad_x", "grad_weight", "grad_bias", "grad_inv_sigma2", "grad_x_scale"), grads):
-        if grad is not None:
-            setattr(struct, name, grad.data_ptr())
+    grad_out = grad_out.contiguous()  # kept alive here: the struct holds its address
+    struct, grads = backward_struct(args, grad_out, needs)
     extension().fv_accumulate_backward_cpu(struct, torch.get_num_threads())
     return grads

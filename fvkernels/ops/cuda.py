@@ -1,9 +1,10 @@
-"""The "cuda" backend: the fused CUDA kernel of csrc/cuda, enqueued on torch's current stream."""
+"""The "cuda" backend: the fused CUDA kernels of csrc/cuda (forward and backward), enqueued on torch's current
+stream."""
 from __future__ import annotations
 
 import torch
 
-from fvkernels.ops._extension import extension, kernel_struct
+from fvkernels.ops._extension import backward_struct, extension, kernel_struct
 from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 
@@ -18,3 +19,24 @@ def launch(args: FVAccumulateArgs) -> None:
             workspace = torch.empty(floats, dtype=torch.float32, device=device)
             struct.workspace, struct.workspace_floats = workspace.data_ptr(), floats
         extension().fv_accumulate_cuda(struct, torch.cuda.current_stream(device).cuda_stream)
+
+
+# The widest d the backward kernels take (csrc/cuda: kMaxBackwardLatent); past it, the reference's torch code.
+MAX_BACKWARD_LATENT = 256
+
+
+def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:
+    """The fused CUDA backward: gradients w.r.t. (z, x, dec_weight, dec_bias, inv_sigma2, x_scale) before the signed
+    square root, each None where `needs` says no."""
+    if args.latent > MAX_BACKWARD_LATENT:
+        from fvkernels.ops.reference import fv_accumulate_backward
+
+        grads = fv_accumulate_backward(grad_out, args.z, args.x, args.dec_weight, args.dec_bias, args.inv_sigma2,
+                                       args.fisher_rsqrt, args.lengths, args.x_scale, (*needs[:5], False, needs[5]))
+        return [*grads[:5], grads[6]]
+    grad_out = grad_out.contiguous()  # kept alive here: the struct holds its address
+    struct, grads = backward_struct(args, grad_out, needs)
+    device = args.z.device
+    with torch.cuda.device(device):
+        extension().fv_accumulate_backward_cuda(struct, torch.cuda.current_stream(device).cuda_stream)
+    return grads

@@ -5,7 +5,7 @@ the signed square root at the store, and per-row sums of squares for the L2 norm
 - `fv_accumulate` is functional and differentiable: it returns the (N, C, d+1) output and the (N, C) float32
   row sums of squares ((N, 0) when not asked for). Its backward goes through the signed square root and the
   row sums to `fvkernels::fv_accumulate_backward`, the backend's fused backward kernel where it has one
-  (dispatch.has_fused_backward: "cpp"), and to the reference's GEMM-shaped torch code otherwise
+  (dispatch.has_fused_backward: "cpp", "triton", "cuda"), and to the reference's GEMM-shaped torch code otherwise
   (reference.fv_accumulate_backward, also the double backward).
 - `fv_accumulate_out` writes into given buffers (a mutating op, `Tensor(a!) out`): inference into a kept
   buffer, and the pipeline's chunked inference.

@@ -234,6 +234,11 @@ template <typename T> inline T __ldg(const T* p) { return *p; }
 inline std::map<const void*, int>& function_smem_limits() { static std::map<const void*, int> m; return m; }
 
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+// Device memory is host memory here.
+inline cudaError_t cudaMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t) {
+  std::memset(pointer, value, bytes);
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   if (attr == cudaDevAttrMultiProcessorCount) *value = emu::config().multiprocessors;
   else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = emu::config().optin_shared;

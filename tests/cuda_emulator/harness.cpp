@@ -46,6 +46,10 @@ struct Buffer {
   ~Buffer() { if (p) emu::guarded_free(p); }
   Buffer(const Buffer&) = delete;
   Buffer(Buffer&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) { if (p) emu::guarded_free(p); p = o.p; bytes = o.bytes; o.p = nullptr; }
+    return *this;
+  }
 };
 
 struct Result { std::vector<uint8_t> out; std::vector<float> sumsq; };
@@ -55,58 +59,76 @@ static int failures = 0;
 
 static double tolerance(DType t) { return t == DType::Float32 ? 1e-5 : (t == DType::BFloat16 ? 1.6e-2 : 2e-3); }
 
-static void run_case(const Case& k) {
+// A case's inputs in the emulator's guarded buffers, and the forward call that reads them.
+struct Problem {
+  int64_t zs[3], xs[3], ws[2];
+  Buffer z, x, w, b, inv, fisher, xscale, lengths, out, sumsq;
+  int64_t out_stride = 0, out_elems = 0;
+  FVAccumulateArgs a;
+  double zv(int64_t n, int64_t i, int64_t j, DType t) const { return load_as(t, z.p, n * zs[0] + i * zs[1] + j * zs[2]); }
+  double xv(int64_t n, int64_t i, int64_t c, DType t) const { return load_as(t, x.p, n * xs[0] + i * xs[1] + c * xs[2]); }
+  double wv(int64_t c, int64_t j, DType t) const { return load_as(t, w.p, c * ws[0] + j * ws[1]); }
+};
+
+static void make_problem(const Case& k, Problem& q) {
   std::mt19937 rng(1234 + k.N * 7 + k.T * 13 + k.C * 17 + k.d);
   std::normal_distribution<float> normal(0.f, 1.f);
   std::uniform_real_distribution<float> uni(0.f, 1.f);
   const DType t = k.dtype;
   const size_t es = elem_size(t);
   const int64_t N = k.N, T = k.T, C = k.C, d = k.d;
-
-  // z (N, T, d)
-  int64_t zs[3];
+  int64_t* zs = q.zs; int64_t* xs = q.xs; int64_t* ws = q.ws;
   if (k.z_transposed) { zs[0] = d * T; zs[1] = 1; zs[2] = T; } else { zs[0] = T * d; zs[1] = d; zs[2] = 1; }
-  Buffer z(N * T * d * es);
-  int64_t xs[3];
   if (k.x_nchw) { xs[0] = C * T; xs[1] = 1; xs[2] = T; } else { xs[0] = T * C; xs[1] = C; xs[2] = 1; }
-  Buffer x(N * T * C * es);
-  int64_t ws[2];
   if (k.w_transposed) { ws[0] = 1; ws[1] = C; } else { ws[0] = d; ws[1] = 1; }
-  Buffer w(C * d * es), b(C * es), inv(C * es), fisher(k.fisher ? C * (d + 1) * es : 0);
-  Buffer xscale(k.x_scale ? N * T * es : 0);
-  Buffer lengths(k.lengths.empty() ? 0 : N * 8);
-  const int64_t out_stride = C * (d + 1) + k.out_pad;
-  const int64_t out_elems = N == 0 ? 0 : (N - 1) * out_stride + C * (d + 1);
-  Buffer out(out_elems * es);
-  Buffer sumsq(k.row_sumsq ? N * C * 4 : 0);
-
+  q.z = Buffer(N * T * d * es); q.x = Buffer(N * T * C * es);
+  q.w = Buffer(C * d * es); q.b = Buffer(C * es); q.inv = Buffer(C * es);
+  q.fisher = Buffer(k.fisher ? C * (d + 1) * es : 0); q.xscale = Buffer(k.x_scale ? N * T * es : 0);
+  q.lengths = Buffer(k.lengths.empty() ? 0 : N * 8);
+  q.out_stride = C * (d + 1) + k.out_pad;
+  q.out_elems = N == 0 ? 0 : (N - 1) * q.out_stride + C * (d + 1);
+  q.out = Buffer(q.out_elems * es);
+  q.sumsq = Buffer(k.row_sumsq ? N * C * 4 : 0);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t i = 0; i < T; ++i) {
-      for (int64_t j = 0; j < d; ++j) store_as(t, z.p, n * zs[0] + i * zs[1] + j * zs[2], 0.7f * normal(rng));
-      for (int64_t c = 0; c < C; ++c) store_as(t, x.p, n * xs[0] + i * xs[1] + c * xs[2], uni(rng));
-      if (k.x_scale) store_as(t, xscale.p, n * T + i, 0.5f + uni(rng));
+      for (int64_t j = 0; j < d; ++j) store_as(t, q.z.p, n * zs[0] + i * zs[1] + j * zs[2], 0.7f * normal(rng));
+      for (int64_t c = 0; c < C; ++c) store_as(t, q.x.p, n * xs[0] + i * xs[1] + c * xs[2], uni(rng));
+      if (k.x_scale) store_as(t, q.xscale.p, n * T + i, 0.5f + uni(rng));
     }
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t j = 0; j < d; ++j) store_as(t, w.p, c * ws[0] + j * ws[1], normal(rng) / std::sqrt(float(d)));
-    store_as(t, b.p, c, 0.4f * normal(rng));
-    store_as(t, inv.p, c, 0.5f + 1.5f * uni(rng));
-    if (k.fisher) for (int64_t j = 0; j <= d; ++j) store_as(t, fisher.p, c * (d + 1) + j, 0.5f + uni(rng));
+    for (int64_t j = 0; j < d; ++j) store_as(t, q.w.p, c * ws[0] + j * ws[1], normal(rng) / std::sqrt(float(d)));
+    store_as(t, q.b.p, c, 0.4f * normal(rng));
+    store_as(t, q.inv.p, c, 0.5f + 1.5f * uni(rng));
+    if (k.fisher) for (int64_t j = 0; j <= d; ++j) store_as(t, q.fisher.p, c * (d + 1) + j, 0.5f + uni(rng));
   }
-  if (!k.lengths.empty()) std::memcpy(lengths.p, k.lengths.data(), N * 8);
+  if (!k.lengths.empty()) std::memcpy(q.lengths.p, k.lengths.data(), N * 8);
+  FVAccumulateArgs& a = q.a;
+  a.num_sets = N; a.set_size = T; a.channels = C; a.latent = d; a.dtype = t;
+  a.z = q.z.p; std::copy(zs, zs + 3, a.z_stride);
+  a.x = q.x.p; std::copy(xs, xs + 3, a.x_stride);
+  if (k.x_scale) { a.x_scale = q.xscale.p; a.x_scale_stride[0] = T; a.x_scale_stride[1] = 1; }
+  a.dec_weight = q.w.p; std::copy(ws, ws + 2, a.w_stride);
+  a.dec_bias = q.b.p; a.inv_sigma2 = q.inv.p;
+  a.fisher_rsqrt = k.fisher ? q.fisher.p : nullptr;
+  a.lengths = k.lengths.empty() ? nullptr : static_cast<const int64_t*>(q.lengths.p);
+  a.out = q.out.p; a.out_stride_n = q.out_stride; a.signed_sqrt = k.signed_sqrt;
+  a.row_sumsq = k.row_sumsq ? static_cast<float*>(q.sumsq.p) : nullptr;
+}
+
+static void run_case(const Case& k) {
+  const DType t = k.dtype;
+  const size_t es = elem_size(t);
+  const int64_t N = k.N, T = k.T, C = k.C, d = k.d;
+  Problem problem;
+  make_problem(k, problem);
+  FVAccumulateArgs& a = problem.a;
+  const int64_t* zs = problem.zs; const int64_t* xs = problem.xs; const int64_t* ws = problem.ws;
+  Buffer& z = problem.z; Buffer& x = problem.x; Buffer& w = problem.w; Buffer& b = problem.b;
+  Buffer& inv = problem.inv; Buffer& fisher = problem.fisher; Buffer& xscale = problem.xscale;
+  Buffer& out = problem.out; Buffer& sumsq = problem.sumsq;
+  const int64_t out_stride = problem.out_stride, out_elems = problem.out_elems;
   if (out_elems) std::memset(out.p, 0xfe, out_elems * es);  // canary
   if (k.row_sumsq) std::memset(sumsq.p, 0xfe, N * C * 4);
-
-  FVAccumulateArgs a;
-  a.num_sets = N; a.set_size = T; a.channels = C; a.latent = d; a.dtype = t;
-  a.z = z.p; std::copy(zs, zs + 3, a.z_stride);
-  a.x = x.p; std::copy(xs, xs + 3, a.x_stride);
-  if (k.x_scale) { a.x_scale = xscale.p; a.x_scale_stride[0] = T; a.x_scale_stride[1] = 1; }
-  a.dec_weight = w.p; std::copy(ws, ws + 2, a.w_stride);
-  a.dec_bias = b.p; a.inv_sigma2 = inv.p;
-  a.fisher_rsqrt = k.fisher ? fisher.p : nullptr;
-  a.lengths = k.lengths.empty() ? nullptr : static_cast<const int64_t*>(lengths.p);
-  a.out = out.p; a.out_stride_n = out_stride; a.signed_sqrt = k.signed_sqrt;
-  a.row_sumsq = k.row_sumsq ? static_cast<float*>(sumsq.p) : nullptr;
 
   emu::config().multiprocessors = k.sms;
   emu::config().optin_shared = k.optin;
@@ -194,6 +216,88 @@ static void run_case(const Case& k) {
   fflush(stdout);
 }
 
+
+// The backward (FVAccumulateBackwardArgs) against a float64 loop over the same (rounded) inputs: every gradient,
+// every buffer poisoned first, three thread orders bit-identical.
+static void run_backward_case(const Case& k) {
+  const DType t = k.dtype;
+  const size_t es = elem_size(t);
+  const int64_t N = k.N, T = k.T, C = k.C, d = k.d;
+  Problem q;
+  make_problem(k, q);
+  std::mt19937 rng(77 + k.N + k.T + k.C + k.d);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  Buffer grad_out(N * C * (d + 1) * es);
+  for (int64_t i = 0; i < N * C * (d + 1); ++i) store_as(t, grad_out.p, i, normal(rng));
+  Buffer gz(N * T * d * es), gx(N * T * C * es), gs(k.x_scale ? N * T * es : 0), gw(C * d * es), gb(C * es),
+      gi(C * es);
+  fvk::FVAccumulateBackwardArgs a;
+  a.forward = q.a;
+  a.grad_out = grad_out.p; a.grad_out_stride_n = C * (d + 1);
+  a.grad_z = gz.p; a.grad_x = gx.p; a.grad_x_scale = k.x_scale ? gs.p : nullptr;
+  a.grad_weight = gw.p; a.grad_bias = gb.p; a.grad_inv_sigma2 = gi.p;
+  Buffer* outputs[] = {&gz, &gx, &gs, &gw, &gb, &gi};
+  emu::config().multiprocessors = k.sms;
+  emu::config().optin_shared = k.optin;
+  std::vector<std::vector<uint8_t>> runs;
+  for (int order = 0; order < 3; ++order) {
+    emu::config().order = order;
+    for (Buffer* o : outputs) if (o->bytes) std::memset(o->p, 0xff, o->bytes);  // NaN: unwritten elements show
+    fvk::fv_accumulate_backward_cuda(a, nullptr);
+    std::vector<uint8_t> bytes;
+    for (Buffer* o : outputs) bytes.insert(bytes.end(), static_cast<uint8_t*>(o->p), static_cast<uint8_t*>(o->p) + o->bytes);
+    runs.push_back(bytes);
+  }
+  CHECK(runs[0] == runs[1] && runs[0] == runs[2], "backward result depends on thread order (race)");
+  std::vector<double> rz(N * T * d, 0), rx(N * T * C, 0), rs(N * T, 0), rw(C * d, 0), rb(C, 0), ri(C, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t len = k.lengths.empty() ? T : k.lengths[n];
+    for (int64_t i = 0; i < len; ++i)
+      for (int64_t c = 0; c < C; ++c) {
+        auto h = [&](int64_t j) {
+          double v = load_as(t, grad_out.p, (n * C + c) * (d + 1) + j);
+          return k.fisher ? v * load_as(t, q.fisher.p, c * (d + 1) + j) : v;
+        };
+        double p = load_as(t, q.b.p, c), da = h(d);
+        for (int64_t j = 0; j < d; ++j) { p += q.zv(n, i, j, t) * q.wv(c, j, t); da += q.zv(n, i, j, t) * h(j); }
+        const double scale = k.x_scale ? load_as(t, q.xscale.p, n * T + i) : 1.0, xv = q.xv(n, i, c, t);
+        const double s = load_as(t, q.inv.p, c), diff = p - xv * scale;
+        const bool active = p > 0;
+        const double r = active ? diff * s : 0, qq = active ? da * s : 0;
+        for (int64_t j = 0; j < d; ++j) {
+          rz[(n * T + i) * d + j] += r * h(j) + qq * q.wv(c, j, t);
+          rw[c * d + j] += qq * q.zv(n, i, j, t);
+        }
+        rx[(n * T + i) * C + c] = -qq * scale;
+        rs[n * T + i] -= qq * xv;
+        rb[c] += qq;
+        ri[c] += active ? da * diff : 0;
+      }
+  }
+  const std::vector<double>* refs[] = {&rz, &rx, &rs, &rw, &rb, &ri};
+  const char* names[] = {"grad_z", "grad_x", "grad_x_scale", "grad_weight", "grad_bias", "grad_inv_sigma2"};
+  std::string report;
+  for (int g = 0; g < 6; ++g) {
+    if (!outputs[g]->bytes) continue;
+    double err = 0, ref = 0;
+    bool nan = false;
+    for (size_t i = 0; i < refs[g]->size(); ++i) {
+      const double got = load_as(t, outputs[g]->p, i);
+      nan |= std::isnan(got);
+      err = std::max(err, std::fabs(got - (*refs[g])[i]));
+      ref = std::max(ref, std::fabs((*refs[g])[i]));
+    }
+    const double rel = ref > 0 ? err / ref : err;
+    CHECK(!nan, "%s has unwritten elements", names[g]);
+    CHECK(rel <= tolerance(t), "%s: max|err|/max|ref| = %.3g > %.3g", names[g], rel, tolerance(t));
+    char line[96];
+    snprintf(line, sizeof line, "%s %.1e ", names[g], rel);
+    report += line;
+  }
+  printf("backward %-31s %s\n", k.name.c_str(), report.c_str());
+  fflush(stdout);
+}
+
 int main(int argc, char** argv) {
   emu::config().guard_before = argc > 1 && std::string(argv[1]) == "before";
   // Float64 is refused with a message naming the torch backend
@@ -253,6 +357,10 @@ int main(int argc, char** argv) {
   }
   const char* only = argc > 2 ? argv[2] : nullptr;
   for (auto& c : cases) if (!only || c.name.find(only) != std::string::npos) run_case(c);
+  // the backward, on every case whose d it takes
+  for (auto& c : cases)
+    if (c.d <= 256 && c.N * c.T * c.C * std::max<int64_t>(c.d, 1) < 400000 && (!only || c.name.find(only) != std::string::npos))
+      run_backward_case(c);
   printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;
 }
