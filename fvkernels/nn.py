@@ -217,7 +217,9 @@ class FVVAE(nn.Module):
                             valid.sum().double() * x_hat.shape[-1]])
         square_sum, count = sum_over_processes(sums, distributed).tolist()
         floor = self.sigma_floor * math.sqrt(square_sum / max(count, 1))
-        self.sigma_x_min.fill_(floor)
+        # A new tensor, not an in-place fill: a forward of this step may have saved the old value for its backward
+        # (forward and loss in one autograd graph, as end-to-end fine-tuning has them).
+        self.sigma_x_min = torch.full_like(self.sigma_x_min, floor)
         self.has_sigma_floor = floor > 0  # a batch of empty sets sets none: the next batch tries again
 
     @staticmethod

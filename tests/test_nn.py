@@ -245,3 +245,18 @@ def test_replace_global_pool_refuses_what_is_not_a_global_pooling():
         replace_global_pool(TorchvisionStyle(), FVVAE(5, 3))
     with pytest.raises(ValueError, match="has no classifier named 'head.fc'"):
         replace_global_pool(TorchvisionStyle(), small_layer(), classifier="head.fc")
+
+
+def test_forward_and_loss_in_one_graph_on_the_first_training_step():
+    """The first training loss sets the σx floor after forward may have saved σx: both in one backward (end-to-end
+    fine-tuning) must work, with the gradient of forward as computed with the old floor."""
+    torch.manual_seed(0)
+    layer = FVVAE(24, 11, (40,), num_classes=3).train()
+    acts = torch.rand(5, 24, 4, 4, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    torch.manual_seed(1)
+    fv = layer(acts)
+    losses = layer.loss(acts, labels)
+    (fv.square().sum() + losses["total"]).backward()
+    assert layer.has_sigma_floor and float(layer.sigma_x_min) > 0
+    assert acts.grad is not None and torch.isfinite(acts.grad).all() and acts.grad.abs().sum() > 0
