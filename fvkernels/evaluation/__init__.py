@@ -3,6 +3,7 @@ clustering they fit (clustering), the classification protocol (features, classif
 Fisher vector comes from (attention)."""
 from fvkernels.evaluation.attention import descriptor_contributions
 from fvkernels.evaluation.classifier import LinearSVM, train_svm
+from fvkernels.evaluation.compression import DatasetNormalization, PCACompression, RandomMaclaurin
 from fvkernels.evaluation.encoders import (
                                            AverageEncoder,
                                            BilinearEncoder,
@@ -15,6 +16,6 @@ from fvkernels.evaluation.encoders import (
 from fvkernels.evaluation.features import normalize
 from fvkernels.evaluation.metrics import accuracy, mean_average_precision, top_k_accuracy
 
-__all__ = ["AverageEncoder", "BilinearEncoder", "ConcatEncoder", "FVVAEEncoder", "GMMFisherEncoder", "LinearSVM",
-           "SetEncoder", "VLADEncoder", "accuracy", "descriptor_contributions", "mean_average_precision", "normalize",
+__all__ = ["AverageEncoder", "BilinearEncoder", "ConcatEncoder", "DatasetNormalization", "FVVAEEncoder",
+           "GMMFisherEncoder", "LinearSVM", "PCACompression", "RandomMaclaurin", "SetEncoder", "VLADEncoder", "accuracy", "descriptor_contributions", "mean_average_precision", "normalize",
            "top_k_accuracy", "train_svm"]

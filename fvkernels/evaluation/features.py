@@ -32,9 +32,21 @@ def as_matrix(values: ArrayLike, name: str) -> Tensor:
     """values as an (N, D) floating tensor (integer and boolean features are taken as float32); rows holding NaN
     or ±Inf are refused, naming them: every matrix of the classification protocol (features, scores) comes
     through here, and a NaN row would otherwise turn into a prediction or a score without a trace."""
+    if hasattr(values, "toarray") and hasattr(values, "nnz"):  # scipy's sparse matrices and arrays
+        raise TypeError(f"{name} is a sparse {type(values).__name__}; sparse input is not supported: densify it with "
+                        ".toarray()")
+    if not isinstance(values, (Tensor, np.ndarray)):  # lists, array-likes with __array__
+        values = np.asarray(values)
+    if isinstance(values, np.ndarray) and values.dtype == object:
+        try:
+            values = values.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must hold numbers: every argument must be a string or a number that converts "
+                            "to float, got an object array that does not") from None
     tensor = torch.as_tensor(values)
     if tensor.dim() != 2:
-        raise ValueError(f"{name} must be a (N, D) matrix, got shape {tuple(tensor.shape)}")
+        hint = " Reshape your data: (N, 1) for one feature, (1, D) for one sample." if tensor.dim() == 1 else ""
+        raise ValueError(f"{name} must be a (N, D) matrix, got shape {tuple(tensor.shape)}.{hint}")
     if tensor.dtype.is_complex:
         raise TypeError(f"{name} must be real, got {tensor.dtype}")
     check_finite(tensor, lambda rows: f"{name} rows {rows} (indices) hold NaN or Inf; clean or drop those rows")
