@@ -43,6 +43,9 @@ def test_demo_writes_results_and_figures(tmp_path):
     # GMM-FV, VLAD and FV-VAE compared at one dimension, C·(d+1), at the main d and along the sweep
     assert dims["GMM-FV (K=4)"] == dims["VLAD (K=8)"] == dims["FV-VAE (d=7, λ3=10)"] == channels * 8
     assert dims["GMM-FV (K=2)"] == dims["VLAD (K=4)"] == dims["FV-VAE (d=3, λ3=10)"] == channels * 4
+    # the main FV-VAE compressed to the sweep's dimension: Random Maclaurin always, PCA only with enough images
+    assert dims["Random Maclaurin of FV-VAE (d=7 → 960)"] == channels * 4
+    assert not any(name.startswith("PCA") for name in dims)  # 960 components > 60 training images
     # each class has its own bright bar: every method separates them (chance is 10%; a label mix-up falls to it)
     assert min(r["accuracy"] for r in results) >= 0.9
     assert (out / "accuracy_vs_dim.png").stat().st_size > 0 and (out / "attention.png").stat().st_size > 0
@@ -109,3 +112,13 @@ def test_demo_refuses_sizes_it_cannot_use_before_the_fits(capsys, tmp_path, argu
     assert f"fvkernels demo: error: {expected}" in error and "Traceback" not in error
     if "VLAD" not in expected:  # refused before --out is claimed
         assert not out.exists()
+
+
+def test_compressions_take_pca_only_where_the_training_images_suffice():
+    from types import SimpleNamespace
+
+    from fvkernels.app.demo import compressions
+    chosen = compressions(SimpleNamespace(latent=7, seed=0), [4, 50], train_count=10)
+    assert [(family, type(compression).__name__, getattr(compression, "n_components")) for family, _, compression
+            in chosen] == [("Random Maclaurin", "RandomMaclaurin", 4), ("PCA", "PCACompression", 4),
+                           ("Random Maclaurin", "RandomMaclaurin", 50)]

@@ -28,6 +28,8 @@ from fvkernels.evaluation import (
     ConcatEncoder,
     FVVAEEncoder,
     GMMFisherEncoder,
+    PCACompression,
+    RandomMaclaurin,
     VLADEncoder,
     accuracy,
     descriptor_contributions,
@@ -146,6 +148,32 @@ def evaluate_encoder(name: str, encoder, train_maps, train_labels, test_maps, te
     svm = train_svm(train_codes.float().cpu(), train_labels)
     score = accuracy(svm.decision_function(test_codes.float().cpu()), test_labels)
     return Result(name, encoder.dim, score, seconds)
+
+
+def evaluate_compression(name: str, compression, train_codes, train_labels, test_codes, test_labels) -> Result:
+    """Fits a compression of Fisher vectors on the training codes, a linear SVM on the compressed ones, and scores
+    the compressed test codes (paper Fig. 4c)."""
+    train_compressed = compression.fit_transform(train_codes)
+    start = time.perf_counter()
+    test_compressed = compression.transform(test_codes)
+    seconds = time.perf_counter() - start
+    svm = train_svm(train_compressed.float().cpu(), train_labels)
+    score = accuracy(svm.decision_function(test_compressed.float().cpu()), test_labels)
+    return Result(name, train_compressed.shape[1], score, seconds)
+
+
+def compressions(args, dims: List[int], train_count: int) -> List[tuple]:
+    """(curve, row name, compression) of the main FV-VAE's vectors to each dimension of the sweep: Random Maclaurin
+    always, PCA where the training images are at least as many as the components it needs."""
+    chosen = []
+    for dim in dims:
+        chosen.append(("Random Maclaurin", f"Random Maclaurin of FV-VAE (d={args.latent} → {dim})",
+                       RandomMaclaurin(dim, seed=args.seed)))
+        if dim <= train_count:
+            chosen.append(("PCA", f"PCA of FV-VAE (d={args.latent} → {dim})", PCACompression(dim, seed=args.seed)))
+        else:
+            log(f"PCA to {dim} dimensions skipped: it needs at least {dim} training images, there are {train_count}")
+    return chosen
 
 
 def fvvae_encoder(args, latent: int, lambda_cls: float, seed: int) -> FVVAEEncoder:
@@ -301,6 +329,16 @@ def run(args) -> int:
             swept.append(evaluate_encoder(name, encoder, train_maps, train_labels, test_maps, test_labels,
                                           fit_labels=needs_labels))
             curves[family].append(swept[-1])
+
+    # Compression (Fig. 4c): the main FV-VAE's vectors brought down to the sweep's dimensions, beside FV-VAE trained
+    # with those smaller d.
+    if args.sweep_latents:
+        train_codes, test_codes = final_fvvae.transform(train_maps), final_fvvae.transform(test_maps)
+        for family, name, compression in compressions(args, [channels * (d + 1) for d in args.sweep_latents],
+                                                      len(train_maps)):
+            log(f"{name}: fit, compress, linear SVM")
+            swept.append(evaluate_compression(name, compression, train_codes, train_labels, test_codes, test_labels))
+            curves.setdefault(family, [results[-1]]).append(swept[-1])
 
     table = print_table(results)
     # Every result, the dimension sweep's too (the table shows the matched-dimension comparison).
