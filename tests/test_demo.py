@@ -51,6 +51,21 @@ def test_demo_writes_results_and_figures(tmp_path):
     assert (out / "accuracy_vs_dim.png").stat().st_size > 0 and (out / "attention.png").stat().st_size > 0
 
 
+def test_demo_records_the_lambda_sweep_and_the_chosen_value(tmp_path):
+    write_fashion_mnist(tmp_path)
+    out = tmp_path / "out"
+    assert main(["demo", "--data", str(tmp_path), "--out", str(out), "--train-size", "60", "--test-size", "30",
+                 *TINY_RUN, "--sweep-latents", "", "--lambdas", "1,100,10000,100000"]) == 0
+    sweep = [r for r in json.loads((out / "results.json").read_text()) if r["method"].startswith("λ3 sweep")]
+    assert [r["method"] for r in sweep] == [f"λ3 sweep (validation): FV-VAE (d=7, λ3={v})"
+                                            for v in ("1", "100", "10000", "100000")]
+    best = max(sweep, key=lambda r: r["accuracy"])  # the first of the best: the smallest λ3 among ties
+    chosen = best["method"].split("λ3=")[1].rstrip(")")
+    assert f"λ3 = {chosen}, chosen on the validation images among 1, 100, 10000, 100000" in (out / "table.md").read_text()
+    assert f"FV-VAE (d=7, λ3={chosen})" in {r["method"] for r in json.loads((out / "results.json").read_text())}
+    assert (out / "lambda_sweep.png").stat().st_size > 0
+
+
 def test_demo_runs_with_fewer_test_images_than_classes(tmp_path):
     """The attention figure shows the classes the test images have (it asked for classes 0…7 and failed at the very
     end of the run); a single test image makes a one-column figure."""
@@ -60,7 +75,7 @@ def test_demo_runs_with_fewer_test_images_than_classes(tmp_path):
         assert main(["demo", "--data", str(tmp_path), "--out", str(out), "--train-size", "30", "--test-size",
                      test_size, *TINY_RUN, "--sweep-latents", ""]) == 0
         assert (out / "attention.png").stat().st_size > 0
-        assert len(json.loads((out / "results.json").read_text())) == 7  # no sweep
+        assert len(json.loads((out / "results.json").read_text())) == 7 + 1  # no d sweep; λ3's one value
 
 
 @pytest.mark.parametrize("option,value,expected", [
