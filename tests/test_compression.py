@@ -125,3 +125,29 @@ def test_scikit_learn_estimator_checks(transformer):
               if result["status"] == "failed" and result["check_name"] not in NOT_APPLICABLE}
     assert len(results) > 40 and not failed, failed
 
+
+def test_fvvae_encoder_with_the_release_dataset_normalisation():
+    """scaling="dataset": raw vectors (no Fisher) divided by each dimension's L2 norm over the training sets, then
+    the improved normalisation — the same trained layer as scaling="fisher", and the same vectors."""
+    import dataclasses
+
+    from fvkernels import fv_vae_encode
+    from fvkernels.common.tensors import improved_normalisation
+    from fvkernels.evaluation import FVVAEEncoder
+    generator = torch.Generator().manual_seed(0)
+    train_sets, test_sets = (torch.rand(n, 20, 6, generator=generator, dtype=torch.float64) for n in (24, 7))
+    options = dict(iterations=4, batch_size=8, progress=False, seed=3)
+    fisher = FVVAEEncoder(3, (5,), **options).fit(train_sets)
+    dataset = FVVAEEncoder(3, (5,), scaling="dataset", **options).fit(train_sets)
+    params = dataclasses.replace(dataset.model_.to_params(), fisher=None)
+    raw_train = fv_vae_encode(train_sets, params, normalize=False)
+    assert torch.allclose(dataset.dataset_scale_, raw_train.norm(dim=0).where(raw_train.norm(dim=0) > 0,
+                                                                               torch.ones(24, dtype=torch.float64)))
+    expected = improved_normalisation(fv_vae_encode(test_sets, params, normalize=False) / dataset.dataset_scale_)
+    assert relative_error(dataset.transform(test_sets), expected) <= 1e-12
+    assert torch.equal(fisher.model_.decoder.weight, dataset.model_.decoder.weight)  # one layer, two scalings
+    # The diagonal Fisher is the mean of G² over the same training sets: 1/√F and 1/‖G‖ differ by √N, a constant
+    # factor that the L2 normalisation removes — the two scalings give the same vectors (the Fisher's floor aside).
+    assert relative_error(dataset.transform(test_sets), fisher.transform(test_sets)) <= 1e-10
+    with pytest.raises(ValueError, match="scaling must be 'fisher' .* or 'dataset'"):
+        FVVAEEncoder(3, (5,), scaling="global", **options).fit(train_sets)

@@ -135,3 +135,4 @@ def test_svm_refuses_use_before_fit_and_other_widths():
     with pytest.raises(ValueError, match=f"X has {x.shape[1] + 1} features but LinearSVM was fitted with {x.shape[1]}"):
         svm.decision_function(torch.cat([x, x[:, :1]], 1))
     assert isinstance(svm.predict(x.numpy()), np.ndarray) and isinstance(svm.predict(x), torch.Tensor)
+

@@ -23,6 +23,7 @@ or an encoding that overflows on finite sets raises, naming the fitted tensor or
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Optional, Sequence
@@ -38,6 +39,7 @@ from fvkernels.evaluation.clustering import DiagonalGMM, fit_gmm, kmeans, square
 from fvkernels.evaluation.features import NotFitted, check_fit_finite, class_indices
 from fvkernels.evaluation.sets import DEFAULT_FIT_DESCRIPTORS, DescriptorSets, SetsLike
 from fvkernels.nn import FVVAE
+from fvkernels.pipeline import fv_vae_encode
 from fvkernels.training import SetData, train
 
 
@@ -349,6 +351,13 @@ class FVVAEEncoder(SetEncoder):
     the classification loss) and fits its diagonal Fisher on the same sets; transform gives the improved Fisher
     vectors, dim = C·(d+1). lambda_cls=0, or no y, is FV-VAE⁻.
 
+    scaling: "fisher" (default) scales each dimension by the layer's diagonal Fisher (paper Eq. 9);
+    "dataset" instead divides each dimension of the raw vectors by its L2 norm over the training sets (the official
+    release's `normalize_raw_fv.m`, fitted in fit: dataset_scale_); either is followed by the improved
+    normalisation (signed square root, L2). Fitted on the same sets the two agree: the diagonal Fisher is the mean
+    of G² over them, so 1/√F and 1/‖G‖ differ by the constant √N that the L2 normalisation removes; they differ
+    only where the Fisher's floor acts (tests/test_compression.py).
+
     The layer's options (latent_dim, hidden, lambda_cls, prenorm, norm_scale, dropout, sigma_floor, backend) are
     fvkernels.nn.FVVAE's, the training's (iterations, batch_size, lr, seed) fvkernels.training.train's; seed also
     draws the layer's initial weights, so a fit is repeatable. y may hold any class labels. After fit: model_ (the
@@ -361,13 +370,17 @@ class FVVAEEncoder(SetEncoder):
     def __init__(self, latent_dim: int = 256, hidden: Sequence[int] = (512,), *, lambda_cls: Optional[float] = None,
                  prenorm: Optional[str] = "descriptor", norm_scale: Optional[float] = None, dropout: float = 0.5,
                  sigma_floor: float = 0.05, iterations: int = 5000, batch_size: int = 128, lr: float = 1.0,
-                 seed: int = 0, backend: str = "auto", progress: Optional[bool] = None):
+                 seed: int = 0, backend: str = "auto", scaling: str = "fisher", progress: Optional[bool] = None):
         self.latent_dim, self.hidden, self.lambda_cls = latent_dim, hidden, lambda_cls
+        self.scaling = scaling
         self.prenorm, self.norm_scale, self.dropout, self.sigma_floor = prenorm, norm_scale, dropout, sigma_floor
         self.iterations, self.batch_size, self.lr, self.seed = iterations, batch_size, lr, seed
         self.backend, self.progress = backend, progress
 
     def _fit(self, data: DescriptorSets, y) -> None:
+        if self.scaling not in ("fisher", "dataset"):
+            raise ValueError(f"scaling must be 'fisher' (the diagonal Fisher) or 'dataset' (each dimension's L2 norm "
+                             f"over the training sets), got {self.scaling!r}")
         padded = data.tensor if data.tensor is not None else torch.nn.utils.rnn.pad_sequence(data.items, batch_first=True)
         lengths = None if data.items is None else data.lengths
         labels = None
@@ -386,6 +399,19 @@ class FVVAEEncoder(SetEncoder):
         chunks = ((padded_chunk, chunk_lengths) for _, padded_chunk, chunk_lengths in
                   data.chunks(self._fisher_chunk_elements(data.max_length, data.channels)))
         self.model_.fit_fisher(chunks)
+        if self.scaling == "dataset":
+            squares = torch.zeros(self.model_.dim, dtype=torch.float64, device=data.device)
+            for _, padded_chunk, chunk_lengths in data.chunks(self._fisher_chunk_elements(data.max_length,
+                                                                                          data.channels)):
+                squares += self._raw_vectors(padded_chunk, chunk_lengths).double().square().sum(0)
+            norms = squares.sqrt()
+            self.dataset_scale_ = torch.where(norms > 0, norms, torch.ones_like(norms)).to(data.dtype)
+
+    @torch.no_grad()
+    def _raw_vectors(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        """The layer's Fisher vectors without the Fisher scaling and without normalisation, (n, C·(d+1))."""
+        params = dataclasses.replace(self.model_.to_params(), fisher=None)
+        return fv_vae_encode(padded, params, lengths=lengths, normalize=False, backend=self.model_.backend)
 
     def _dim(self) -> int:
         return self.model_.dim
@@ -398,6 +424,8 @@ class FVVAEEncoder(SetEncoder):
 
     @torch.no_grad()
     def _encode(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        if self.scaling == "dataset":
+            return improved_normalisation(self._raw_vectors(padded, lengths) / self.dataset_scale_)
         return self.model_(padded, lengths)
 
     def __sklearn_tags__(self):
