@@ -108,6 +108,7 @@ PYBIND11_MODULE(_C, m) {
         fvk::fv_accumulate_backward_cuda(a, reinterpret_cast<void*>(stream));
       },
       py::arg("args"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("fv_accumulate_backward_cuda_supported", &fvk::fv_accumulate_backward_cuda_supported, py::arg("args"));
   m.attr("built_with_cuda") = true;
 #else
   m.attr("built_with_cuda") = false;

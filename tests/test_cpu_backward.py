@@ -141,3 +141,45 @@ def test_double_backward_goes_through_the_reference():
     z, x, w, b, s, f, lengths = random_problem(2, 6, 4, 3)
     inputs = [t.clone().requires_grad_() for t in (z, x, w, b, s)]
     assert torch.autograd.gradgradcheck(lambda *a: fvkernels.fv_accumulate(*a, f, lengths, backend="cpp"), inputs)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 7, 3), (2, 5, 0, 3)])
+def test_no_sets_or_no_channels_give_zero_gradients(shape):
+    num_sets, set_size, channels, latent = shape
+    z, x, w, b, s, f, _ = random_problem(num_sets, set_size, channels, latent, ragged=False)
+    grad_out = torch.randn(num_sets, channels, latent + 1, dtype=torch.float64)
+    x_scale = torch.rand(num_sets, set_size, dtype=torch.float64) + 0.5
+    grads = fv_accumulate_backward_op(grad_out, z, x, w, b, s, f, None, x_scale, [True] * 6, "cpp")
+    for grad in grads:
+        assert (grad == 0).all()
+    assert grads[2].shape == (channels, latent) and grads[0].shape == z.shape
+    with pytest.raises(ValueError, match="needs must say for each of z, x, dec_weight, dec_bias, inv_sigma2, x_scale"):
+        fv_accumulate_backward_op(grad_out, z, x, w, b, s, f, None, x_scale, [True] * 5, "cpp")
+
+
+def test_a_thread_team_smaller_than_asked_for_gives_the_same_gradients():
+    """OpenMP may grant fewer threads than torch.set_num_threads asks (OMP_THREAD_LIMIT, OMP_DYNAMIC, nesting): the
+    parameter gradients are summed over the threads that ran, not over the ones asked for."""
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import torch, sys\n"
+        "sys.path.insert(0, '.')\n"
+        "from tests.helpers import random_problem, relative_error\n"
+        "from fvkernels.ops import cpp\n"
+        "from fvkernels.ops.kernel_args import FVAccumulateArgs\n"
+        "from fvkernels.ops.reference import fv_accumulate_backward\n"
+        "torch.manual_seed(0)\n"
+        "torch.set_num_threads(4)\n"
+        "z, x, w, b, s, f, l = random_problem(5, 40, 30, 9)\n"
+        "g = torch.randn(5, 30, 10, dtype=torch.float64)\n"
+        "got = cpp.backward(FVAccumulateArgs(z, x, w, b, s, f, l, g), g, (True,) * 5 + (False,))\n"
+        "want = fv_accumulate_backward(g, z, x, w, b, s, f, l, None, (True,) * 5 + (False, False))\n"
+        "print(max(relative_error(a, e) for a, e in zip(got[:5], want[:5])))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for limit in ({"OMP_THREAD_LIMIT": "1"}, {"OMP_DYNAMIC": "true"}):
+        run = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, **limit))
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert float(run.stdout.strip().splitlines()[-1]) <= 1e-12, (limit, run.stdout)

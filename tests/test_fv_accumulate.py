@@ -378,3 +378,16 @@ def test_vmap_over_sets_and_over_parameters(backend, batched):
         return fvkernels.fv_accumulate(**dict(inputs, **{batched: value}), backend=backend)
     expected = torch.stack([reference.fv_accumulate_reference(**dict(inputs, **{batched: value})) for value in stack])
     assert relative_error(torch.func.vmap(encode)(stack), expected) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_the_result_may_be_modified_in_place_before_backward(backend):
+    """The finiteness witness (the row sums) is not asked for when autograd records the call: nothing but what the
+    backward needs is saved, and the returned tensor is the caller's to modify."""
+    z, x, w, b, s, f, lengths = [t.requires_grad_() if t is not None and t.is_floating_point() else t
+                                 for t in random_problem(3, 9, 6, 4)]
+    out = fvkernels.fv_accumulate(z, x, w, b, s, f, lengths, backend=backend)
+    out.mul_(2.0)
+    out.sum().backward()
+    expected = torch.autograd.grad(2 * reference.fv_accumulate_reference(z, x, w, b, s, f, lengths).sum(), z)[0]
+    assert relative_error(z.grad, expected) <= 1e-12

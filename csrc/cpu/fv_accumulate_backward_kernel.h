@@ -29,7 +29,14 @@ class FusedBackward : Microkernel<Scalar, Isa> {
  public:
   static void run(const FVAccumulateBackwardArgs& args, int num_threads) {
     const FVAccumulateArgs& f = args.forward;
-    if (f.num_sets == 0 || f.channels == 0) return;
+    if (f.num_sets == 0 || f.channels == 0) {  // no sets or no channels: every gradient asked for is zero
+      const std::pair<void*, int64_t> gradients[] = {
+          {args.grad_z, f.num_sets * f.set_size * f.latent}, {args.grad_x_scale, f.num_sets * f.set_size},
+          {args.grad_weight, f.channels * f.latent}, {args.grad_bias, f.channels}, {args.grad_inv_sigma2, f.channels}};
+      for (const auto& [pointer, count] : gradients)
+        if (pointer != nullptr) std::fill_n(static_cast<Scalar*>(pointer), count, Scalar(0));
+      return;
+    }
     const FusedBackward kernel(args, num_threads);
     kernel.execute();
   }
@@ -111,8 +118,13 @@ class FusedBackward : Microkernel<Scalar, Isa> {
   void execute() const {
     const int64_t panels = channels_padded_ / kPanelWidth;
     const int64_t items = f_.num_sets * blocks_per_set_;
+    // The team OpenMP grants may be smaller than asked (OMP_DYNAMIC, OMP_THREAD_LIMIT, a nested region): only
+    // its threads' sums exist to be added up.
+    int team = 0;
 #pragma omp parallel num_threads(num_threads_)
     {
+#pragma omp single
+      team = omp_get_num_threads();
 #pragma omp for schedule(static) nowait
       for (int64_t panel = 0; panel < panels; ++panel) Base::pack_weight_panel(f_, panel, weight_panels_.get());
 #pragma omp for schedule(static)  // its closing barrier also waits for the weight panels
@@ -137,7 +149,7 @@ class FusedBackward : Microkernel<Scalar, Isa> {
       }
       // The per-thread sums, added up in thread order (deterministic for a given thread count).
 #pragma omp for schedule(static)
-      for (int64_t c = 0; c < f_.channels; ++c) reduce_channel(c);
+      for (int64_t c = 0; c < f_.channels; ++c) reduce_channel(c, team);
     }
   }
 
@@ -389,10 +401,10 @@ class FusedBackward : Microkernel<Scalar, Isa> {
     }
   }
 
-  void reduce_channel(int64_t c) const {
+  void reduce_channel(int64_t c, int team) const {
     Scalar bias = 0, inv_sigma2 = 0;
     std::vector<Scalar> weight(args_.grad_weight == nullptr ? 0 : latent_, Scalar(0));
-    for (int thread = 0; thread < num_threads_; ++thread) {
+    for (int thread = 0; thread < team; ++thread) {
       const Scratch s = thread_scratch(thread);
       bias += s.grad_bias[c];
       inv_sigma2 += s.grad_inv_sigma2[c];

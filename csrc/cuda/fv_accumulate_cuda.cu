@@ -985,6 +985,12 @@ void fv_accumulate_cuda(const FVAccumulateArgs& args, void* stream) {
   with_element_type(args.dtype, [&](auto type) { launch<typename decltype(type)::type>(args, cuda_stream); });
 }
 
+bool fv_accumulate_backward_cuda_supported(const FVAccumulateArgs& args) {
+  if (args.latent > kMaxBackwardLatent) return false;
+  const std::size_t shared_bytes = BackwardLayout(static_cast<int>(args.latent)).bytes();
+  return shared_bytes <= static_cast<std::size_t>(device_limits().shared_bytes_per_block);
+}
+
 void fv_accumulate_backward_cuda(const FVAccumulateBackwardArgs& args, void* stream) {
   const FVAccumulateArgs& f = args.forward;
   const auto cuda_stream = static_cast<cudaStream_t>(stream);

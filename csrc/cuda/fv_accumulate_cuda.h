@@ -18,4 +18,8 @@ int64_t fv_accumulate_cuda_workspace_floats(const FVAccumulateArgs& args);
 // 256 (std::invalid_argument beyond). Each gradient that is not null is written whole; no workspace.
 void fv_accumulate_backward_cuda(const FVAccumulateBackwardArgs& args, void* stream);
 
+// Whether the backward kernels take this problem on the current device: d at most 256 and their shared memory
+// within the device's per-block opt-in (about 55 KB at d = 256: more than the 48 KB of pre-Volta GPUs).
+bool fv_accumulate_backward_cuda_supported(const FVAccumulateArgs& args);
+
 }  // namespace fvk

@@ -64,6 +64,9 @@ def fv_accumulate_backward_op(grad_out: Tensor, z: Tensor, x: Tensor, dec_weight
                               x_scale: Optional[Tensor], needs: List[bool], backend: str) -> List[Tensor]:
     """A backend's fused backward (dispatch.has_fused_backward): the gradients of fv_accumulate (before its signed
     square root) w.r.t. _BACKWARD_GRADS given ∂L/∂out, each an empty tensor where `needs` says no."""
+    if len(needs) != len(_BACKWARD_GRADS):
+        raise ValueError(f"needs must say for each of {', '.join(_BACKWARD_GRADS)} whether its gradient is wanted "
+                         f"({len(_BACKWARD_GRADS)} flags), got {len(needs)}")
     # grad_out stands in for the forward's out in the call's structure: the same shape, read instead of written.
     args = FVAccumulateArgs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, grad_out.contiguous(),
                             x_scale)
@@ -104,14 +107,16 @@ def _gradients(backend, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher
     """The backward's gradients (as reference.fv_accumulate_backward returns them) from the backend's fused kernel
     where it has one; from the reference's torch code for a double backward (which differentiates it), for the
     Fisher's own gradient (the kernels do not form G unscaled), and for backends without one."""
-    resolved = dispatch.resolve(backend, z.device, z.dtype)
-    if torch.is_grad_enabled() or not dispatch.has_fused_backward(resolved) or z.shape[0] == 0 or x.shape[2] == 0:
+    kernel_needs = [bool(need) for need in needs[:5] + needs[6:]]
+    if (torch.is_grad_enabled() or not dispatch.has_fused_backward(dispatch.resolve(backend, z.device, z.dtype))
+            or z.shape[0] == 0 or x.shape[2] == 0):
         return fv_accumulate_backward(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths,
                                       x_scale, needs)
-    kernel_needs = [bool(need) for need in needs[:5] + needs[6:]]
-    fused = fv_accumulate_backward_op(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt,
-                                      lengths, x_scale, kernel_needs, resolved)
-    fused = [grad if need else None for grad, need in zip(fused, kernel_needs)]
+    fused = [None] * len(kernel_needs)
+    if any(kernel_needs):  # the caller's word, resolved where the op runs, as the forward does
+        fused = fv_accumulate_backward_op(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt,
+                                          lengths, x_scale, kernel_needs, backend)
+        fused = [grad if need else None for grad, need in zip(fused, kernel_needs)]
     grad_fisher = None
     if needs[5] and fisher_rsqrt is not None:
         grad_fisher = fv_accumulate_backward(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths,
@@ -240,7 +245,11 @@ def fv_accumulate(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, in
     arguments = (z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, None, False)
     # The row sums of squares (C per set, from the kernels' epilogue) witness the output's finiteness for the check
     # below, which otherwise would read the whole (N, C, d+1) output again; they are float32, too narrow for float64.
-    with_row_sumsq = z.dtype != torch.float64 and compute_dtype(z.dtype, z.device, out) != torch.float64
+    # Not when autograd records the call: the row sums would be a differentiable output, their backward would keep
+    # the result alive and forbid modifying it in place, and training reads the result once more anyway.
+    records_autograd = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs.values())
+    with_row_sumsq = (not records_autograd and z.dtype != torch.float64
+                      and compute_dtype(z.dtype, z.device, out) != torch.float64)
     if out is None:
         result, row_sumsq = fv_accumulate_functional(*arguments, with_row_sumsq, backend)
     else:

@@ -533,7 +533,8 @@ def _fv_backward_rows_kernel(
     n = tl.program_id(0) // t_blocks
     rows = (tl.program_id(0) % t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
-    length = tl.load(lengths_ptr + n) if HAS_LENGTHS else T
+    # lengths are promised in [0, T]; clamped, a broken promise cannot walk rows past T
+    length = tl.minimum(tl.maximum(tl.load(lengths_ptr + n), 0), T) if HAS_LENGTHS else T
     ks = tl.arange(0, BLOCK_D)
     z = _load_tile(z_ptr + n.to(tl.int64) * stride_zn, rows, ks, stride_zt, stride_zk, row_mask, ks < LATENT, False)
     grad_z = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
@@ -585,7 +586,7 @@ def _fv_backward_params_kernel(
     first_set = group * sets_per_group
     for i in range(0, tl.minimum(first_set + sets_per_group, N) - first_set):
         n = first_set + i
-        length = tl.load(lengths_ptr + n) if HAS_LENGTHS else T
+        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + n), 0), T) if HAS_LENGTHS else T
         h, h_bias = _load_h(grad_out_ptr, fisher_ptr, n, channels, channel_mask, stride_gn, LATENT, BLOCK_D,
                             HAS_FISHER)
         for t_block in range(0, tl.cdiv(length, BLOCK_T)):
@@ -625,6 +626,9 @@ def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:
     z, x, x_scale, dec_weight = args.z, args.x, args.x_scale, args.dec_weight
     num_sets, set_size, latent = z.shape
     channels = x.shape[2]
+    if num_sets == 0 or channels == 0:  # no sets or no channels: every gradient asked for is zero
+        shapes = [z.shape, x.shape, (channels, latent), (channels,), (channels,), (num_sets, set_size)]
+        return [z.new_zeros(shape) if need else None for shape, need in zip(shapes, needs)]
     if latent > MAX_BACKWARD_D[z.element_size()] or latent == 0:
         grads = fv_accumulate_backward(grad_out, z, x, dec_weight, args.dec_bias, args.inv_sigma2,
                                        args.fisher_rsqrt, args.lengths, x_scale, (*needs[:5], False, needs[5]))

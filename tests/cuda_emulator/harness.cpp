@@ -308,6 +308,16 @@ int main(int argc, char** argv) {
       threw = std::string(e.what()).find("\"torch\"") != std::string::npos; printf("float64: %s\n", e.what()); }
     CHECK(threw, "float64 must throw invalid_argument naming the torch backend");
   }
+  // The backward takes d ≤ 256 where its shared memory fits the device: not d = 256 on a 48 KB device
+  {
+    FVAccumulateArgs a; a.num_sets = 1; a.set_size = 4; a.channels = 8;
+    emu::config().optin_shared = 49152;
+    a.latent = 64; CHECK(fvk::fv_accumulate_backward_cuda_supported(a), "d = 64 fits 48 KB");
+    a.latent = 256; CHECK(!fvk::fv_accumulate_backward_cuda_supported(a), "d = 256 needs more than 48 KB");
+    emu::config().optin_shared = 232448;
+    CHECK(fvk::fv_accumulate_backward_cuda_supported(a), "d = 256 fits 227 KB");
+    a.latent = 257; CHECK(!fvk::fv_accumulate_backward_cuda_supported(a), "d = 257 is past the widest tile");
+  }
   std::vector<Case> cases;
   auto add = [&](Case c) { cases.push_back(c); };
   const DType f32 = DType::Float32, bf16 = DType::BFloat16, f16 = DType::Float16;
