@@ -129,8 +129,9 @@ __device__ __forceinline__ float warp_sum(float value) {
 
 // ---- kernel parameters ---------------------------------------------------------------------------
 
+// The forward's inputs, as the forward and the backward kernels read them.
 template <typename T>
-struct KernelParams {
+struct InputParams {
   int num_sets, set_size, channels, latent;
   const T* z;
   int64_t z_stride[3];
@@ -144,6 +145,36 @@ struct KernelParams {
   const T* inv_sigma2;
   const T* fisher_rsqrt;   // or null
   const int64_t* lengths;  // or null
+};
+
+template <typename T>
+InputParams<T> input_params(const FVAccumulateArgs& args) {
+  InputParams<T> p{};
+  p.num_sets = static_cast<int>(args.num_sets);
+  p.set_size = static_cast<int>(args.set_size);
+  p.channels = static_cast<int>(args.channels);
+  p.latent = static_cast<int>(args.latent);
+  p.z = static_cast<const T*>(args.z);
+  p.x = static_cast<const T*>(args.x);
+  p.x_scale = static_cast<const T*>(args.x_scale);
+  p.weight = static_cast<const T*>(args.dec_weight);
+  for (int i = 0; i < 3; ++i) {
+    p.z_stride[i] = args.z_stride[i];
+    p.x_stride[i] = args.x_stride[i];
+  }
+  for (int i = 0; i < 2; ++i) {
+    p.x_scale_stride[i] = args.x_scale_stride[i];
+    p.weight_stride[i] = args.w_stride[i];
+  }
+  p.bias = static_cast<const T*>(args.dec_bias);
+  p.inv_sigma2 = static_cast<const T*>(args.inv_sigma2);
+  p.fisher_rsqrt = static_cast<const T*>(args.fisher_rsqrt);
+  p.lengths = args.lengths;
+  return p;
+}
+
+template <typename T>
+struct KernelParams : InputParams<T> {
   T* out;
   int64_t out_stride_n;
   bool signed_sqrt;
@@ -159,7 +190,7 @@ struct KernelParams {
 // Number of valid descriptors of a set (lengths are promised to lie in [0, T]; clamping keeps a broken
 // promise from reading out of bounds).
 template <typename T>
-__device__ __forceinline__ int set_length(const KernelParams<T>& p, int set) {
+__device__ __forceinline__ int set_length(const InputParams<T>& p, int set) {
   return p.lengths == nullptr ? p.set_size : static_cast<int>(clamp_to<int64_t>(p.lengths[set], 0, p.set_size));
 }
 
@@ -609,26 +640,7 @@ void launch_with_tile(KernelParams<T> p, const FVAccumulateArgs& args, const Dev
 template <typename T>
 void launch(const FVAccumulateArgs& args, cudaStream_t stream) {
   KernelParams<T> p{};
-  p.num_sets = static_cast<int>(args.num_sets);
-  p.set_size = static_cast<int>(args.set_size);
-  p.channels = static_cast<int>(args.channels);
-  p.latent = static_cast<int>(args.latent);
-  p.z = static_cast<const T*>(args.z);
-  p.x = static_cast<const T*>(args.x);
-  p.x_scale = static_cast<const T*>(args.x_scale);
-  p.weight = static_cast<const T*>(args.dec_weight);
-  for (int i = 0; i < 3; ++i) {
-    p.z_stride[i] = args.z_stride[i];
-    p.x_stride[i] = args.x_stride[i];
-  }
-  for (int i = 0; i < 2; ++i) {
-    p.x_scale_stride[i] = args.x_scale_stride[i];
-    p.weight_stride[i] = args.w_stride[i];
-  }
-  p.bias = static_cast<const T*>(args.dec_bias);
-  p.inv_sigma2 = static_cast<const T*>(args.inv_sigma2);
-  p.fisher_rsqrt = static_cast<const T*>(args.fisher_rsqrt);
-  p.lengths = args.lengths;
+  static_cast<InputParams<T>&>(p) = input_params<T>(args);
   p.out = static_cast<T*>(args.out);
   p.out_stride_n = args.out_stride_n;
   p.signed_sqrt = args.signed_sqrt;
@@ -693,20 +705,7 @@ constexpr int kBackwardColumns = kMaxBackwardLatent / 16;  // columns of d per t
 static_assert(kBackwardRows * kBackwardChannels == kThreads, "one (descriptor, channel) pair per thread");
 
 template <typename T>
-struct BackwardParams {
-  int num_sets, set_size, channels, latent;
-  const T* z;
-  int64_t z_stride[3];
-  const T* x;
-  int64_t x_stride[3];
-  const T* x_scale;  // or null
-  int64_t x_scale_stride[2];
-  const T* weight;
-  int64_t weight_stride[2];
-  const T* bias;
-  const T* inv_sigma2;
-  const T* fisher_rsqrt;  // or null
-  const int64_t* lengths;  // or null
+struct BackwardParams : InputParams<T> {
   const T* grad_out;
   int64_t grad_out_stride_n;
   T *grad_z, *grad_x, *grad_x_scale, *grad_weight, *grad_bias, *grad_inv_sigma2;  // each null if not needed
@@ -723,11 +722,6 @@ struct BackwardLayout {
     return sizeof(float) * (3 * tile_floats() + 4 * small_floats() + kBackwardChannels + kThreads);
   }
 };
-
-template <typename T>
-__device__ __forceinline__ int backward_length(const BackwardParams<T>& p, int set) {
-  return p.lengths == nullptr ? p.set_size : static_cast<int>(clamp_to<int64_t>(p.lengths[set], 0, p.set_size));
-}
 
 // rows[r][k] = z[n, t0 + r, k] (zero past T or d).
 template <typename T>
@@ -816,7 +810,7 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(const BackwardP
   float* h_bias = qs + 3 * BackwardLayout::small_floats();
   const int row_blocks = ceil_div(p.set_size, kBackwardRows);
   const int n = blockIdx.x / row_blocks, t0 = (blockIdx.x % row_blocks) * kBackwardRows;
-  const int length = backward_length(p, n);
+  const int length = set_length(p, n);
   const int r = threadIdx.x / kBackwardChannels, lane = threadIdx.x % kBackwardChannels;
   const int small_pitch = kBackwardChannels + 1;
   stage_z_rows(p, n, t0, rows, layout.pitch);
@@ -877,7 +871,7 @@ __global__ void __launch_bounds__(kThreads) backward_params_kernel(const Backwar
   float grad_weight[kBackwardColumns] = {};  // channel r of the block, columns lane + 16·j
   float grad_bias = 0.0f, grad_inv_sigma2 = 0.0f;  // this thread's (descriptor, channel) pairs, channel lane
   for (int n = 0; n < p.num_sets; ++n) {
-    const int length = backward_length(p, n);
+    const int length = set_length(p, n);
     __syncthreads();
     stage_channel_rows(p, n, c0, nullptr, h, h_bias, layout.pitch);
     for (int t0 = 0; t0 < length; t0 += kBackwardRows) {
@@ -924,28 +918,8 @@ __global__ void __launch_bounds__(kThreads) backward_params_kernel(const Backwar
 
 template <typename T>
 void launch_backward(const FVAccumulateBackwardArgs& args, cudaStream_t stream) {
-  const FVAccumulateArgs& f = args.forward;
   BackwardParams<T> p{};
-  p.num_sets = static_cast<int>(f.num_sets);
-  p.set_size = static_cast<int>(f.set_size);
-  p.channels = static_cast<int>(f.channels);
-  p.latent = static_cast<int>(f.latent);
-  p.z = static_cast<const T*>(f.z);
-  p.x = static_cast<const T*>(f.x);
-  p.x_scale = static_cast<const T*>(f.x_scale);
-  p.weight = static_cast<const T*>(f.dec_weight);
-  for (int i = 0; i < 3; ++i) {
-    p.z_stride[i] = f.z_stride[i];
-    p.x_stride[i] = f.x_stride[i];
-  }
-  for (int i = 0; i < 2; ++i) {
-    p.x_scale_stride[i] = f.x_scale_stride[i];
-    p.weight_stride[i] = f.w_stride[i];
-  }
-  p.bias = static_cast<const T*>(f.dec_bias);
-  p.inv_sigma2 = static_cast<const T*>(f.inv_sigma2);
-  p.fisher_rsqrt = static_cast<const T*>(f.fisher_rsqrt);
-  p.lengths = f.lengths;
+  static_cast<InputParams<T>&>(p) = input_params<T>(args.forward);
   p.grad_out = static_cast<const T*>(args.grad_out);
   p.grad_out_stride_n = args.grad_out_stride_n;
   p.grad_z = static_cast<T*>(args.grad_z);
