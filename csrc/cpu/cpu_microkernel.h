@@ -58,6 +58,32 @@ struct BalancedSplit {
   int64_t size(int64_t part) const { return begin(part + 1) - begin(part); }
 };
 
+// Upper bound on the bytes of one forward work item's G block, so that it stays in L2 next to the packed
+// weights.
+constexpr int64_t kOutputBlockBytes = 512 * 1024;
+constexpr int64_t kItemsPerThread = 16;
+
+// How the forward kernels split a set's channels into work items: blocks of whole panels as large as the G
+// budget allows (G rows of latent_padded values of element_bytes each), and small enough for kItemsPerThread work items per
+// thread, so that a thread slowed down by other load leaves little tail to wait for. Splitting costs little
+// (each block copies the set's z rows again) and only changes the work split, never an element's summation
+// order.
+struct ChannelBlocks {
+  int64_t block;    // channels per work item, a multiple of the panel width
+  int64_t per_set;  // work items per set
+};
+
+inline ChannelBlocks channel_blocks(int64_t channels_padded, int64_t panel_width, int64_t latent_padded,
+                                    int64_t element_bytes, int64_t num_sets, int num_threads) {
+  const int64_t panels = channels_padded / panel_width;
+  const int64_t budget_panels = std::max<int64_t>(
+      1, kOutputBlockBytes / (panel_width * std::max<int64_t>(latent_padded, 1) * element_bytes));
+  int64_t blocks = ceil_div(panels, budget_panels);
+  while (blocks < panels && num_sets * blocks < kItemsPerThread * num_threads) ++blocks;
+  const int64_t block = ceil_div(panels, blocks) * panel_width;
+  return {block, ceil_div(channels_padded, block)};
+}
+
 struct AlignedDelete {
   void operator()(void* pointer) const { ::operator delete(pointer, std::align_val_t(kAlignment)); }
 };

@@ -35,8 +35,6 @@ class Bf16Kernel {
   static constexpr int kPanelWidth = 2 * kLanes;    // columns of one microkernel tile
   static constexpr int kMaxRows = 12;               // 12 × 2 accumulators + 2 B vectors + 1 broadcast of 32 zmm
   static constexpr int64_t kMaxBlockRows = 128;     // even: rows pair up
-  static constexpr int64_t kOutputBlockBytes = 512 * 1024;
-  static constexpr int64_t kItemsPerThread = 16;
 
   static float to_float(Bf16 v) {
     const uint32_t bits = uint32_t(v) << 16;
@@ -94,13 +92,10 @@ class Bf16Kernel {
         channels_padded_(round_up(args.channels, kPanelWidth)),
         block_rows_(std::min(kMaxBlockRows, round_up(std::max<int64_t>(args.set_size, 1), 2))) {
     num_threads_ = num_threads > 0 ? num_threads : omp_get_max_threads();
-    const int64_t panels = channels_padded_ / kPanelWidth;
-    const int64_t budget_panels = std::max<int64_t>(
-        1, kOutputBlockBytes / (kPanelWidth * std::max<int64_t>(latent_padded_, 1) * int64_t(sizeof(float))));
-    int64_t blocks = ceil_div(panels, budget_panels);
-    while (blocks < panels && args.num_sets * blocks < kItemsPerThread * num_threads_) ++blocks;
-    channel_block_ = ceil_div(panels, blocks) * kPanelWidth;
-    blocks_per_set_ = ceil_div(channels_padded_, channel_block_);
+    const ChannelBlocks split = channel_blocks(channels_padded_, kPanelWidth, latent_padded_, int64_t(sizeof(float)),
+                                               args.num_sets, num_threads_);
+    channel_block_ = split.block;
+    blocks_per_set_ = split.per_set;
 
     weight_ = aligned_array<Bf16>(channels_padded_ * latent_pairs_ * 2);
     bias_ = aligned_array<float>(channels_padded_);

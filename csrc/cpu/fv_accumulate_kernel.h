@@ -26,9 +26,6 @@ namespace {
 // Descriptors per row block: R (rows × channels) and the packed z rows stay in L2, and the
 // outer-product GEMM still gets a deep enough reduction to amortise its loads and stores of G.
 constexpr int64_t kMaxBlockRows = 128;
-// Upper bound on the bytes of one work item's G, so that it stays in L2 next to the packed weights.
-constexpr int64_t kOutputBlockBytes = 512 * 1024;
-constexpr int64_t kItemsPerThread = 16;
 
 template <typename Scalar, class Isa>
 class FusedKernel : Microkernel<Scalar, Isa> {
@@ -251,7 +248,10 @@ class FusedKernel : Microkernel<Scalar, Isa> {
         channels_padded_(round_up(args.channels, kPanelWidth)),
         block_rows_(std::min(kMaxBlockRows, std::max<int64_t>(args.set_size, 1))) {
     num_threads_ = num_threads > 0 ? num_threads : omp_get_max_threads();
-    choose_channel_blocks();
+    const ChannelBlocks split = channel_blocks(channels_padded_, kPanelWidth, latent_padded_, int64_t(sizeof(Scalar)),
+                                               args.num_sets, num_threads_);
+    channel_block_ = split.block;
+    blocks_per_set_ = split.per_set;
     weight_ = aligned_array<Scalar>(channels_padded_ * latent_);
     if (args.fisher_rsqrt != nullptr) {
       fisher_ = aligned_array<Scalar>(args.channels * latent_stride_);
@@ -289,20 +289,6 @@ class FusedKernel : Microkernel<Scalar, Isa> {
       p += round_up(sizes[i], kPanelWidth);
     }
     return Scratch{parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]};
-  }
-
-  // Channel blocks as large as the G budget allows, and small enough for kItemsPerThread work items per
-  // thread, so that a thread slowed down by other load leaves little tail to wait for. Splitting costs
-  // little (each block copies the set's z rows again) and only changes the work split, never an
-  // element's summation order.
-  void choose_channel_blocks() {
-    const int64_t panels = channels_padded_ / kPanelWidth;
-    const int64_t budget_panels = std::max<int64_t>(
-        1, kOutputBlockBytes / (kPanelWidth * std::max<int64_t>(latent_padded_, 1) * int64_t(sizeof(Scalar))));
-    int64_t blocks = ceil_div(panels, budget_panels);
-    while (blocks < panels && args_.num_sets * blocks < kItemsPerThread * num_threads_) ++blocks;
-    channel_block_ = ceil_div(panels, blocks) * kPanelWidth;
-    blocks_per_set_ = ceil_div(channels_padded_, channel_block_);
   }
 
   void execute() const {
