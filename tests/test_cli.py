@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from fvkernels.app.cli import main
 
@@ -194,7 +195,7 @@ def test_the_validation_share_is_a_fraction(capsys, tmp_path, value):
     assert "argument --val-fraction: expected a number in (0, 1), got" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["demo", "backends", "train", "extract"])
+@pytest.mark.parametrize("command", ["demo", "backends", "train", "finetune", "extract"])
 def test_help_shows_every_default_and_the_layer_names(capsys, command):
     with pytest.raises(SystemExit) as exit_status:
         main([command, "--help"])
@@ -208,7 +209,7 @@ def test_help_shows_every_default_and_the_layer_names(capsys, command):
         assert "Valid names: stem, block0.depthwise, block0, block1.expanded" in text and "block15.expanded" in text
 
 
-REQUIRED = {"--list", "--root", "--checkpoint", "--model", "--out"}
+REQUIRED = {"--list", "--root", "--checkpoint", "--model", "--out", "--init"}
 
 
 @pytest.mark.parametrize("command", ["demo", "train"])
@@ -232,3 +233,42 @@ def test_a_missing_extra_is_named_in_one_line(capsys, monkeypatch, tmp_path, com
     error = refusal(capsys, command, *argv)
     assert error.count("\n") == 1 and f"pip install 'fvkernels[{extra}]'" in error and module in error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_trains_the_top_blocks_resumes_and_extract_encodes_with_them(capsys, trained, tmp_path):
+    """`fvkernels finetune` from a `train` checkpoint: the layer and the backbone's top blocks change, the Fisher is
+    refitted, a rerun resumes to the same file, and `extract --model` encodes with the fine-tuned blocks (other
+    vectors than the frozen model's, and another extraction hash)."""
+    from fvkernels.app.extract import load_fisher_vectors, read_manifest
+    from fvkernels.training import read_checkpoint
+
+    folder, list_file, checkpoint = trained
+    tuned = tmp_path / "tuned.pt"
+    finetune = ["finetune", *corpus_arguments(folder, list_file), "--init", str(checkpoint), "--checkpoint",
+                str(tuned), "--iterations", "3", "--batch-size", "2", "--checkpoint-every", "2", "--trunk-lr", "5"]
+    assert main(finetune) == 0
+    start, state = read_checkpoint(checkpoint), read_checkpoint(tuned)
+    assert state["input_spec"] == dict(start["input_spec"], trainable_blocks=2) and state["iteration"] == 3
+    assert set(state["modules"]) == {"trunk", "fv_classifier"}  # the list is labelled: --lambda-fv 1 by default
+    assert any(not torch.equal(state["model"][name], start["model"][name]) for name in start["model"])
+    assert not torch.equal(state["model"]["fisher"], start["model"]["fisher"])
+    assert main(finetune) == 0  # the same command again: already done, resumed, nothing changes but the Fisher refit
+    assert all(torch.equal(value, read_checkpoint(tuned)["modules"]["trunk"][name])
+               for name, value in state["modules"]["trunk"].items())
+
+    for model, out in ((checkpoint, tmp_path / "frozen"), (tuned, tmp_path / "tuned")):
+        assert main(["extract", *corpus_arguments(folder, list_file), "--model", str(model), "--out", str(out),
+                     "--dtype", "float32"]) == 0
+    assert read_manifest(tmp_path / "tuned")["hash"] != read_manifest(tmp_path / "frozen")["hash"]
+    frozen_fv, tuned_fv = load_fisher_vectors(tmp_path / "frozen")[2], load_fisher_vectors(tmp_path / "tuned")[2]
+    assert frozen_fv.shape == tuned_fv.shape and np.abs(frozen_fv - tuned_fv).max() > 1e-3
+
+    other = ["--checkpoint", str(tmp_path / "other.pt")]
+    assert "would overwrite the one it starts from" in refusal(capsys, *finetune[:-10], "--init", str(checkpoint),
+                                                               "--checkpoint", str(checkpoint))
+    assert "not a `fvkernels train` checkpoint of a frozen backbone" in refusal(
+        capsys, "finetune", *corpus_arguments(folder, list_file), "--init", str(tuned), *other)
+    assert "input trainable_blocks: checkpoint 2, now 1" in refusal(capsys, *finetune, "--trainable-blocks", "1")
+    assert "trainable_blocks must lie in 1…6" in refusal(
+        capsys, "finetune", *corpus_arguments(folder, list_file), "--init", str(checkpoint), *other,
+        "--trainable-blocks", "9")

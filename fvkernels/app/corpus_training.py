@@ -1,15 +1,18 @@
 """`fvkernels train`: the FV-VAE layer trained on a frozen backbone's activations of a corpus on disk, then its
-Fisher fitted; one process or every process of a torchrun job."""
+Fisher fitted; `fvkernels finetune`: that layer fine-tuned end to end with the backbone's top blocks, then its
+Fisher refitted. One process or every process of a torchrun job."""
 from __future__ import annotations
 
 import inspect
 import math
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor, nn
 
-from fvkernels.app.backbones import Backbone
+from fvkernels.app.backbones import Backbone, split_backbone
 from fvkernels.app.corpus import (
     Sample,
     Unreadables,
@@ -22,8 +25,15 @@ from fvkernels.app.corpus import (
 from fvkernels.app.distributed import default_device
 from fvkernels.app.video import check_frames_per_video
 from fvkernels.common import collectives
+from fvkernels.common.files import state_digest
 from fvkernels.nn import FVVAE
-from fvkernels.training.checkpoint import check_counts, read_checkpoint, resume_state, write_checkpoint
+from fvkernels.training.checkpoint import (
+    check_counts,
+    load_checkpoint,
+    read_checkpoint,
+    resume_state,
+    write_checkpoint,
+)
 from fvkernels.training.data import SetData
 from fvkernels.training.loop import train
 
@@ -44,21 +54,10 @@ def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpo
     Refused before any activation is computed: a root holding none of the samples, an image batch or a layer
     that would not fit in the memory available, and a checkpoint of another run (options, batch size, data).
     """
-    # train's options with its defaults filled in: some are checked before the long part, the activations
-    options = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()
-               if parameter.kind is parameter.KEYWORD_ONLY} | training
-    check_counts(options["iterations"], options["batch_size"], options["checkpoint_every"], checkpoint)
-    check_frames_per_video(frames_per_video)
-    if image_batch < 1:
-        raise ValueError(f"image_batch must be positive, got {image_batch}")
-    rank, processes = collectives.rank_and_size(distributed)
+    options = _run_options(training, checkpoint, frames_per_video, image_batch)
+    processes = collectives.rank_and_size(distributed)[1]
     device = torch.device(device) if device is not None else default_device(distributed)
-
-    def check_root_and_image_memory():  # before the backbone's first image, the probe of its maps' shape
-        check_root(root, samples)
-        check_image_batch_memory(backbone, image_batch, device)
-
-    collectives.on_main(check_root_and_image_memory, distributed)
+    _check_inputs(samples, root, backbone, image_batch, device, distributed)
     backbone.to(device)
     with torch.no_grad():  # the maps' shape, known before any image is read, sizes the layer
         no_maps = backbone.features(torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device))[:0]
@@ -82,6 +81,106 @@ def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpo
 
     collectives.on_main(check_checkpoint, distributed)
 
+    data, local_acts = _corpus_sets(samples, root, backbone, no_maps, frames_per_video=frames_per_video,
+                                    image_batch=image_batch, strict=strict, distributed=distributed, device=device,
+                                    progress=progress)
+    train(model, data, checkpoint=checkpoint, distributed=distributed, input_spec=backbone.spec, device=device,
+          progress=progress, data_fingerprint=data_fingerprint, **training)
+    model.fit_fisher(local_acts.split(256), distributed=distributed)
+    # a failure reaches every process, none waits for process 0
+    collectives.on_main(lambda: _store_fisher(checkpoint, model), distributed)
+    return model
+
+
+def finetune_on_corpus(samples: Sequence[Sample], root, init, checkpoint, *, trainable_blocks: int = 2,
+                       trunk_lr: Optional[float] = None, lambda_fv: float = 0.0, frames_per_video: Optional[int] = None,
+                       image_batch: int = 32, strict: bool = False, distributed: bool = False, device=None,
+                       progress: bool = True, **training) -> Tuple[FVVAE, Backbone]:
+    """`fvkernels finetune`: end-to-end fine-tuning (the paper's "w ft") of the layer of a `fvkernels train`
+    checkpoint `init` together with the backbone's last `trainable_blocks` blocks up to its tap, on `samples` under
+    `root`, then the Fisher refitted on the fine-tuned maps. The backbone's frozen bottom runs once over the corpus;
+    each step runs the top and the layer on a batch of its maps and backpropagates Algorithm 1's losses (with
+    lambda_fv > 0 and labels, also a linear classifier's cross-entropy on the normalised Fisher vectors) into both.
+    The checkpoint holds the layer, the top's weights ("trunk") and the spec that `fvkernels extract` rebuilds the
+    fine-tuned backbone from; rerunning resumes. `training` goes to `train` (iterations, batch_size, lr, seed,
+    checkpoint_every); trunk_lr: the top's AdaDelta rate (default lr). Returns the layer and the fine-tuned backbone.
+    """
+    options = _run_options(training, checkpoint, frames_per_video, image_batch)
+    if Path(init).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"the fine-tuned checkpoint {str(checkpoint)!r} would overwrite the one it starts from; "
+                         "choose another path")
+    start = read_checkpoint(init)
+    spec = start["input_spec"]
+    if not spec or "trainable_blocks" in spec:
+        raise ValueError(f"{str(init)!r} is not a `fvkernels train` checkpoint of a frozen backbone (its input_spec "
+                         f"is {spec!r}); fine-tune the layer `fvkernels train` wrote")
+    model = load_checkpoint(init)
+    whole, bottom, top = split_backbone(spec, trainable_blocks)
+    input_spec = dict(spec, trainable_blocks=int(trainable_blocks))
+    labelled = samples[0].label is not None if samples else False
+    fv_classifier = None
+    if lambda_fv and labelled:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options["seed"])
+            fv_classifier = nn.Linear(model.output_dim, max(sample.label for sample in samples) + 1)
+    device = torch.device(device) if device is not None else default_device(distributed)
+    _check_inputs(samples, root, whole, image_batch, device, distributed)
+    data_fingerprint = digest_corpus(samples, frames_per_video)
+    modules = {"trunk": top} | ({"fv_classifier": fv_classifier} if fv_classifier is not None else {})
+    fine_tuning = dict(trunk_lr=options["lr"] if trunk_lr is None else trunk_lr,
+                       lambda_fv=lambda_fv if fv_classifier is not None else None)
+
+    def check_checkpoint():
+        state = resume_state(checkpoint, model, input_spec, dict(seed=options["seed"], lr=options["lr"],
+                                                                 data_fingerprint=data_fingerprint, **fine_tuning),
+                             options["iterations"], modules)
+        _check_resumed_batch_size(state, checkpoint, options["batch_size"])
+
+    collectives.on_main(check_checkpoint, distributed)
+    bottom.to(device)
+    with torch.no_grad():
+        no_maps = bottom.features(torch.zeros(1, 3, bottom.image_size, bottom.image_size, device=device))[:0]
+    data, local_inputs = _corpus_sets(samples, root, bottom, no_maps, frames_per_video=frames_per_video,
+                                      image_batch=image_batch, strict=strict, distributed=distributed, device=device,
+                                      progress=progress)
+    train(model, data, checkpoint=checkpoint, distributed=distributed, input_spec=input_spec, device=device,
+          progress=progress, data_fingerprint=data_fingerprint, trunk=top, trunk_lr=trunk_lr,
+          fv_classifier=fv_classifier, lambda_fv=lambda_fv, **training)
+    with torch.no_grad():  # the maps changed with the top: the Fisher of the frozen run no longer fits them
+        model.fit_fisher((top(chunk) for chunk in local_inputs.split(256)), distributed=distributed)
+    collectives.on_main(lambda: _store_fisher(checkpoint, model), distributed)
+    whole.spec = dict(input_spec, trunk_sha256=state_digest(top))
+    return model, whole
+
+
+def _run_options(training: dict, checkpoint, frames_per_video: Optional[int], image_batch: int) -> dict:
+    """train's options with its defaults filled in, checked with the corpus options before the long part."""
+    options = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()
+               if parameter.kind is parameter.KEYWORD_ONLY} | training
+    check_counts(options["iterations"], options["batch_size"], options["checkpoint_every"], checkpoint)
+    check_frames_per_video(frames_per_video)
+    if image_batch < 1:
+        raise ValueError(f"image_batch must be positive, got {image_batch}")
+    return options
+
+
+def _check_inputs(samples: Sequence[Sample], root, backbone: Backbone, image_batch: int, device,
+                  distributed: bool) -> None:
+    """Before the backbone's first image: the root holds the samples and a batch of images fits in memory."""
+    def check():
+        check_root(root, samples)
+        check_image_batch_memory(backbone, image_batch, device)
+
+    collectives.on_main(check, distributed)
+
+
+def _corpus_sets(samples: Sequence[Sample], root, backbone: Backbone, no_maps: Tensor, *,
+                 frames_per_video: Optional[int], image_batch: int, strict: bool, distributed: bool, device,
+                 progress: bool) -> Tuple[SetData, Tensor]:
+    """The backbone's maps of the corpus as training sets (each image, or each sampled frame of a video, one set with
+    its sample's label), gathered from every process, and this process's share of them. no_maps: the maps' shape."""
+    rank, processes = collectives.rank_and_size(distributed)
+    labelled = bool(samples) and samples[0].label is not None
     share = samples[rank * len(samples) // processes: (rank + 1) * len(samples) // processes]
     owners, maps = [torch.zeros(0, dtype=torch.int64)], [no_maps]  # no_maps: a share without readable images
     unreadables = Unreadables(strict)
@@ -100,18 +199,13 @@ def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpo
                    collectives.gather_rows(local_labels, distributed) if labelled else None)
     if len(data) == 0:
         raise ValueError(f"none of the {len(samples)} samples had a readable image; check the list and --root")
+    return data, local_acts
 
-    train(model, data, checkpoint=checkpoint, distributed=distributed, input_spec=backbone.spec, device=device,
-          progress=progress, data_fingerprint=data_fingerprint, **training)
-    model.fit_fisher(local_acts.split(256), distributed=distributed)
 
-    def store_fisher():
-        state = read_checkpoint(checkpoint)
-        state["model"] = model.state_dict()
-        write_checkpoint(checkpoint, state)  # with its new digest, and never with non-finite weights
-
-    collectives.on_main(store_fisher, distributed)  # a failure reaches every process, none waits for process 0
-    return model
+def _store_fisher(checkpoint, model: FVVAE) -> None:
+    state = read_checkpoint(checkpoint)
+    state["model"] = model.state_dict()
+    write_checkpoint(checkpoint, state)  # with its new digest, and never with non-finite weights
 
 
 def _check_resumed_batch_size(state: Optional[dict], checkpoint, batch_size: int) -> None:

@@ -1,4 +1,5 @@
-"""Fashion-MNIST from IDX files (Debian's dataset-fashion-mnist, or any folder holding the four files)."""
+"""Fashion-MNIST from IDX files (Debian's dataset-fashion-mnist, or any folder holding the four files), and its
+"translated" variant: the items at random positions of a larger canvas."""
 from __future__ import annotations
 
 import gzip
@@ -9,6 +10,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fvkernels.app.listfile import open_regular_file
@@ -86,3 +88,27 @@ def stratified_subset(labels: Tensor, size: int, generator: torch.Generator) -> 
         rest = torch.tensor(sorted(set(range(len(labels))) - set(chosen.tolist())))
         chosen = torch.cat([chosen, rest[torch.randperm(len(rest), generator=generator)[: size - len(chosen)]]])
     return chosen[torch.randperm(size, generator=generator)]
+
+
+def place_on_canvas(images: Tensor, canvas: int, generator: torch.Generator, scale_jitter: float = 1.0) -> Tensor:
+    """Each (H, W) uint8 image pasted at a random position of a black canvas × canvas image, optionally resized first
+    by a factor drawn log-uniformly from [1/scale_jitter, scale_jitter] (bilinear): the "translated" task, where the
+    cells of a CNN map no longer hold the same part of the item across images. Returns (N, canvas, canvas) uint8."""
+    if scale_jitter < 1:
+        raise ValueError(f"scale_jitter must be ≥ 1 (1: no resizing), got {scale_jitter}")
+    height, width = images.shape[1:]
+    largest = max(round(height * scale_jitter), round(width * scale_jitter))
+    if canvas < largest:
+        raise ValueError(f"a {canvas}×{canvas} canvas cannot hold items of {height}×{width} scaled up to ×"
+                         f"{scale_jitter:g}; use a canvas of at least {largest} pixels")
+    out = torch.zeros(len(images), canvas, canvas, dtype=torch.uint8)
+    log_scales = (torch.rand(len(images), generator=generator, dtype=torch.float64) * 2 - 1) * math.log(scale_jitter)
+    for index, (image, log_scale) in enumerate(zip(images, log_scales.tolist())):
+        size = (max(1, round(height * math.exp(log_scale))), max(1, round(width * math.exp(log_scale))))
+        if size != (height, width):
+            image = F.interpolate(image[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+            image = image.round().clamp(0, 255).to(torch.uint8)
+        top = int(torch.randint(canvas - size[0] + 1, (), generator=generator))
+        left = int(torch.randint(canvas - size[1] + 1, (), generator=generator))
+        out[index, top: top + size[0], left: left + size[1]] = image
+    return out

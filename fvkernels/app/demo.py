@@ -1,25 +1,31 @@
-"""`fvkernels demo`: FV-VAE against the classic set encoders on Fashion-MNIST (the paper's Table 2 and
-Fig. 4a in miniature), with the local activations of an ImageNet-pretrained EfficientNet-Lite0.
+"""`fvkernels demo`: FV-VAE against the classic set encoders on Fashion-MNIST (the paper's Table 2, Table 6's
+fine-tuning and Fig. 4 in miniature), with the local activations of an ImageNet-pretrained EfficientNet-Lite0.
 
 Every encoder sees the same 7×7 post-activation conv maps; GMM-FV, VLAD and FV-VAE are compared at the
 same dimension. FV-VAE's classification weight λ3 is chosen on a validation split carved from the
-training images; the test split is used once, for the final numbers.
+training images; the test split is used once, for the final numbers. Each seed draws other training and test
+subsets and initialisations; the results are reported per seed and as mean ± std over the seeds. Two tasks:
+"aligned" (the centred 28×28 items) and "translated" (the items at random positions of a larger canvas, so that
+a cell of the map holds another part of the item in each image).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from fvkernels.app.arguments import efficientnet_layer, layer_help, positive_int
-from fvkernels.app.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, stratified_subset
+from fvkernels.app.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, place_on_canvas, stratified_subset
 from fvkernels.app.efficientnet import efficientnet_lite0, preprocess
 from fvkernels.common import extras
 from fvkernels.evaluation import (
@@ -35,6 +41,7 @@ from fvkernels.evaluation import (
     descriptor_contributions,
     train_svm,
 )
+from fvkernels.training import SetData, train
 
 _START = time.perf_counter()
 
@@ -50,6 +57,13 @@ class Result:
     dim: int
     accuracy: float
     encode_seconds: float
+    task: str = "aligned"
+    seed: int = 0
+    part: str = "table"  # or "dimension sweep", "compression", "λ3 sweep": where the row is reported
+    lambda_cls: Optional[float] = None  # FV-VAE's λ3 where this run chose it on validation
+
+
+TASKS = ("aligned", "translated")
 
 
 MAX_SEED = 2 ** 32 - 1
@@ -74,6 +88,54 @@ def generator_seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number in 0…{MAX_SEED}, got {text!r}") from None
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected a whole number in 0…{MAX_SEED}, got {value}")
+    return value
+
+
+def generator_seeds(text: str) -> List[int]:
+    """argparse type of --seeds: one or more comma-separated seeds, each a whole number in 0…2³²−1, no repeats."""
+    seeds = [generator_seed(item.strip()) for item in text.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def task_names(text: str) -> List[str]:
+    """argparse type of --tasks: comma-separated names of TASKS."""
+    tasks = [item.strip() for item in text.split(",")]
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or len(set(tasks)) != len(tasks):
+        raise argparse.ArgumentTypeError(f"expected distinct names among {', '.join(TASKS)}, got {text!r}")
+    return tasks
+
+
+def scale_jitter(text: str) -> float:
+    """argparse type of --scale-jitter: a finite factor ≥ 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 1 (1: no rescaling), got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
     return value
 
 
@@ -107,7 +169,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--full", action="store_true", help="all 60000 training and 10000 test images")
     parser.add_argument("--val-fraction", type=validation_share, default=0.2,
                         help="share of training images for choosing λ3, in (0, 1)")
-    parser.add_argument("--seed", type=generator_seed, default=0, help="seed of the subsets, the fits and the training")
+    parser.add_argument("--seeds", type=generator_seeds, default="0",
+                        help="comma-separated seeds; each runs every method on its own training and test subsets and "
+                             "initialisations, and the table reports mean ± std over them")
+    parser.add_argument("--tasks", type=task_names, default="aligned",
+                        help="'aligned' (the centred items), 'translated' (each item at a random place of a "
+                             "black canvas of side canvas), or both, comma-separated")
+    parser.add_argument("--canvas", type=positive_int, default=56, help="side of the translated task's canvas (px)")
+    parser.add_argument("--scale-jitter", type=scale_jitter, default=1.0,
+                        help="translated task: items also resized by a factor log-uniform in [1/s, s] (1: none)")
     parser.add_argument("--image-size", type=positive_int, default=112, help="side the 28×28 images are resized to")
     parser.add_argument("--layer", type=efficientnet_layer, default="block5.depthwise",
                         help=layer_help("EfficientNet-Lite0 tap giving the local descriptors"))
@@ -121,16 +191,30 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lambdas", type=lambda_values, default="10,1000",
                         help="λ3 values tried on the validation split (comma-separated, ≥ 0); the paper's sweep (Fig. "
                              "4b): 1,10,100,1000,10000,100000")
+    parser.add_argument("--finetune-iterations", type=non_negative_int, default=150,
+                        help="steps of end-to-end fine-tuning of the main FV-VAE with the backbone's top blocks "
+                             "(paper Table 6, 'w ft'); 0 leaves the fine-tuned row out")
+    parser.add_argument("--trainable-blocks", type=positive_int, default=2,
+                        help="fine-tuning: the backbone's blocks up to the tap (the tap's own counts) that train with the "
+                             "layer")
+    parser.add_argument("--trunk-lr", type=non_negative_float, default=0.1,
+                        help="fine-tuning: AdaDelta rate of the backbone's blocks (the layer's is 1)")
+    parser.add_argument("--lambda-fv", type=non_negative_float, default=1.0,
+                        help="fine-tuning: weight of a linear classifier's cross-entropy on the normalised Fisher "
+                             "vectors (0: Algorithm 1's losses only)")
 
 
-def extract_maps(backbone, images: torch.Tensor, args, device, desc: str) -> torch.Tensor:
-    """(N, C, h, w) activations of args.layer for 28×28 images, float32 on `device`."""
-    maps = []
+def extract_maps(backbone, top, bottom_layer: str, images: torch.Tensor, args, device, desc: str
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the maps of bottom_layer, those of args.layer computed from them by the top) for grayscale images, float32
+    on `device`: the fine-tuned row trains the top on the first, every encoder sees the second."""
+    bottoms, maps = [], []
     with torch.no_grad():
         for begin in tqdm(range(0, len(images), 256), desc=f"EfficientNet-Lite0 {args.layer} ({desc})"):
             batch = preprocess(images[begin: begin + 256], args.image_size).to(device)
-            maps.append(backbone.features(batch, args.layer)[args.layer])
-    return torch.cat(maps)
+            bottoms.append(backbone.features(batch, bottom_layer)[bottom_layer])
+            maps.append(top(bottoms[-1]))
+    return torch.cat(bottoms), torch.cat(maps)
 
 
 def evaluate_encoder(name: str, encoder, train_maps, train_labels, test_maps, test_labels, *,
@@ -146,9 +230,13 @@ def evaluate_encoder(name: str, encoder, train_maps, train_labels, test_maps, te
     if test_codes.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    return Result(name, encoder.dim, svm_accuracy(train_codes, train_labels, test_codes, test_labels), seconds)
+
+
+def svm_accuracy(train_codes, train_labels, test_codes, test_labels) -> float:
+    """Test accuracy of a linear SVM fitted on the training codes."""
     svm = train_svm(train_codes.float().cpu(), train_labels)
-    score = accuracy(svm.decision_function(test_codes.float().cpu()), test_labels)
-    return Result(name, encoder.dim, score, seconds)
+    return accuracy(svm.decision_function(test_codes.float().cpu()), test_labels)
 
 
 def evaluate_compression(name: str, compression, train_codes, train_labels, test_codes, test_labels) -> Result:
@@ -158,20 +246,46 @@ def evaluate_compression(name: str, compression, train_codes, train_labels, test
     start = time.perf_counter()
     test_compressed = compression.transform(test_codes)
     seconds = time.perf_counter() - start
-    svm = train_svm(train_compressed.float().cpu(), train_labels)
-    score = accuracy(svm.decision_function(test_compressed.float().cpu()), test_labels)
-    return Result(name, train_compressed.shape[1], score, seconds)
+    return Result(name, train_compressed.shape[1], svm_accuracy(train_compressed, train_labels, test_compressed,
+                                                                test_labels), seconds)
 
 
-def compressions(args, dims: List[int], train_count: int) -> List[tuple]:
+def evaluate_fine_tuned(name: str, encoder: FVVAEEncoder, top, bottoms: Tuple[torch.Tensor, torch.Tensor],
+                        labels: Tuple[torch.Tensor, torch.Tensor], args, seed: int) -> Result:
+    """End-to-end fine-tuning (paper Table 6, "w ft"): the trained FV-VAE layer of `encoder` and a copy of the
+    backbone's top blocks trained together on the training images' bottom maps (Algorithm 1's losses and a linear
+    classifier's on the normalised Fisher vectors, args.lambda_fv), the Fisher refitted on the fine-tuned maps, then
+    a linear SVM on the vectors, as for every other row. encode_seconds: the test maps through the top and the layer."""
+    (train_bottom, test_bottom), (train_labels, test_labels) = bottoms, labels
+    layer, trunk = copy.deepcopy(encoder.model_), copy.deepcopy(top)
+    indices = torch.as_tensor(np.searchsorted(encoder.classes_, train_labels.numpy()), device=train_bottom.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fv_classifier = nn.Linear(layer.output_dim, len(encoder.classes_)).to(train_bottom.device)
+    train(layer, SetData(train_bottom, indices), iterations=args.finetune_iterations, batch_size=128, seed=seed,
+          trunk=trunk, trunk_lr=args.trunk_lr, fv_classifier=fv_classifier, lambda_fv=args.lambda_fv)
+
+    def encode(bottom):
+        return torch.cat([layer(trunk(chunk)) for chunk in bottom.split(256)])
+
+    with torch.no_grad():
+        layer.fit_fisher(trunk(chunk) for chunk in train_bottom.split(256))
+        train_codes = encode(train_bottom)
+        start = time.perf_counter()
+        test_codes = encode(test_bottom)
+        seconds = time.perf_counter() - start
+    return Result(name, layer.output_dim, svm_accuracy(train_codes, train_labels, test_codes, test_labels), seconds)
+
+
+def compressions(args, dims: List[int], train_count: int, seed: int) -> List[tuple]:
     """(curve, row name, compression) of the main FV-VAE's vectors to each dimension of the sweep: Random Maclaurin
     always, PCA where the training images are at least as many as the components it needs."""
     chosen = []
     for dim in dims:
         chosen.append(("Random Maclaurin", f"Random Maclaurin of FV-VAE (d={args.latent} → {dim})",
-                       RandomMaclaurin(dim, seed=args.seed)))
+                       RandomMaclaurin(dim, seed=seed)))
         if dim <= train_count:
-            chosen.append(("PCA", f"PCA of FV-VAE (d={args.latent} → {dim})", PCACompression(dim, seed=args.seed)))
+            chosen.append(("PCA", f"PCA of FV-VAE (d={args.latent} → {dim})", PCACompression(dim, seed=seed)))
         else:
             log(f"PCA to {dim} dimensions skipped: it needs at least {dim} training images, there are {train_count}")
     return chosen
@@ -182,56 +296,100 @@ def fvvae_encoder(args, latent: int, lambda_cls: float, seed: int) -> FVVAEEncod
                         batch_size=128, seed=seed)
 
 
-def choose_lambda(args, fit_maps, fit_labels, val_maps, val_labels) -> Tuple[float, List[Result]]:
+def choose_lambda(args, fit_maps, fit_labels, val_maps, val_labels, seed: int) -> Tuple[float, List[Result]]:
     """λ3 with the best validation accuracy (ties: the smaller λ3), and every value's validation result (paper
     Fig. 4b), named "λ3 sweep (validation): …"."""
     sweep = []
     for value in args.lambdas:
         result = evaluate_encoder(f"λ3 sweep (validation): FV-VAE (d={args.latent}, λ3={value:g})",
-                                  fvvae_encoder(args, args.latent, value, args.seed), fit_maps, fit_labels, val_maps,
+                                  fvvae_encoder(args, args.latent, value, seed), fit_maps, fit_labels, val_maps,
                                   val_labels, fit_labels=True)
+        result.lambda_cls = value
         sweep.append(result)
         log(f"  validation: λ3 = {value:g} → accuracy {result.accuracy:.4f}")
     best = max(range(len(sweep)), key=lambda index: (sweep[index].accuracy, -args.lambdas[index]))
     return args.lambdas[best], sweep
 
 
-def plot_lambda_sweep(values: List[float], sweep: List[Result], chosen: float, path: Path) -> None:
-    """Validation accuracy against λ3 (paper Fig. 4b), the chosen value marked."""
+def summarize(results: List[Result]) -> List[dict]:
+    """One row per (task, part, method): mean and sample std of the accuracy over the seeds, the seeds, the mean
+    encoding time; in the order the methods first appear."""
+    groups: Dict[tuple, List[Result]] = {}
+    for result in results:
+        groups.setdefault((result.task, result.part, result.method), []).append(result)
+    summary = []
+    for (task, part, method), group in groups.items():
+        accuracies = np.array([result.accuracy for result in group])
+        summary.append(dict(task=task, part=part, method=method, dim=group[0].dim, mean=float(accuracies.mean()),
+                            std=float(accuracies.std(ddof=1)) if len(group) > 1 else 0.0,
+                            seeds=[result.seed for result in group],
+                            encode_seconds=float(np.mean([result.encode_seconds for result in group]))))
+    return summary
+
+
+def family(method: str) -> Optional[str]:
+    """The accuracy-vs-dimension curve a row belongs to (paper Fig. 4a and 4c), None for the others."""
+    for prefix, name in (("FV-VAE (d=", "FV-VAE"), ("GMM-FV", "GMM-FV"), ("VLAD", "VLAD"),
+                         ("Random Maclaurin", "Random Maclaurin"), ("PCA", "PCA")):
+        if method.startswith(prefix):
+            return name
+    return None
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    figure, axes = plt.subplots(figsize=(5, 3.5))
-    order = sorted(range(len(values)), key=values.__getitem__)
-    axes.plot([max(values[i], 1e-3) for i in order], [100 * sweep[i].accuracy for i in order], marker="o")
-    axes.axvline(max(chosen, 1e-3), color="grey", linestyle="--", linewidth=1, label=f"chosen λ3 = {chosen:g}")
+
+def plot_lambda_sweep(summary: List[dict], chosen: Dict[str, List[float]], path: Path) -> None:
+    """Validation accuracy against λ3 (paper Fig. 4b), mean ± std over the seeds, one line per task; the values the
+    seeds chose in the legend."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5.5, 3.8))
+    for task, values in chosen.items():
+        rows = sorted((row for row in summary if row["task"] == task and row["part"] == "λ3 sweep"),
+                      key=lambda row: float(row["method"].split("λ3=")[1].rstrip(")")))
+        lambdas = [max(float(row["method"].split("λ3=")[1].rstrip(")")), 1e-3) for row in rows]
+        axes.errorbar(lambdas, [100 * row["mean"] for row in rows], yerr=[100 * row["std"] for row in rows],
+                      marker="o", capsize=3, label=f"{task} (chosen: {', '.join(f'{v:g}' for v in values)})")
     axes.set_xscale("log")
     axes.set_xlabel("λ3 (λ3 = 0 drawn at 10⁻³)")
     axes.set_ylabel("validation accuracy (%)")
     axes.set_title("FV-VAE: the classification loss's weight")
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def plot_accuracy_vs_dim(curves: Dict[str, List[Result]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for family, results in curves.items():
-        results = sorted(results, key=lambda r: r.dim)
-        axes.plot([r.dim for r in results], [100 * r.accuracy for r in results], marker="o", label=family)
-    axes.set_xscale("log", base=2)
-    axes.set_xlabel("dimension of the representation")
-    axes.set_ylabel("test accuracy (%)")
-    axes.set_title("Fashion-MNIST, EfficientNet-Lite0 local activations")
-    axes.grid(alpha=0.3)
-    axes.legend()
+def plot_accuracy_vs_dim(summary: List[dict], tasks: List[str], path: Path) -> None:
+    """Test accuracy against dimension, mean ± std over the seeds (paper Fig. 4a: the encoders; 4c: the
+    compressions of the main FV-VAE), one panel per task."""
+    plt = _pyplot()
+    figure, panels = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for axes, task in zip(panels[0], tasks):
+        curves: Dict[str, List[dict]] = {}
+        for row in summary:
+            name = family(row["method"])
+            if row["task"] == task and name is not None and row["part"] != "λ3 sweep":
+                curves.setdefault(name, []).append(row)
+        main = next((row for row in curves.get("FV-VAE", []) if row["part"] == "table"), None)
+        for name, rows in curves.items():
+            if name in ("Random Maclaurin", "PCA") and main is not None:
+                rows = rows + [main]  # a compression starts from the main FV-VAE's vectors
+            rows = sorted(rows, key=lambda row: row["dim"])
+            axes.errorbar([row["dim"] for row in rows], [100 * row["mean"] for row in rows],
+                          yerr=[100 * row["std"] for row in rows], marker="o", capsize=3, label=name,
+                          linestyle="--" if name in ("Random Maclaurin", "PCA") else "-")
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("dimension of the representation")
+        axes.set_ylabel("test accuracy (%)")
+        axes.set_title(f"Fashion-MNIST {task}, EfficientNet-Lite0 local activations", fontsize=10)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -239,10 +397,7 @@ def plot_accuracy_vs_dim(curves: Dict[str, List[Result]], path: Path) -> None:
 
 def plot_attention(images, maps, labels, params, path: Path) -> None:
     """Each image beside its map of Σ|FV contribution| per region (the paper's Appendix B)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     mass = descriptor_contributions(maps, params).view(len(maps), *maps.shape[2:]).cpu()
     figure, axes = plt.subplots(2, len(images), figsize=(1.6 * len(images), 3.4), squeeze=False)
     for column, (image, heat, label) in enumerate(zip(images.numpy(), (mass / mass.amax((1, 2), keepdim=True)
@@ -250,8 +405,8 @@ def plot_attention(images, maps, labels, params, path: Path) -> None:
         axes[0, column].imshow(image, cmap="gray")
         axes[0, column].set_title(FASHION_MNIST_CLASSES[label], fontsize=8)
         axes[1, column].imshow(image, cmap="gray")
-        axes[1, column].imshow(heat, cmap="inferno", alpha=0.6,
-                               extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5), interpolation="bilinear")
+        axes[1, column].imshow(heat, cmap="inferno", alpha=0.6, interpolation="bilinear",
+                               extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
         for row in range(2):
             axes[row, column].axis("off")
     figure.suptitle("FV-VAE: share of the Fisher vector per region", fontsize=10)
@@ -260,14 +415,17 @@ def plot_attention(images, maps, labels, params, path: Path) -> None:
     plt.close(figure)
 
 
-def print_table(results: List[Result]) -> str:
-    lines = [f"| {'method':<22} | {'dim':>7} | {'accuracy':>8} | {'encode (s)':>10} |",
-             f"|{'-' * 24}|{'-' * 9}|{'-' * 10}|{'-' * 12}|"]
-    lines += [f"| {r.method:<22} | {r.dim:>7} | {100 * r.accuracy:>7.2f}% | {r.encode_seconds:>10.3f} |"
-              for r in results]
-    table = "\n".join(lines)
-    print(table)
-    return table
+def format_table(summary: List[dict], task: str) -> str:
+    """The task's main comparison as Markdown: accuracy mean ± std over the seeds."""
+    rows = [row for row in summary if row["task"] == task and row["part"] == "table"]
+    seeds = max((len(row["seeds"]) for row in rows), default=0)
+    lines = [f"| {'method':<34} | {'dim':>7} | {f'accuracy ({seeds} seed' + ('s' if seeds > 1 else '') + ')':>20} "
+             f"| {'encode (s)':>10} |",
+             f"|{'-' * 36}|{'-' * 9}|{'-' * 22}|{'-' * 12}|"]
+    for row in rows:
+        score = f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}%"
+        lines.append(f"| {row['method']:<34} | {row['dim']:>7} | {score:>20} | {row['encode_seconds']:>10.3f} |")
+    return "\n".join(lines)
 
 
 def validation_size(labels: torch.Tensor, share: float) -> int:
@@ -293,27 +451,81 @@ def check_descriptor_count(num_descriptors: int, args) -> None:
                          "--image-size")
 
 
+
+
 def run(args) -> int:
     extras.require("demo", "fvkernels demo")  # before the long work, not at the plots at its end
-    torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
     train_images, train_labels = load_fashion_mnist("train", args.data)
     test_images, test_labels = load_fashion_mnist("test", args.data)
-    generator = torch.Generator().manual_seed(args.seed)
-    if not args.full:
-        train_pick = stratified_subset(train_labels, args.train_size, generator)
-        test_pick = stratified_subset(test_labels, args.test_size, generator)
-        train_images, train_labels = train_images[train_pick], train_labels[train_pick]
-        test_images, test_labels = test_images[test_pick], test_labels[test_pick]
-    validation = validation_size(train_labels, args.val_fraction)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log(f"Fashion-MNIST: {len(train_images)} training and {len(test_images)} test images; device {device}")
-
     backbone = efficientnet_lite0().to(device).eval()
-    train_maps = extract_maps(backbone, train_images, args, device, "train")
-    test_maps = extract_maps(backbone, test_images, args, device, "test")
-    del backbone
+    bottom_layer, top = backbone.split(args.layer, args.trainable_blocks)
+    if "translated" in args.tasks:  # a canvas too small for the items is refused now, not after the aligned task
+        place_on_canvas(train_images[:0], args.canvas, torch.Generator(), args.scale_jitter)
+    for seed in args.seeds:  # every refusal of a split or size before the first long run
+        images = subsets(args, seed, train_images, train_labels, test_images, test_labels)
+        validation_size(images[1], args.val_fraction)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, chosen, attention = [], {}, {}
+    for task in args.tasks:
+        for seed in args.seeds:
+            log(f"task {task}, seed {seed}")
+            (train_x, train_y, test_x, test_y) = subsets(args, seed, train_images, train_labels, test_images,
+                                                         test_labels)
+            if task == "translated":
+                canvas = torch.Generator().manual_seed(seed + 1)  # not the subsets' stream
+                train_x = place_on_canvas(train_x, args.canvas, canvas, args.scale_jitter)
+                test_x = place_on_canvas(test_x, args.canvas, canvas, args.scale_jitter)
+            runs, lambda_cls, encoder, test_maps = run_once(args, seed, backbone, top, bottom_layer, device,
+                                                            (train_x, train_y, test_x, test_y))
+            results += [replace(result, task=task, seed=seed) for result in runs]
+            chosen.setdefault(task, []).append(lambda_cls)
+            attention.setdefault(task, (test_x, test_y, test_maps, encoder))
+    summary = summarize(results)
+    tables = []
+    for task in args.tasks:
+        table = format_table(summary, task)
+        print(f"\n{task}:\n{table}")
+        tables.append(f"## {task}\n\n{table}\n\nλ3 chosen on each seed's validation images among "
+                      f"{', '.join(f'{v:g}' for v in args.lambdas)}: {', '.join(f'{v:g}' for v in chosen[task])} "
+                      f"(seeds {', '.join(map(str, args.seeds))}; lambda_sweep.png)\n")
+    config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
+              if key not in ("run", "command", "data", "out")}
+    (args.out / "results.json").write_text(json.dumps({"config": config, "summary": summary,
+                                                       "runs": [asdict(result) for result in results]}, indent=2)
+                                           + "\n")
+    (args.out / "table.md").write_text("\n".join(tables))
+    plot_accuracy_vs_dim(summary, args.tasks, args.out / "accuracy_vs_dim.png")
+    plot_lambda_sweep(summary, chosen, args.out / "lambda_sweep.png")
+    figures = ["accuracy_vs_dim.png", "lambda_sweep.png"]
+    for task, (images, labels, maps, encoder) in attention.items():
+        shown = [int((labels == label).nonzero()[0]) for label in labels.unique()[:8].tolist()]
+        name = "attention.png" if task == "aligned" else f"attention_{task}.png"
+        plot_attention(images[shown], maps[shown], labels[shown].tolist(), encoder.model_.to_params(), args.out / name)
+        figures.append(name)
+    log(f"wrote {args.out}/results.json, table.md, {', '.join(figures)}")
+    return 0
+
+
+def subsets(args, seed: int, train_images, train_labels, test_images, test_labels) -> tuple:
+    """The seed's training and test images and labels: stratified subsets, or everything with --full."""
+    if args.full:
+        return train_images, train_labels, test_images, test_labels
+    generator = torch.Generator().manual_seed(seed)
+    train_pick = stratified_subset(train_labels, args.train_size, generator)
+    test_pick = stratified_subset(test_labels, args.test_size, generator)
+    return train_images[train_pick], train_labels[train_pick], test_images[test_pick], test_labels[test_pick]
+
+
+def run_once(args, seed: int, backbone, top, bottom_layer: str, device, images: tuple) -> tuple:
+    """Every method on one task and seed: (results, the λ3 chosen, the main FV-VAE encoder, the test maps)."""
+    train_images, train_labels, test_images, test_labels = images
+    torch.manual_seed(seed)
+    validation = validation_size(train_labels, args.val_fraction)
+    log(f"Fashion-MNIST: {len(train_images)} training and {len(test_images)} test images of "
+        f"{train_images.shape[1]}×{train_images.shape[2]}; device {device}")
+    train_bottom, train_maps = extract_maps(backbone, top, bottom_layer, train_images, args, device, "train")
+    test_bottom, test_maps = extract_maps(backbone, top, bottom_layer, test_images, args, device, "test")
     channels, height, width = train_maps.shape[1:]
     log(f"local descriptors: {height}×{width} = {height * width} per image, C = {channels}")
     check_descriptor_count(len(train_maps) * height * width, args)
@@ -321,7 +533,7 @@ def run(args) -> int:
     fit_maps, fit_labels = train_maps[validation:], train_labels[validation:]
     val_maps, val_labels = train_maps[:validation], train_labels[:validation]
     log(f"choosing λ3 on {validation} validation images (trained on {len(fit_maps)})")
-    lambda_cls, lambda_sweep = choose_lambda(args, fit_maps, fit_labels, val_maps, val_labels)
+    lambda_cls, lambda_sweep = choose_lambda(args, fit_maps, fit_labels, val_maps, val_labels, seed)
     log(f"λ3 = {lambda_cls:g} chosen on validation among {', '.join(f'{v:g}' for v in args.lambdas)}")
 
     components = (args.latent + 1) // 2  # GMM-FV: 2·K·C = C·(d+1)
@@ -330,10 +542,10 @@ def run(args) -> int:
         ("AVE", AverageEncoder(), False),
         ("Concatenation", ConcatEncoder(), False),
         ("Bilinear pooling", BilinearEncoder(full=False), False),
-        (f"GMM-FV (K={components})", GMMFisherEncoder(components, seed=args.seed), False),
-        (f"VLAD (K={clusters})", VLADEncoder(clusters, seed=args.seed), False),
-        (f"FV-VAE⁻ (d={args.latent})", fvvae_encoder(args, args.latent, 0.0, args.seed), False),
-        (f"FV-VAE (d={args.latent}, λ3={lambda_cls:g})", fvvae_encoder(args, args.latent, lambda_cls, args.seed), True),
+        (f"GMM-FV (K={components})", GMMFisherEncoder(components, seed=seed), False),
+        (f"VLAD (K={clusters})", VLADEncoder(clusters, seed=seed), False),
+        (f"FV-VAE⁻ (d={args.latent})", fvvae_encoder(args, args.latent, 0.0, seed), False),
+        (f"FV-VAE (d={args.latent})", fvvae_encoder(args, args.latent, lambda_cls, seed), True),
     ]
     results = []
     for name, encoder, needs_labels in main:
@@ -341,41 +553,33 @@ def run(args) -> int:
         results.append(evaluate_encoder(name, encoder, train_maps, train_labels, test_maps, test_labels,
                                         fit_labels=needs_labels))
         log(f"  accuracy {100 * results[-1].accuracy:.2f}%")
+    results[-1].lambda_cls = lambda_cls
     final_fvvae = main[-1][1]
+    if args.finetune_iterations:
+        name = f"FV-VAE fine-tuned (d={args.latent}, {args.trainable_blocks} blocks)"
+        log(f"{name}: {args.finetune_iterations} steps with the backbone's top, Fisher refitted, linear SVM")
+        results.append(evaluate_fine_tuned(name, final_fvvae, top, (train_bottom, test_bottom),
+                                           (train_labels, test_labels), args, seed))
+        results[-1].lambda_cls = lambda_cls
+        log(f"  accuracy {100 * results[-1].accuracy:.2f}%")
 
-    curves = {"FV-VAE": [results[-1]], "GMM-FV": [results[3]], "VLAD": [results[4]]}
-    swept = []
     for latent in args.sweep_latents:
         log(f"accuracy vs dimension: d = {latent}, K = {(latent + 1) // 2} / {latent + 1}")
-        sweep = [("FV-VAE", f"FV-VAE (d={latent}, λ3={lambda_cls:g})", fvvae_encoder(args, latent, lambda_cls, args.seed),
-                  True),
-                 ("GMM-FV", f"GMM-FV (K={(latent + 1) // 2})", GMMFisherEncoder((latent + 1) // 2, seed=args.seed), False),
-                 ("VLAD", f"VLAD (K={latent + 1})", VLADEncoder(latent + 1, seed=args.seed), False)]
-        for family, name, encoder, needs_labels in sweep:
-            swept.append(evaluate_encoder(name, encoder, train_maps, train_labels, test_maps, test_labels,
-                                          fit_labels=needs_labels))
-            curves[family].append(swept[-1])
+        sweep = [(f"FV-VAE (d={latent})", fvvae_encoder(args, latent, lambda_cls, seed), True),
+                 (f"GMM-FV (K={(latent + 1) // 2})", GMMFisherEncoder((latent + 1) // 2, seed=seed), False),
+                 (f"VLAD (K={latent + 1})", VLADEncoder(latent + 1, seed=seed), False)]
+        for name, encoder, needs_labels in sweep:
+            results.append(replace(evaluate_encoder(name, encoder, train_maps, train_labels, test_maps, test_labels,
+                                                    fit_labels=needs_labels), part="dimension sweep"))
 
     # Compression (Fig. 4c): the main FV-VAE's vectors brought down to the sweep's dimensions, beside FV-VAE trained
     # with those smaller d.
     if args.sweep_latents:
         train_codes, test_codes = final_fvvae.transform(train_maps), final_fvvae.transform(test_maps)
-        for family, name, compression in compressions(args, [channels * (d + 1) for d in args.sweep_latents],
-                                                      len(train_maps)):
+        for _, name, compression in compressions(args, [channels * (d + 1) for d in args.sweep_latents],
+                                                 len(train_maps), seed):
             log(f"{name}: fit, compress, linear SVM")
-            swept.append(evaluate_compression(name, compression, train_codes, train_labels, test_codes, test_labels))
-            curves.setdefault(family, [results[-1]]).append(swept[-1])
-
-    table = print_table(results)
-    # Every result, the dimension sweep's too (the table shows the matched-dimension comparison).
-    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results + swept + lambda_sweep], indent=2)
-                                           + "\n")
-    (args.out / "table.md").write_text(table + f"\n\nλ3 = {lambda_cls:g}, chosen on the validation images among "
-                                       f"{', '.join(f'{v:g}' for v in args.lambdas)} (lambda_sweep.png)\n")
-    plot_accuracy_vs_dim(curves, args.out / "accuracy_vs_dim.png")
-    plot_lambda_sweep(args.lambdas, lambda_sweep, lambda_cls, args.out / "lambda_sweep.png")
-    shown = [int((test_labels == label).nonzero()[0]) for label in test_labels.unique()[:8].tolist()]
-    plot_attention(test_images[shown], test_maps[shown], test_labels[shown].tolist(),
-                   final_fvvae.model_.to_params(), args.out / "attention.png")
-    log(f"wrote {args.out}/results.json, table.md, accuracy_vs_dim.png, lambda_sweep.png, attention.png")
-    return 0
+            results.append(replace(evaluate_compression(name, compression, train_codes, train_labels, test_codes,
+                                                        test_labels), part="compression"))
+    results += [replace(result, part="λ3 sweep") for result in lambda_sweep]
+    return results, lambda_cls, final_fvvae, test_maps

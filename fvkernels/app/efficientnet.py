@@ -182,6 +182,22 @@ class EfficientNetLite0(nn.Module):
                 yield f"block{index}{suffix}", x
         yield "head", self.head(x)
 
+    def split(self, layer: str, trainable_blocks: int) -> Tuple[str, "EfficientNetTop"]:
+        """For end-to-end fine-tuning: (the tap whose maps feed the top, the top) where the top is the last
+        `trainable_blocks` blocks up to `layer` — the block holding the tap counts as one, as does the head — sharing
+        this network's modules, so that training the top trains the network."""
+        if layer not in self._layers:
+            raise ValueError(f"unknown feature layer {layer!r}; choose from {list(self._layers)}")
+        last = len(self.blocks) if layer == "head" else -1 if layer == "stem" else int(layer[5:].split(".")[0])
+        first = last - int(trainable_blocks) + 1
+        if last < 0:
+            raise ValueError("the stem is the network's first layer, with no blocks up to it to fine-tune; tap a "
+                             "later layer")
+        if int(trainable_blocks) < 1 or first < 0:
+            raise ValueError(f"trainable_blocks must lie in 1…{last + 1} for layer {layer!r} (the blocks up to it"
+                             f"{', the head counted as one' if layer == 'head' else ''}), got {trainable_blocks}")
+        return ("stem" if first == 0 else f"block{first - 1}"), EfficientNetTop(self, first, layer)
+
     def features(self, images: Tensor, layers: Union[str, Sequence[str]] = "head") -> Dict[str, Tensor]:
         """{name: (N, C, H, W)} maps of the requested taps; the forward stops after the last one."""
         wanted = [layers] if isinstance(layers, str) else list(layers)
@@ -203,6 +219,34 @@ class EfficientNetLite0(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         head = self.features(images, "head")["head"]
         return self.classifier(self.dropout(head.mean((2, 3))))
+
+
+class EfficientNetTop(nn.Module):
+    """Blocks first_block, … of an EfficientNetLite0 up to the tap `layer` (and the head when it is "head"): the
+    trainable top of `EfficientNetLite0.split`. Its input is the output of block first_block − 1 (the stem's for 0),
+    its output the maps of `layer`; its modules are the network's own."""
+
+    def __init__(self, network: EfficientNetLite0, first_block: int, layer: str) -> None:
+        super().__init__()
+        last = min(len(network.blocks) - 1, int(layer[5:].split(".")[0]) if layer.startswith("block") else
+                   len(network.blocks) - 1)
+        self.first_block, self.layer = first_block, layer
+        self.blocks = nn.ModuleList(network.blocks[first_block: last + 1])
+        self.head = network.head if layer == "head" else None
+        # The parts of the tap's block after the tap take no part: frozen, so that no optimizer or data-parallel
+        # wrapper waits for their gradients.
+        after_tap = {".expanded": ("depthwise", "project"), ".depthwise": ("project",)}
+        for suffix, parts in after_tap.items():
+            if layer.startswith("block") and layer.endswith(suffix):
+                for part in parts:
+                    getattr(self.blocks[-1], part).requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for offset, block in enumerate(self.blocks):
+            for suffix, x in block.taps(x):
+                if f"block{self.first_block + offset}{suffix}" == self.layer:
+                    return x
+        return self.head(x)
 
 
 def _check_images(images: Tensor) -> None:

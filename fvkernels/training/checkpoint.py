@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
+from torch import nn
 
 from fvkernels.common.checks import check_finite_tensors
 from fvkernels.common.files import atomic_save, content_digest, remove_stale_temporaries
@@ -22,24 +23,34 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
 
 def save_checkpoint(path, model: FVVAE, optimizer: Optional[torch.optim.Optimizer] = None, iteration: int = 0,
                     history: Sequence[dict] = (), input_spec: Optional[dict] = None,
-                    training: Optional[dict] = None) -> None:
+                    training: Optional[dict] = None, modules: Optional[Dict[str, nn.Module]] = None) -> None:
     """input_spec: what turns raw data into the layer's input (the `fvkernels train` command stores its
     backbone, layer, image size and weights digest), checked again on resume and by `fvkernels extract`.
     training: the run's options that decide its result (seed, batch size, lr, number of sets, data
-    fingerprint), checked on resume so that a changed command line does not silently continue another run."""
+    fingerprint), checked on resume so that a changed command line does not silently continue another run.
+    modules: the other modules trained with the layer (fine-tuning: the backbone's trunk, a classifier on the
+    Fisher vectors), stored by name as state dicts."""
     state = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dict(model.config),
         "model": model.state_dict(), "optimizer": None if optimizer is None else optimizer.state_dict(),
         "iteration": iteration, "history": list(history), "input_spec": input_spec, "training": training,
+        "modules": {name: module.state_dict() for name, module in (modules or {}).items()},
     }
     write_checkpoint(path, state)
+
+
+def _weights(state: dict) -> Dict[str, torch.Tensor]:
+    """Every weight a checkpoint holds, by a name that says where: the layer's and those of its other modules."""
+    named = {f"model.{name}": tensor for name, tensor in state.get("model", {}).items()}
+    for module, weights in (state.get("modules") or {}).items():
+        named.update({f"{module}.{name}": tensor for name, tensor in weights.items()})
+    return named
 
 
 def write_checkpoint(path, state: dict) -> None:
     """Writes a checkpoint's state dict atomically with the digest of its contents, after refusing non-finite
     weights (NonFiniteError): a diverged run never replaces the last good file."""
-    check_finite_tensors({f"model.{name}": tensor for name, tensor in state["model"].items()},
-                         f"not written to {str(path)!r}, which keeps its last good state")
+    check_finite_tensors(_weights(state), f"not written to {str(path)!r}, which keeps its last good state")
     state = {key: value for key, value in state.items() if key != "sha256"}
     atomic_save(dict(state, sha256=content_digest(state)), path)
 
@@ -70,10 +81,10 @@ def read_checkpoint(path) -> dict:
     if stored is not None and stored != content_digest(state):
         raise ValueError(f"checkpoint {str(path)!r} is damaged: its contents differ from those written (sha256 "
                          f"{stored[:12]}… recorded); restore a copy, or delete it and train again")
-    check_finite_tensors({f"model.{name}": tensor for name, tensor in state.get("model", {}).items()},
-                         f"checkpoint {str(path)!r} holds non-finite weights (written by an fvkernels release that "
-                         "did not refuse them); train again from an earlier checkpoint")
+    check_finite_tensors(_weights(state), f"checkpoint {str(path)!r} holds non-finite weights (written by an fvkernels "
+                         "release that did not refuse them); train again from an earlier checkpoint")
     state.setdefault("input_spec", None)
+    state.setdefault("modules", {})
     return state
 
 
@@ -115,11 +126,12 @@ def load_checkpoint(path, model: Optional[FVVAE] = None) -> FVVAE:
     return model
 
 
-def resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training: dict,
-                  iterations: int) -> Optional[dict]:
-    """The checkpoint to resume from, checked against the model and the run's options (those of `training`
-    given: train_on_corpus checks some before it computes the sets); None when there is none yet. Also
-    checks that the checkpoint can be written, so that a bad path fails before training, not after."""
+def resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training: dict, iterations: int,
+                 modules: Optional[Dict[str, nn.Module]] = None) -> Optional[dict]:
+    """The checkpoint to resume from, checked against the model, the other modules trained with it and the run's
+    options (those of `training` given: train_on_corpus checks some before it computes the sets); None when there
+    is none yet. Also checks that the checkpoint can be written, so that a bad path fails before training, not
+    after."""
     if checkpoint is None:
         return None
     _check_writable_folder(checkpoint)
@@ -128,6 +140,7 @@ def resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training:
         return None
     state = read_checkpoint(checkpoint)
     check_compatible(state, model, checkpoint, input_spec)
+    _check_modules(state, modules or {}, checkpoint)
     stored = state.get("training") or {}
     changed = [f"{key}: checkpoint {stored.get(key)!r}, now {value!r}" for key, value in training.items()
                if key != "data_fingerprint" and key in stored and stored[key] != value]
@@ -148,6 +161,24 @@ def resume_state(checkpoint, model: FVVAE, input_spec: Optional[dict], training:
                          "its noise differently: resuming would not continue that run. Train into a new checkpoint "
                          "path (load_checkpoint still reads the model)")
     return state
+
+
+def _check_modules(state: dict, modules: Dict[str, nn.Module], path) -> None:
+    """Refuses a checkpoint whose other modules are not this run's: a fine-tuning run resuming a frozen run's file
+    or the reverse, or modules of other shapes (a trunk of more blocks)."""
+    stored = state["modules"]
+    if set(stored) != set(modules):
+        raise ValueError(f"checkpoint {str(path)!r} was trained with the modules {sorted(stored) or 'none'} beside the "
+                         f"layer, this run with {sorted(modules) or 'none'} (a fine-tuning run and a `train` run need "
+                         "their own checkpoint paths); resume with the same options, or train into a new path")
+    for name, module in modules.items():
+        mine = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+        theirs = {key: tuple(value.shape) for key, value in stored[name].items()}
+        if mine != theirs:
+            differing = sorted(key for key in set(mine) | set(theirs) if mine.get(key) != theirs.get(key))
+            raise ValueError(f"checkpoint {str(path)!r} holds a {name} of another shape (differs in {differing[:4]}"
+                             f"{', …' if len(differing) > 4 else ''}); resume with the same options, or train into "
+                             "a new checkpoint path")
 
 
 def _check_writable_folder(path) -> None:
