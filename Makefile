@@ -16,7 +16,7 @@ define install_torch
 		|| $(1) -m pip install "torch>=2.6"
 endef
 
-.PHONY: install demo test bench gpu-check data sdist-check clean
+.PHONY: install demo demo-full test bench gpu-check data sdist-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ install: $(VENV)/.extra-test
 
 demo: $(VENV)/.extra-demo data
 	$(PY) -m fvkernels demo
+
+# The committed results in docs/demo: every seed, task and row (about an hour on 2 cores).
+DEMO_FULL := --seeds 0,1,2 --tasks aligned,translated --lambdas 1,100,10000,100000 --out docs/demo
+demo-full: $(VENV)/.extra-demo data
+	$(PY) -m fvkernels demo $(DEMO_FULL)
 
 # Fashion-MNIST from Debian's package (the demo's data); `fvkernels demo --data DIR` reads any copy instead.
 data:

@@ -47,6 +47,30 @@ def test_fine_tuning_trains_the_trunk_and_the_classifier_on_the_fisher_vectors()
     assert not trunk.training and not layer.training and not head.training
 
 
+def test_only_the_classification_losses_reach_the_trunk_unless_every_loss_is_asked_for():
+    """trunk_losses="discriminative": the trunk's gradient is that of λ3·cls + λ_fv·fv_cls alone, the layer's that
+    of the whole total; "all": the trunk's is that of the total."""
+    from fvkernels.training.loop import _Objective
+
+    def gradients(trunk_losses, terms):
+        trunk, layer, head, data = trunk_and_data()
+        layer.train()
+        layer.init_sigma_floor(trunk(data.acts[:8]).detach())
+        objective = _Objective(layer, trunk, head, 2.0, trunk_losses)
+        losses = objective(data.acts[:8], data.labels[:8], None, list(range(8)))
+        sum(weight * losses[name] for name, weight in terms).backward()
+        return trunk[0].weight.grad.clone(), layer.decoder.weight.grad.clone(), losses
+
+    total = [("total", 1.0)]
+    discriminative, decoder, losses = gradients("discriminative", total)
+    assert torch.allclose(discriminative, gradients("all", [("cls", 10.0), ("fv_cls", 2.0)])[0], atol=1e-6)
+    assert torch.allclose(decoder, gradients("all", total)[1], atol=1e-5)  # the layer learns from every term
+    every = gradients("all", total)[0]
+    assert not torch.allclose(every, discriminative, atol=1e-3)
+    assert losses["total"].item() == pytest.approx(losses["rec"].item() + losses["reg"].item()
+                                                   + 10 * losses["cls"].item() + 2 * losses["fv_cls"].item(), rel=1e-6)
+
+
 def test_fine_tuning_resumes_to_the_same_weights(tmp_path):
     straight = states(*fine_tune(tmp_path / "straight.pt")[:3])
     fine_tune(tmp_path / "resumed.pt", iterations=2)
@@ -69,6 +93,11 @@ def test_fine_tuning_refuses_what_it_cannot_use(tmp_path):
         train(layer, data, iterations=1, trunk=trunk, fv_classifier=head, lambda_fv=-1.0, progress=False)
     with pytest.raises(TypeError, match="trunk must be an nn.Module"):
         train(layer, data, iterations=1, trunk=lambda x: x, progress=False)
+    with pytest.raises(ValueError, match="trunk_losses must be one of 'discriminative', 'all', got 'generative'"):
+        train(layer, data, iterations=1, trunk=trunk, trunk_losses="generative", progress=False)
+    with pytest.raises(ValueError, match="trunk_losses='discriminative' trains the trunk by the classification "
+                                         "losses, and this run has none"):
+        train(FVVAE(6, 3, (8,)), SetData(data.acts), iterations=1, trunk=trunk, progress=False)
     # a frozen run's checkpoint is not a fine-tuning run's, and the reverse
     frozen = tmp_path / "frozen.pt"
     with torch.no_grad():

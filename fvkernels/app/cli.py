@@ -126,6 +126,7 @@ def run_finetune(args) -> int:
     with distributed.leaving_at_exit(parallel):
         model, _ = finetune_on_corpus(read_sample_list(args.list), args.root, args.init, args.checkpoint,
                                       trainable_blocks=args.trainable_blocks, trunk_lr=args.trunk_lr,
+                                      trunk_losses=args.trunk_losses,
                                       lambda_fv=args.lambda_fv, frames_per_video=args.frames_per_video,
                                       image_batch=args.image_batch, strict=args.strict, distributed=parallel,
                                       iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
@@ -263,9 +264,10 @@ def main(argv=None) -> int:
         "finetune", help="fine-tune a trained FV-VAE layer end to end with the backbone's top blocks",
         formatter_class=formatter,
         description="End-to-end fine-tuning (the paper's Table 6, 'w ft'): the layer of a `fvkernels train` checkpoint "
-                    "(init) and the backbone's last blocks up to its tap (trainable blocks) are trained together on "
-                    "Algorithm 1's losses (and, with labels and a lambda-fv > 0, a linear classifier's on the "
-                    "normalised Fisher vectors); the backbone's frozen bottom runs once over the corpus. The Fisher is "
+                    "(init) and the backbone's last blocks up to its tap (trainable blocks) are trained together: the "
+                    "layer on Algorithm 1's losses (and, with labels and a lambda-fv > 0, a linear classifier's on the "
+                    "normalised Fisher vectors), the blocks on the classification ones (or all: trunk losses); the "
+                    "backbone's frozen bottom runs once over the corpus. The Fisher is "
                     "then refitted, and the checkpoint holds the layer and the fine-tuned blocks: `fvkernels extract` "
                     "with it as the model encodes with both. Rerunning the same command resumes.")
     add_corpus_arguments(finetune)
@@ -280,6 +282,9 @@ def main(argv=None) -> int:
     finetune.add_argument("--lr", type=float, default=1.0, help="AdaDelta learning rate of the layer")
     finetune.add_argument("--trunk-lr", type=float, default=0.1,
                           help="AdaDelta learning rate of the backbone's blocks (pretrained: smaller steps)")
+    finetune.add_argument("--trunk-losses", choices=("discriminative", "all"), default="discriminative",
+                          help="the losses that reach the backbone's blocks: the classification ones (the generative "
+                               "ones then train the layer alone), or every one of Algorithm 1")
     finetune.add_argument("--lambda-fv", type=float, default=1.0,
                           help="weight of a linear classifier's cross-entropy on the normalised Fisher vectors "
                                "(labelled lists; 0: Algorithm 1's losses only)")

@@ -93,17 +93,20 @@ def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpo
 
 
 def finetune_on_corpus(samples: Sequence[Sample], root, init, checkpoint, *, trainable_blocks: int = 2,
-                       trunk_lr: Optional[float] = None, lambda_fv: float = 0.0, frames_per_video: Optional[int] = None,
+                       trunk_lr: Optional[float] = None, trunk_losses: str = "discriminative", lambda_fv: float = 1.0,
+                       frames_per_video: Optional[int] = None,
                        image_batch: int = 32, strict: bool = False, distributed: bool = False, device=None,
                        progress: bool = True, **training) -> Tuple[FVVAE, Backbone]:
     """`fvkernels finetune`: end-to-end fine-tuning (the paper's "w ft") of the layer of a `fvkernels train`
     checkpoint `init` together with the backbone's last `trainable_blocks` blocks up to its tap, on `samples` under
     `root`, then the Fisher refitted on the fine-tuned maps. The backbone's frozen bottom runs once over the corpus;
     each step runs the top and the layer on a batch of its maps and backpropagates Algorithm 1's losses (with
-    lambda_fv > 0 and labels, also a linear classifier's cross-entropy on the normalised Fisher vectors) into both.
+    lambda_fv > 0 and labels, also a linear classifier's cross-entropy on the normalised Fisher vectors) into the
+    layer, and those trunk_losses names into the top.
     The checkpoint holds the layer, the top's weights ("trunk") and the spec that `fvkernels extract` rebuilds the
     fine-tuned backbone from; rerunning resumes. `training` goes to `train` (iterations, batch_size, lr, seed,
-    checkpoint_every); trunk_lr: the top's AdaDelta rate (default lr). Returns the layer and the fine-tuned backbone.
+    checkpoint_every); trunk_lr: the top's AdaDelta rate (default lr); trunk_losses: which losses reach the top
+    ("discriminative" or "all", see `train`). Returns the layer and the fine-tuned backbone.
     """
     options = _run_options(training, checkpoint, frames_per_video, image_batch)
     if Path(init).resolve() == Path(checkpoint).resolve():
@@ -128,7 +131,7 @@ def finetune_on_corpus(samples: Sequence[Sample], root, init, checkpoint, *, tra
     data_fingerprint = digest_corpus(samples, frames_per_video)
     modules = {"trunk": top} | ({"fv_classifier": fv_classifier} if fv_classifier is not None else {})
     fine_tuning = dict(trunk_lr=options["lr"] if trunk_lr is None else trunk_lr,
-                       lambda_fv=lambda_fv if fv_classifier is not None else None)
+                       lambda_fv=lambda_fv if fv_classifier is not None else None, trunk_losses=trunk_losses)
 
     def check_checkpoint():
         state = resume_state(checkpoint, model, input_spec, dict(seed=options["seed"], lr=options["lr"],
@@ -145,7 +148,7 @@ def finetune_on_corpus(samples: Sequence[Sample], root, init, checkpoint, *, tra
                                       progress=progress)
     train(model, data, checkpoint=checkpoint, distributed=distributed, input_spec=input_spec, device=device,
           progress=progress, data_fingerprint=data_fingerprint, trunk=top, trunk_lr=trunk_lr,
-          fv_classifier=fv_classifier, lambda_fv=lambda_fv, **training)
+          trunk_losses=trunk_losses, fv_classifier=fv_classifier, lambda_fv=lambda_fv, **training)
     with torch.no_grad():  # the maps changed with the top: the Fisher of the frozen run no longer fits them
         model.fit_fisher((top(chunk) for chunk in local_inputs.split(256)), distributed=distributed)
     collectives.on_main(lambda: _store_fisher(checkpoint, model), distributed)

@@ -42,6 +42,7 @@ from fvkernels.evaluation import (
     train_svm,
 )
 from fvkernels.training import SetData, train
+from fvkernels.training.loop import TRUNK_LOSSES
 
 _START = time.perf_counter()
 
@@ -139,6 +140,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def trunk_loss_choices(text: str) -> List[str]:
+    """argparse type of --trunk-losses: comma-separated names of fvkernels.training.loop.TRUNK_LOSSES."""
+    chosen = [item.strip() for item in text.split(",")]
+    if any(item not in TRUNK_LOSSES for item in chosen) or len(set(chosen)) != len(chosen):
+        raise argparse.ArgumentTypeError(f"expected distinct names among {', '.join(TRUNK_LOSSES)}, got {text!r}")
+    return chosen
+
+
 def positive_ints(text: str) -> List[int]:
     """argparse type of a comma-separated list of positive integers ("" for none)."""
     return [positive_int(item) for item in text.split(",") if item.strip()]
@@ -199,6 +208,9 @@ def add_arguments(parser) -> None:
                              "layer")
     parser.add_argument("--trunk-lr", type=non_negative_float, default=0.1,
                         help="fine-tuning: AdaDelta rate of the backbone's blocks (the layer's is 1)")
+    parser.add_argument("--trunk-losses", type=trunk_loss_choices, default="discriminative",
+                        help="fine-tuning: the losses that reach the backbone's blocks, one fine-tuned row each: "
+                             "'discriminative' (the classification ones), 'all' (every one of Algorithm 1), or both")
     parser.add_argument("--lambda-fv", type=non_negative_float, default=1.0,
                         help="fine-tuning: weight of a linear classifier's cross-entropy on the normalised Fisher "
                              "vectors (0: Algorithm 1's losses only)")
@@ -251,19 +263,23 @@ def evaluate_compression(name: str, compression, train_codes, train_labels, test
 
 
 def evaluate_fine_tuned(name: str, encoder: FVVAEEncoder, top, bottoms: Tuple[torch.Tensor, torch.Tensor],
-                        labels: Tuple[torch.Tensor, torch.Tensor], args, seed: int) -> Result:
+                        labels: Tuple[torch.Tensor, torch.Tensor], args, seed: int, trunk_losses: str) -> Result:
     """End-to-end fine-tuning (paper Table 6, "w ft"): the trained FV-VAE layer of `encoder` and a copy of the
     backbone's top blocks trained together on the training images' bottom maps (Algorithm 1's losses and a linear
-    classifier's on the normalised Fisher vectors, args.lambda_fv), the Fisher refitted on the fine-tuned maps, then
-    a linear SVM on the vectors, as for every other row. encode_seconds: the test maps through the top and the layer."""
+    classifier's on the normalised Fisher vectors, args.lambda_fv; those trunk_losses names reach the blocks), the
+    Fisher refitted on the fine-tuned maps, then a linear SVM on the vectors, as for every other row.
+    encode_seconds: the test maps through the top and the layer."""
     (train_bottom, test_bottom), (train_labels, test_labels) = bottoms, labels
     layer, trunk = copy.deepcopy(encoder.model_), copy.deepcopy(top)
-    indices = torch.as_tensor(np.searchsorted(encoder.classes_, train_labels.numpy()), device=train_bottom.device)
+    classes = getattr(encoder, "classes_", None)  # absent when λ3 = 0 was chosen: no labels in its fit
+    classes = np.unique(train_labels.numpy()) if classes is None else classes
+    indices = torch.as_tensor(np.searchsorted(classes, train_labels.numpy()), device=train_bottom.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        fv_classifier = nn.Linear(layer.output_dim, len(encoder.classes_)).to(train_bottom.device)
+        fv_classifier = nn.Linear(layer.output_dim, len(classes)).to(train_bottom.device)
     train(layer, SetData(train_bottom, indices), iterations=args.finetune_iterations, batch_size=128, seed=seed,
-          trunk=trunk, trunk_lr=args.trunk_lr, fv_classifier=fv_classifier, lambda_fv=args.lambda_fv)
+          trunk=trunk, trunk_lr=args.trunk_lr, trunk_losses=trunk_losses, fv_classifier=fv_classifier,
+          lambda_fv=args.lambda_fv)
 
     def encode(bottom):
         return torch.cat([layer(trunk(chunk)) for chunk in bottom.split(256)])
@@ -555,11 +571,12 @@ def run_once(args, seed: int, backbone, top, bottom_layer: str, device, images: 
         log(f"  accuracy {100 * results[-1].accuracy:.2f}%")
     results[-1].lambda_cls = lambda_cls
     final_fvvae = main[-1][1]
-    if args.finetune_iterations:
-        name = f"FV-VAE fine-tuned (d={args.latent}, {args.trainable_blocks} blocks)"
+    for trunk_losses in args.trunk_losses if args.finetune_iterations else ():
+        name = f"FV-VAE fine-tuned (d={args.latent}, {args.trainable_blocks} blocks" + (
+            ", every loss into them)" if trunk_losses == "all" else ")")
         log(f"{name}: {args.finetune_iterations} steps with the backbone's top, Fisher refitted, linear SVM")
         results.append(evaluate_fine_tuned(name, final_fvvae, top, (train_bottom, test_bottom),
-                                           (train_labels, test_labels), args, seed))
+                                           (train_labels, test_labels), args, seed, trunk_losses))
         results[-1].lambda_cls = lambda_cls
         log(f"  accuracy {100 * results[-1].accuracy:.2f}%")
 

@@ -17,23 +17,38 @@ from fvkernels.nn import FVVAE
 from fvkernels.training.checkpoint import check_counts, resume_state, save_checkpoint
 from fvkernels.training.data import SetData
 
+TRUNK_LOSSES = ("discriminative", "all")
+
 
 class _Objective(nn.Module):
     """The losses of a step as a forward pass, the form DistributedDataParallel wraps: Algorithm 1's on the layer's
     input, which fine-tuning computes with a trainable trunk, and, with a classifier on the normalised Fisher vectors,
-    its cross-entropy weighted by lambda_fv ("fv_cls")."""
+    its cross-entropy weighted by lambda_fv ("fv_cls").
+
+    trunk_losses="discriminative": the generative terms (rec, reg) train the layer on the trunk's output as data,
+    detached, and only the classification terms reach the trunk. Their gradient would otherwise reshape the features
+    to be easy to reconstruct (the likelihood of the data rises by changing the data), which lost accuracy in the
+    demo's measurement; "all" backpropagates every term. The classification term then needs a second pass of the
+    layer on the attached maps, with the same per-set noise."""
 
     def __init__(self, layer: FVVAE, trunk: Optional[nn.Module], fv_classifier: Optional[nn.Module],
-                 lambda_fv: float) -> None:
+                 lambda_fv: float, trunk_losses: str) -> None:
         super().__init__()
         self.layer, self.trunk, self.fv_classifier, self.lambda_fv = layer, trunk, fv_classifier, lambda_fv
+        self.trunk_losses = trunk_losses
 
     def layer_input(self, inputs: Tensor) -> Tensor:
         return inputs if self.trunk is None else self.trunk(inputs)
 
     def forward(self, inputs, labels, lengths, noise_seeds) -> Dict[str, Tensor]:
         acts = self.layer_input(inputs)
-        losses = self.layer.loss(acts, labels, lengths, noise_seeds=noise_seeds)
+        if self.trunk is None or self.trunk_losses == "all":
+            losses = self.layer.loss(acts, labels, lengths, noise_seeds=noise_seeds)
+        else:
+            losses = self.layer.loss(acts.detach(), None, lengths, noise_seeds=noise_seeds)
+            if self.layer.classifier is not None and labels is not None:
+                losses["cls"] = self.layer.loss(acts, labels, lengths, noise_seeds=noise_seeds)["cls"]
+                losses["total"] = losses["total"] + self.layer.lambda_cls * losses["cls"]
         if self.fv_classifier is not None:
             scores = self.fv_classifier(self.layer(acts, lengths))
             fv_cls = F.cross_entropy(scores, labels.to(scores.device)) if len(scores) else scores.sum()
@@ -45,7 +60,7 @@ class _Objective(nn.Module):
 def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: int = 128, lr: float = 1.0,
           seed: int = 0, device=None, checkpoint=None, checkpoint_every: int = 500, progress: bool = True,
           distributed: bool = False, input_spec: Optional[dict] = None, data_fingerprint: Optional[str] = None,
-          trunk: Optional[nn.Module] = None, trunk_lr: Optional[float] = None,
+          trunk: Optional[nn.Module] = None, trunk_lr: Optional[float] = None, trunk_losses: str = "discriminative",
           fv_classifier: Optional[nn.Module] = None, lambda_fv: float = 1.0) -> List[Dict[str, float]]:
     """Algorithm 1: `iterations` AdaDelta steps on random batches of `batch_size` sets.
 
@@ -68,14 +83,17 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     parameters that require grad together with the layer, at learning rate trunk_lr (default lr). The trunk runs
     in eval mode: its batch-norm statistics stay those it was pretrained with (a batch of one task's sets would
     re-estimate them). fv_classifier (e.g. nn.Linear(model.output_dim, classes)) adds the cross-entropy of its
-    scores of the normalised Fisher vectors, weighted by lambda_fv; it needs labels. The checkpoint stores the
+    scores of the normalised Fisher vectors, weighted by lambda_fv; it needs labels. trunk_losses: which terms reach
+    the trunk — "discriminative" (default: the classification losses; the generative ones train the layer on the
+    trunk's output as data) or "all" (every term of Algorithm 1, which can trade the features' information for an
+    easier reconstruction). The checkpoint stores the
     trunk and the classifier beside the layer, and resumes them. Refit the Fisher afterwards (fit_fisher on the
     trunk's outputs): the vectors it was fitted on have changed.
     """
     check_counts(iterations, batch_size, checkpoint_every, checkpoint)
     if model.classifier is not None and data.labels is not None:  # once here: loss() checks ranges on CPU only
         model._check_labels(data.labels.cpu(), len(data))
-    lambda_fv = _check_fine_tuning(trunk, trunk_lr, fv_classifier, lambda_fv, data)
+    lambda_fv = _check_fine_tuning(model, trunk, trunk_lr, trunk_losses, fv_classifier, lambda_fv, data)
     check_finite(data.acts, lambda sets: f"the training data's acts hold NaN or Inf in "
                  f"{'some sets' if sets is None else f'sets {sets} (indices into the data)'}; clean or drop them")
     device = torch.device(device) if device is not None else data.acts.device
@@ -89,7 +107,7 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     if global_batch % processes:
         raise ValueError(f"a batch of {global_batch} sets does not split evenly over {processes} processes; "
                          f"choose a batch size that is a multiple of {processes}")
-    steps = _Objective(model, trunk, fv_classifier, lambda_fv)
+    steps = _Objective(model, trunk, fv_classifier, lambda_fv, trunk_losses)
     modules = {name: module for name, module in (("trunk", trunk), ("fv_classifier", fv_classifier)) if module}
     groups = [{"params": [*model.parameters(), *(fv_classifier.parameters() if fv_classifier else ())], "lr": lr}]
     if trunk is not None:
@@ -102,7 +120,7 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     options = dict(seed=seed, batch_size=global_batch, lr=lr, num_sets=len(data), data_fingerprint=data_fingerprint)
     if modules:  # a frozen run's options stay as they were, so that its checkpoints still resume
         options.update(trunk_lr=groups[-1]["lr"] if trunk is not None else None, lambda_fv=lambda_fv if
-                       fv_classifier is not None else None)
+                       fv_classifier is not None else None, trunk_losses=trunk_losses if trunk is not None else None)
     state = collectives.on_main(lambda: resume_state(checkpoint, model, input_spec, options, iterations, modules),
                                 distributed)
     if state is not None:
@@ -165,23 +183,33 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     return history
 
 
-def _check_fine_tuning(trunk, trunk_lr, fv_classifier, lambda_fv, data: SetData) -> float:
+def _check_fine_tuning(model: FVVAE, trunk, trunk_lr, trunk_losses: str, fv_classifier, lambda_fv,
+                       data: SetData) -> float:
     """The fine-tuning options, checked before any work: a classifier on the Fisher vectors needs labels within its
-    outputs, and the weights and rates are finite numbers ≥ 0."""
+    outputs, a trunk trained by the classification losses alone needs one of them, and the weights and rates are
+    finite numbers ≥ 0."""
     if trunk is not None and not isinstance(trunk, nn.Module):
         raise TypeError(f"trunk must be an nn.Module mapping data.acts to the layer's input, got "
                         f"{type(trunk).__name__}")
     if trunk_lr is not None:
         real_number("trunk_lr", trunk_lr, minimum=0)
     lambda_fv = real_number("lambda_fv", lambda_fv, minimum=0)
-    if fv_classifier is None:
-        return lambda_fv
-    if data.labels is None:
-        raise ValueError("fv_classifier needs labels to train on; give the SetData labels, or leave fv_classifier out")
-    classes = getattr(fv_classifier, "out_features", None)
-    if classes is not None and len(data) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < classes:
-        raise ValueError(f"labels must lie in [0, {classes - 1}] for fv_classifier's {classes} outputs, got values "
-                         f"from {int(data.labels.min())} to {int(data.labels.max())}")
+    if trunk_losses not in TRUNK_LOSSES:
+        raise ValueError(f"trunk_losses must be one of {', '.join(map(repr, TRUNK_LOSSES))}, got {trunk_losses!r}")
+    if fv_classifier is not None:
+        if data.labels is None:
+            raise ValueError("fv_classifier needs labels to train on; give the SetData labels, or leave fv_classifier "
+                             "out")
+        classes = getattr(fv_classifier, "out_features", None)
+        if classes is not None and len(data) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < classes:
+            raise ValueError(f"labels must lie in [0, {classes - 1}] for fv_classifier's {classes} outputs, got "
+                             f"values from {int(data.labels.min())} to {int(data.labels.max())}")
+    classifying = data.labels is not None and (fv_classifier is not None or (model.classifier is not None
+                                                                              and model.lambda_cls > 0))
+    if trunk is not None and trunk_losses == "discriminative" and not classifying:
+        raise ValueError("trunk_losses='discriminative' trains the trunk by the classification losses, and this run "
+                         "has none (it needs labels, and the layer's λ3 > 0 or an fv_classifier); pass labels and "
+                         "an fv_classifier, or trunk_losses='all'")
     return lambda_fv
 
 
