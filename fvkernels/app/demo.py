@@ -173,8 +173,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="folder with the Fashion-MNIST IDX files; None: Debian's dataset-fashion-mnist")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where results.json and the plots go")
-    parser.add_argument("--train-size", type=positive_int, default=4000, help="training images (incl. validation)")
-    parser.add_argument("--test-size", type=positive_int, default=2000, help="test images")
+    parser.add_argument("--train-size", type=positive_int, default=3000, help="training images (incl. validation)")
+    parser.add_argument("--test-size", type=positive_int, default=1000, help="test images")
     parser.add_argument("--full", action="store_true", help="all 60000 training and 10000 test images")
     parser.add_argument("--val-fraction", type=validation_share, default=0.2,
                         help="share of training images for choosing λ3, in (0, 1)")
