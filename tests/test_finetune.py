@@ -180,3 +180,15 @@ def test_place_on_canvas_moves_every_item_and_keeps_it_whole():
         place_on_canvas(images, 40, torch.Generator(), scale_jitter=1.5)
     with pytest.raises(ValueError, match="scale_jitter must be ≥ 1"):
         place_on_canvas(images, 56, torch.Generator(), scale_jitter=0.5)
+
+
+def test_a_checkpoint_never_holds_nonfinite_trunk_weights(tmp_path):
+    from fvkernels.common.checks import NonFiniteError
+    from fvkernels.training import save_checkpoint
+
+    trunk, layer, head, _ = trunk_and_data()
+    with torch.no_grad():
+        trunk[0].weight[1, 2, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"trunk\.0\.weight holds NaN at index \(1, 2, 0, 0\)"):
+        save_checkpoint(tmp_path / "tuned.pt", layer, modules={"trunk": trunk, "fv_classifier": head})
+    assert not (tmp_path / "tuned.pt").exists()
