@@ -248,7 +248,9 @@ def test_finetune_trains_the_top_blocks_resumes_and_extract_encodes_with_them(ca
                 str(tuned), "--iterations", "3", "--batch-size", "2", "--checkpoint-every", "2", "--trunk-lr", "5"]
     assert main(finetune) == 0
     start, state = read_checkpoint(checkpoint), read_checkpoint(tuned)
-    assert state["input_spec"] == dict(start["input_spec"], trainable_blocks=2) and state["iteration"] == 3
+    assert state["input_spec"] == dict(start["input_spec"], trainable_blocks=2,
+                                       init_sha256=state["input_spec"]["init_sha256"])
+    assert state["iteration"] == 3 and state["fisher_refitted_at"] == 3
     assert set(state["modules"]) == {"trunk", "fv_classifier"}  # the list is labelled: --lambda-fv 1 by default
     assert any(not torch.equal(state["model"][name], start["model"][name]) for name in start["model"])
     assert not torch.equal(state["model"]["fisher"], start["model"]["fisher"])
@@ -263,6 +265,18 @@ def test_finetune_trains_the_top_blocks_resumes_and_extract_encodes_with_them(ca
     frozen_fv, tuned_fv = load_fisher_vectors(tmp_path / "frozen")[2], load_fisher_vectors(tmp_path / "tuned")[2]
     assert frozen_fv.shape == tuned_fv.shape and np.abs(frozen_fv - tuned_fv).max() > 1e-3
 
+    # a run that has not finished (killed before the Fisher refit) is not encoded with the init's Fisher
+    from fvkernels.training.checkpoint import write_checkpoint
+    unfinished = tmp_path / "unfinished.pt"
+    write_checkpoint(unfinished, {key: value for key, value in state.items() if key != "fisher_refitted_at"})
+    assert "is a fine-tuning run that has not finished (step 3" in refusal(
+        capsys, "extract", *corpus_arguments(folder, list_file), "--model", str(unfinished), "--out",
+        str(tmp_path / "never"))
+    # more steps after the refit would continue from the refitted Fisher, not the one training used
+    more = [*finetune]
+    more[more.index("--iterations") + 1] = "5"
+    assert "finished its 3 steps and holds the Fisher refitted after them" in refusal(capsys, *more)
+
     other = ["--checkpoint", str(tmp_path / "other.pt")]
     assert "would overwrite the one it starts from" in refusal(capsys, *finetune[:-10], "--init", str(checkpoint),
                                                                "--checkpoint", str(checkpoint))
@@ -272,3 +286,26 @@ def test_finetune_trains_the_top_blocks_resumes_and_extract_encodes_with_them(ca
     assert "trainable_blocks must lie in 1…6" in refusal(
         capsys, "finetune", *corpus_arguments(folder, list_file), "--init", str(checkpoint), *other,
         "--trainable-blocks", "9")
+
+
+def test_finetune_checks_its_options_and_its_init_before_the_activations(capsys, trained, tmp_path, no_activations):
+    from fvkernels.training import read_checkpoint
+    from fvkernels.training.checkpoint import write_checkpoint
+
+    folder, list_file, checkpoint = trained
+    finetune = ["finetune", *corpus_arguments(folder, list_file), "--iterations", "2", "--batch-size", "2"]
+    unfitted = tmp_path / "unfitted.pt"
+    state = read_checkpoint(checkpoint)
+    state["model"] = dict(state["model"], fisher_sets=state["model"]["fisher_sets"] * 0)
+    write_checkpoint(unfitted, state)
+    assert "has no fitted Fisher; let `fvkernels train` finish" in refusal(
+        capsys, *finetune, "--init", str(unfitted), "--checkpoint", str(tmp_path / "a.pt"))
+    with pytest.raises(SystemExit):
+        main([*finetune, "--init", str(checkpoint), "--checkpoint", str(tmp_path / "b.pt"), "--trunk-lr", "nan"])
+    assert "expected a finite number ≥ 0, got 'nan'" in capsys.readouterr().err
+    # a resumed run must start from the same init: another one (other weights) is refused, naming it
+    tuned = tmp_path / "tuned.pt"
+    write_checkpoint(tuned, dict(read_checkpoint(checkpoint), input_spec=dict(
+        state["input_spec"], trainable_blocks=2, init_sha256="0" * 64), modules={}, iteration=0))
+    assert "input init_sha256: checkpoint '0000" in refusal(capsys, *finetune, "--init", str(checkpoint),
+                                                            "--checkpoint", str(tuned))

@@ -44,7 +44,7 @@ def test_fine_tuning_trains_the_trunk_and_the_classifier_on_the_fisher_vectors()
     assert not torch.equal(trunk[0].weight, initial_trunk[0].weight)  # trained, at trunk_lr
     assert torch.equal(trunk[2].weight, initial_trunk[2].weight)  # requires_grad=False: untouched
     assert not torch.equal(head.weight, initial_head.weight)
-    assert not trunk.training and not layer.training and not head.training
+    assert trunk.training and not layer.training and not head.training  # the trunk's mode as the caller had it
 
 
 def test_only_the_classification_losses_reach_the_trunk_unless_every_loss_is_asked_for():
@@ -98,6 +98,8 @@ def test_fine_tuning_refuses_what_it_cannot_use(tmp_path):
     with pytest.raises(ValueError, match="trunk_losses='discriminative' trains the trunk by the classification "
                                          "losses, and this run has none"):
         train(FVVAE(6, 3, (8,)), SetData(data.acts), iterations=1, trunk=trunk, progress=False)
+    with pytest.raises(ValueError, match="and this run has none"):  # a classifier with weight 0 trains nothing
+        train(FVVAE(6, 3, (8,)), data, iterations=1, trunk=trunk, fv_classifier=head, lambda_fv=0.0, progress=False)
     # a frozen run's checkpoint is not a fine-tuning run's, and the reverse
     frozen = tmp_path / "frozen.pt"
     with torch.no_grad():
@@ -146,6 +148,13 @@ def test_efficientnet_split_gives_the_tap_from_the_bottom_and_shares_the_weights
     trainable = {name for name, parameter in top.named_parameters() if parameter.requires_grad}
     if layer.endswith(".depthwise"):  # the tap's block after the tap takes no part: frozen
         assert not any(name.startswith(f"blocks.{len(top.blocks) - 1}.project") for name in trainable)
+
+
+def test_a_split_at_another_tap_trains_what_an_earlier_split_froze():
+    network = EfficientNetLite0()
+    network.split("block5.depthwise", 1)  # freezes block5's projection, which takes no part there
+    _, top = network.split("block5", 1)
+    assert all(parameter.requires_grad for parameter in top.parameters())
 
 
 @pytest.mark.parametrize("layer,blocks,message", [

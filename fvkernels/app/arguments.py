@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -55,3 +56,25 @@ def efficientnet_layer_names() -> tuple:
 def layer_help(what: str) -> str:
     return (f"{what}; post-activation taps (≥ 0, what FV-VAE's ReLU decoder models) are stem, head and the "
             f".expanded/.depthwise ones. Valid names: {', '.join(efficientnet_layer_names())}")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type of a rate or weight: a finite number ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count that may be 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
+    return value

@@ -139,6 +139,9 @@ def efficientnet_backbone(layer: str = "block5.depthwise", image_size: int = 112
 
 
 BACKBONES = {"efficientnet_lite0": efficientnet_backbone}
+# What `fvkernels finetune` adds to a backbone's spec: how many blocks it trained, and the digest of the layer it
+# started from.
+FINE_TUNING_KEYS = ("trainable_blocks", "init_sha256")
 # The backbones whose top blocks `fvkernels finetune` trains: name → (layer, image size, trainable blocks) →
 # (the whole backbone, the frozen bottom giving the top's inputs, the top).
 SPLITTABLE = {"efficientnet_lite0": lambda layer, image_size, blocks: _efficientnet_split(layer, image_size, blocks)}
@@ -171,7 +174,7 @@ def backbone_from_spec(spec: dict, modules: Optional[Dict[str, dict]] = None) ->
     if name not in BACKBONES:
         raise ValueError(f"the checkpoint's backbone {name!r} is not one of {sorted(BACKBONES)}; the command line "
                          "rebuilds only those (the Python API, fvkernels.app.extract.extract, takes any Backbone)")
-    pretrained = {key: value for key, value in spec.items() if key != "trainable_blocks"}
+    pretrained = {key: value for key, value in spec.items() if key not in FINE_TUNING_KEYS}
     if "trainable_blocks" not in spec:
         backbone = BACKBONES[name](spec["layer"], spec["image_size"])
         _check_weights(backbone, pretrained)

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from fvkernels.app.arguments import DefaultsHelpFormatter, efficientnet_layer, image_size, layer_help, positive_int
+from fvkernels.app.arguments import (
+    DefaultsHelpFormatter,
+    efficientnet_layer,
+    image_size,
+    layer_help,
+    non_negative_float,
+    positive_int,
+)
 from fvkernels.common import extras
 from fvkernels.common.collectives import rank_and_size
 from fvkernels.ops import dispatch, verification
@@ -157,6 +164,10 @@ def run_extract(args) -> int:
         model = load_checkpoint(args.model)
         if not model.has_fisher:
             raise ValueError(f"{args.model} has no fitted Fisher; let `fvkernels train` finish (rerun it to resume)")
+        if "trainable_blocks" in input_spec and state.get("fisher_refitted_at") != state["iteration"]:
+            raise ValueError(f"{args.model} is a fine-tuning run that has not finished (step {state['iteration']}, "
+                             "its Fisher not yet refitted on the fine-tuned maps); rerun `fvkernels finetune` to "
+                             "finish it")
         backbone = backbone_from_spec(input_spec, state["modules"])
         manifest = extract(read_sample_list(args.list), args.root, model, backbone, args.out,
                            dtype=args.dtype, shard_size=args.shard_size, batch_size=args.image_batch,
@@ -279,13 +290,13 @@ def main(argv=None) -> int:
     finetune.add_argument("--iterations", type=positive_int, default=300, help="fine-tuning steps")
     finetune.add_argument("--batch-size", type=positive_int, default=128,
                           help="sets per global batch, split over the processes (a multiple of their number)")
-    finetune.add_argument("--lr", type=float, default=1.0, help="AdaDelta learning rate of the layer")
-    finetune.add_argument("--trunk-lr", type=float, default=0.1,
+    finetune.add_argument("--lr", type=non_negative_float, default=1.0, help="AdaDelta learning rate of the layer")
+    finetune.add_argument("--trunk-lr", type=non_negative_float, default=0.1,
                           help="AdaDelta learning rate of the backbone's blocks (pretrained: smaller steps)")
     finetune.add_argument("--trunk-losses", choices=("discriminative", "all"), default="discriminative",
                           help="the losses that reach the backbone's blocks: the classification ones (the generative "
                                "ones then train the layer alone), or every one of Algorithm 1")
-    finetune.add_argument("--lambda-fv", type=float, default=1.0,
+    finetune.add_argument("--lambda-fv", type=non_negative_float, default=1.0,
                           help="weight of a linear classifier's cross-entropy on the normalised Fisher vectors "
                                "(labelled lists; 0: Algorithm 1's losses only)")
     finetune.add_argument("--seed", type=int, default=0, help="seed of the batch order, the noise and the classifier")

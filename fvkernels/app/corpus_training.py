@@ -35,7 +35,7 @@ from fvkernels.training.checkpoint import (
     write_checkpoint,
 )
 from fvkernels.training.data import SetData
-from fvkernels.training.loop import train
+from fvkernels.training.loop import check_fine_tuning, train
 
 
 def train_on_corpus(samples: Sequence[Sample], root, backbone: Backbone, checkpoint, *,
@@ -118,14 +118,21 @@ def finetune_on_corpus(samples: Sequence[Sample], root, init, checkpoint, *, tra
         raise ValueError(f"{str(init)!r} is not a `fvkernels train` checkpoint of a frozen backbone (its input_spec "
                          f"is {spec!r}); fine-tune the layer `fvkernels train` wrote")
     model = load_checkpoint(init)
+    if not model.has_fisher:
+        raise ValueError(f"{str(init)!r} has no fitted Fisher; let `fvkernels train` finish (rerun it to resume), then "
+                         "fine-tune")
     whole, bottom, top = split_backbone(spec, trainable_blocks)
-    input_spec = dict(spec, trainable_blocks=int(trainable_blocks))
-    labelled = samples[0].label is not None if samples else False
+    # The init's weights are part of what the run depends on: resuming from another init is refused like other data.
+    input_spec = dict(spec, trainable_blocks=int(trainable_blocks), init_sha256=state_digest(model))
+    labels = torch.tensor([sample.label for sample in samples]) if samples and samples[0].label is not None else None
     fv_classifier = None
-    if lambda_fv and labelled:
+    if lambda_fv and labels is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(options["seed"])
-            fv_classifier = nn.Linear(model.output_dim, max(sample.label for sample in samples) + 1)
+            fv_classifier = nn.Linear(model.output_dim, int(labels.max()) + 1)
+    if model.classifier is not None and labels is not None:
+        model._check_labels(labels, len(labels))
+    check_fine_tuning(model, top, trunk_lr, trunk_losses, fv_classifier, lambda_fv, labels)
     device = torch.device(device) if device is not None else default_device(distributed)
     _check_inputs(samples, root, whole, image_batch, device, distributed)
     data_fingerprint = digest_corpus(samples, frames_per_video)
@@ -138,6 +145,11 @@ def finetune_on_corpus(samples: Sequence[Sample], root, init, checkpoint, *, tra
                                                                  data_fingerprint=data_fingerprint, **fine_tuning),
                              options["iterations"], modules)
         _check_resumed_batch_size(state, checkpoint, options["batch_size"])
+        if state is not None and state.get("fisher_refitted_at") is not None and \
+                options["iterations"] > state["iteration"]:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} finished its {state['iteration']} steps and holds the "
+                             "Fisher refitted after them, not the one its training used; fine-tune for more steps into "
+                             "a new checkpoint path")
 
     collectives.on_main(check_checkpoint, distributed)
     bottom.to(device)
@@ -151,7 +163,7 @@ def finetune_on_corpus(samples: Sequence[Sample], root, init, checkpoint, *, tra
           trunk_losses=trunk_losses, fv_classifier=fv_classifier, lambda_fv=lambda_fv, **training)
     with torch.no_grad():  # the maps changed with the top: the Fisher of the frozen run no longer fits them
         model.fit_fisher((top(chunk) for chunk in local_inputs.split(256)), distributed=distributed)
-    collectives.on_main(lambda: _store_fisher(checkpoint, model), distributed)
+    collectives.on_main(lambda: _store_fisher(checkpoint, model, refitted=True), distributed)
     whole.spec = dict(input_spec, trunk_sha256=state_digest(top))
     return model, whole
 
@@ -205,9 +217,14 @@ def _corpus_sets(samples: Sequence[Sample], root, backbone: Backbone, no_maps: T
     return data, local_acts
 
 
-def _store_fisher(checkpoint, model: FVVAE) -> None:
+def _store_fisher(checkpoint, model: FVVAE, refitted: bool = False) -> None:
+    """The fitted Fisher into the finished run's checkpoint; refitted (fine-tuning): marked with the step it was
+    refitted after, which `fvkernels extract` requires (before it, the layer holds the init's Fisher, fitted on other
+    maps)."""
     state = read_checkpoint(checkpoint)
     state["model"] = model.state_dict()
+    if refitted:
+        state["fisher_refitted_at"] = state["iteration"]
     write_checkpoint(checkpoint, state)  # with its new digest, and never with non-finite weights
 
 

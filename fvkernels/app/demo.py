@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fvkernels.app.arguments import efficientnet_layer, layer_help, positive_int
+from fvkernels.app.arguments import efficientnet_layer, layer_help, non_negative_float, non_negative_int, positive_int
 from fvkernels.app.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, place_on_canvas, stratified_subset
 from fvkernels.app.efficientnet import efficientnet_lite0, preprocess
 from fvkernels.common import extras
@@ -65,6 +65,7 @@ class Result:
 
 
 TASKS = ("aligned", "translated")
+CANVAS_STREAM = 1 << 32  # the translated task's positions: seed | 2³², never a seed of the subsets
 
 
 MAX_SEED = 2 ** 32 - 1
@@ -120,26 +121,6 @@ def scale_jitter(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
-    return value
-
-
 def trunk_loss_choices(text: str) -> List[str]:
     """argparse type of --trunk-losses: comma-separated names of fvkernels.training.loop.TRUNK_LOSSES."""
     chosen = [item.strip() for item in text.split(",")]
@@ -175,7 +156,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where results.json and the plots go")
     parser.add_argument("--train-size", type=positive_int, default=3000, help="training images (incl. validation)")
     parser.add_argument("--test-size", type=positive_int, default=1000, help="test images")
-    parser.add_argument("--full", action="store_true", help="all 60000 training and 10000 test images")
+    parser.add_argument("--full", action="store_true",
+                        help="all 60000 training and 10000 test images (every seed then sees the same images: the "
+                             "spread is that of the initialisations alone)")
     parser.add_argument("--val-fraction", type=validation_share, default=0.2,
                         help="share of training images for choosing λ3, in (0, 1)")
     parser.add_argument("--seeds", type=generator_seeds, default="0",
@@ -216,17 +199,22 @@ def add_arguments(parser) -> None:
                              "vectors (0: Algorithm 1's losses only)")
 
 
-def extract_maps(backbone, top, bottom_layer: str, images: torch.Tensor, args, device, desc: str
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(the maps of bottom_layer, those of args.layer computed from them by the top) for grayscale images, float32
-    on `device`: the fine-tuned row trains the top on the first, every encoder sees the second."""
+def extract_maps(backbone, split: Optional[tuple], images: torch.Tensor, args, device, desc: str
+                 ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(the maps of the split's bottom layer, those of args.layer) for grayscale images, float32 on `device`; with a
+    split (bottom layer, top) the second come from the first through the top: the fine-tuned rows train the top on
+    the first, every encoder sees the second. Without one (no fine-tuning), (None, the maps)."""
     bottoms, maps = [], []
     with torch.no_grad():
         for begin in tqdm(range(0, len(images), 256), desc=f"EfficientNet-Lite0 {args.layer} ({desc})"):
             batch = preprocess(images[begin: begin + 256], args.image_size).to(device)
+            if split is None:
+                maps.append(backbone.features(batch, args.layer)[args.layer])
+                continue
+            bottom_layer, top = split
             bottoms.append(backbone.features(batch, bottom_layer)[bottom_layer])
             maps.append(top(bottoms[-1]))
-    return torch.cat(bottoms), torch.cat(maps)
+    return (torch.cat(bottoms) if split is not None else None), torch.cat(maps)
 
 
 def evaluate_encoder(name: str, encoder, train_maps, train_labels, test_maps, test_labels, *,
@@ -274,9 +262,11 @@ def evaluate_fine_tuned(name: str, encoder: FVVAEEncoder, top, bottoms: Tuple[to
     classes = getattr(encoder, "classes_", None)  # absent when λ3 = 0 was chosen: no labels in its fit
     classes = np.unique(train_labels.numpy()) if classes is None else classes
     indices = torch.as_tensor(np.searchsorted(classes, train_labels.numpy()), device=train_bottom.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        fv_classifier = nn.Linear(layer.output_dim, len(classes)).to(train_bottom.device)
+    fv_classifier = None
+    if args.lambda_fv:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fv_classifier = nn.Linear(layer.output_dim, len(classes)).to(train_bottom.device)
     train(layer, SetData(train_bottom, indices), iterations=args.finetune_iterations, batch_size=128, seed=seed,
           trunk=trunk, trunk_lr=args.trunk_lr, trunk_losses=trunk_losses, fv_classifier=fv_classifier,
           lambda_fv=args.lambda_fv)
@@ -438,8 +428,8 @@ def format_table(summary: List[dict], task: str) -> str:
     lines = [f"| {'method':<34} | {'dim':>7} | {f'accuracy ({seeds} seed' + ('s' if seeds > 1 else '') + ')':>20} "
              f"| {'encode (s)':>10} |",
              f"|{'-' * 36}|{'-' * 9}|{'-' * 22}|{'-' * 12}|"]
-    for row in rows:
-        score = f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}%"
+    for row in rows:  # one seed has no spread to show
+        score = f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}%" if seeds > 1 else f"{100 * row['mean']:.2f}%"
         lines.append(f"| {row['method']:<34} | {row['dim']:>7} | {score:>20} | {row['encode_seconds']:>10.3f} |")
     return "\n".join(lines)
 
@@ -475,7 +465,7 @@ def run(args) -> int:
     train_images, train_labels = load_fashion_mnist("train", args.data)
     test_images, test_labels = load_fashion_mnist("test", args.data)
     backbone = efficientnet_lite0().to(device).eval()
-    bottom_layer, top = backbone.split(args.layer, args.trainable_blocks)
+    split = backbone.split(args.layer, args.trainable_blocks) if args.finetune_iterations else None
     if "translated" in args.tasks:  # a canvas too small for the items is refused now, not after the aligned task
         place_on_canvas(train_images[:0], args.canvas, torch.Generator(), args.scale_jitter)
     for seed in args.seeds:  # every refusal of a split or size before the first long run
@@ -489,10 +479,11 @@ def run(args) -> int:
             (train_x, train_y, test_x, test_y) = subsets(args, seed, train_images, train_labels, test_images,
                                                          test_labels)
             if task == "translated":
-                canvas = torch.Generator().manual_seed(seed + 1)  # not the subsets' stream
+                # a stream of its own: subset seeds are below 2³², this one at or above it
+                canvas = torch.Generator().manual_seed(CANVAS_STREAM | seed)
                 train_x = place_on_canvas(train_x, args.canvas, canvas, args.scale_jitter)
                 test_x = place_on_canvas(test_x, args.canvas, canvas, args.scale_jitter)
-            runs, lambda_cls, encoder, test_maps = run_once(args, seed, backbone, top, bottom_layer, device,
+            runs, lambda_cls, encoder, test_maps = run_once(args, seed, backbone, split, device,
                                                             (train_x, train_y, test_x, test_y))
             results += [replace(result, task=task, seed=seed) for result in runs]
             chosen.setdefault(task, []).append(lambda_cls)
@@ -533,15 +524,15 @@ def subsets(args, seed: int, train_images, train_labels, test_images, test_label
     return train_images[train_pick], train_labels[train_pick], test_images[test_pick], test_labels[test_pick]
 
 
-def run_once(args, seed: int, backbone, top, bottom_layer: str, device, images: tuple) -> tuple:
+def run_once(args, seed: int, backbone, split: Optional[tuple], device, images: tuple) -> tuple:
     """Every method on one task and seed: (results, the λ3 chosen, the main FV-VAE encoder, the test maps)."""
     train_images, train_labels, test_images, test_labels = images
     torch.manual_seed(seed)
     validation = validation_size(train_labels, args.val_fraction)
     log(f"Fashion-MNIST: {len(train_images)} training and {len(test_images)} test images of "
         f"{train_images.shape[1]}×{train_images.shape[2]}; device {device}")
-    train_bottom, train_maps = extract_maps(backbone, top, bottom_layer, train_images, args, device, "train")
-    test_bottom, test_maps = extract_maps(backbone, top, bottom_layer, test_images, args, device, "test")
+    train_bottom, train_maps = extract_maps(backbone, split, train_images, args, device, "train")
+    test_bottom, test_maps = extract_maps(backbone, split, test_images, args, device, "test")
     channels, height, width = train_maps.shape[1:]
     log(f"local descriptors: {height}×{width} = {height * width} per image, C = {channels}")
     check_descriptor_count(len(train_maps) * height * width, args)
@@ -575,7 +566,7 @@ def run_once(args, seed: int, backbone, top, bottom_layer: str, device, images: 
         name = f"FV-VAE fine-tuned (d={args.latent}, {args.trainable_blocks} blocks" + (
             ", every loss into them)" if trunk_losses == "all" else ")")
         log(f"{name}: {args.finetune_iterations} steps with the backbone's top, Fisher refitted, linear SVM")
-        results.append(evaluate_fine_tuned(name, final_fvvae, top, (train_bottom, test_bottom),
+        results.append(evaluate_fine_tuned(name, final_fvvae, split[1], (train_bottom, test_bottom),
                                            (train_labels, test_labels), args, seed, trunk_losses))
         results[-1].lambda_cls = lambda_cls
         log(f"  accuracy {100 * results[-1].accuracy:.2f}%")

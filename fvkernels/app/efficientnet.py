@@ -234,7 +234,8 @@ class EfficientNetTop(nn.Module):
         self.blocks = nn.ModuleList(network.blocks[first_block: last + 1])
         self.head = network.head if layer == "head" else None
         # The parts of the tap's block after the tap take no part: frozen, so that no optimizer or data-parallel
-        # wrapper waits for their gradients.
+        # wrapper waits for their gradients; the rest trainable, whatever an earlier split at another tap froze.
+        self.requires_grad_(True)
         after_tap = {".expanded": ("depthwise", "project"), ".depthwise": ("project",)}
         for suffix, parts in after_tap.items():
             if layer.startswith("block") and layer.endswith(suffix):

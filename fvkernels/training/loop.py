@@ -93,11 +93,12 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     check_counts(iterations, batch_size, checkpoint_every, checkpoint)
     if model.classifier is not None and data.labels is not None:  # once here: loss() checks ranges on CPU only
         model._check_labels(data.labels.cpu(), len(data))
-    lambda_fv = _check_fine_tuning(model, trunk, trunk_lr, trunk_losses, fv_classifier, lambda_fv, data)
+    lambda_fv = check_fine_tuning(model, trunk, trunk_lr, trunk_losses, fv_classifier, lambda_fv, data.labels)
     check_finite(data.acts, lambda sets: f"the training data's acts hold NaN or Inf in "
                  f"{'some sets' if sets is None else f'sets {sets} (indices into the data)'}; clean or drop them")
     device = torch.device(device) if device is not None else data.acts.device
     model.to(device).train()
+    trunk_was_training = trunk is not None and trunk.training
     if trunk is not None:
         trunk.to(device).eval()
     if fv_classifier is not None:
@@ -108,7 +109,8 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
         raise ValueError(f"a batch of {global_batch} sets does not split evenly over {processes} processes; "
                          f"choose a batch size that is a multiple of {processes}")
     steps = _Objective(model, trunk, fv_classifier, lambda_fv, trunk_losses)
-    modules = {name: module for name, module in (("trunk", trunk), ("fv_classifier", fv_classifier)) if module}
+    modules = {name: module for name, module in (("trunk", trunk), ("fv_classifier", fv_classifier))
+               if module is not None}
     groups = [{"params": [*model.parameters(), *(fv_classifier.parameters() if fv_classifier else ())], "lr": lr}]
     if trunk is not None:
         groups.append({"params": [p for p in trunk.parameters() if p.requires_grad],
@@ -180,14 +182,17 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     model.eval()
     if fv_classifier is not None:
         fv_classifier.eval()
+    if trunk is not None:
+        trunk.train(trunk_was_training)  # as the caller had it (it may be part of their model)
     return history
 
 
-def _check_fine_tuning(model: FVVAE, trunk, trunk_lr, trunk_losses: str, fv_classifier, lambda_fv,
-                       data: SetData) -> float:
-    """The fine-tuning options, checked before any work: a classifier on the Fisher vectors needs labels within its
-    outputs, a trunk trained by the classification losses alone needs one of them, and the weights and rates are
-    finite numbers ≥ 0."""
+def check_fine_tuning(model: FVVAE, trunk, trunk_lr, trunk_losses: str, fv_classifier, lambda_fv,
+                      labels: Optional[Tensor]) -> float:
+    """train's fine-tuning options, checked before any work (`fvkernels finetune` calls it before the corpus's
+    activations): a classifier on the Fisher vectors needs labels within its outputs, a trunk trained by the
+    classification losses alone needs one of them with a weight > 0, and the weights and rates are finite numbers
+    ≥ 0. Returns lambda_fv as a float."""
     if trunk is not None and not isinstance(trunk, nn.Module):
         raise TypeError(f"trunk must be an nn.Module mapping data.acts to the layer's input, got "
                         f"{type(trunk).__name__}")
@@ -197,19 +202,20 @@ def _check_fine_tuning(model: FVVAE, trunk, trunk_lr, trunk_losses: str, fv_clas
     if trunk_losses not in TRUNK_LOSSES:
         raise ValueError(f"trunk_losses must be one of {', '.join(map(repr, TRUNK_LOSSES))}, got {trunk_losses!r}")
     if fv_classifier is not None:
-        if data.labels is None:
+        if labels is None:
             raise ValueError("fv_classifier needs labels to train on; give the SetData labels, or leave fv_classifier "
                              "out")
         classes = getattr(fv_classifier, "out_features", None)
-        if classes is not None and len(data) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < classes:
+        if classes is not None and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
             raise ValueError(f"labels must lie in [0, {classes - 1}] for fv_classifier's {classes} outputs, got "
-                             f"values from {int(data.labels.min())} to {int(data.labels.max())}")
-    classifying = data.labels is not None and (fv_classifier is not None or (model.classifier is not None
-                                                                              and model.lambda_cls > 0))
+                             f"values from {int(labels.min())} to {int(labels.max())}")
+    classifying = labels is not None and ((fv_classifier is not None and lambda_fv > 0) or
+                                          (model.classifier is not None and model.lambda_cls > 0))
     if trunk is not None and trunk_losses == "discriminative" and not classifying:
         raise ValueError("trunk_losses='discriminative' trains the trunk by the classification losses, and this run "
-                         "has none (it needs labels, and the layer's λ3 > 0 or an fv_classifier); pass labels and "
-                         "an fv_classifier, or trunk_losses='all'")
+                         "has none (it needs labels, and the layer's λ3 > 0 or an fv_classifier with lambda_fv > 0); "
+                         "pass labels and an fv_classifier (`fvkernels finetune`: a labelled list and --lambda-fv > "
+                         "0), or trunk_losses='all' (--trunk-losses all)")
     return lambda_fv
 
 
