@@ -45,6 +45,10 @@ def test_fine_tuning_trains_the_trunk_and_the_classifier_on_the_fisher_vectors()
     assert torch.equal(trunk[2].weight, initial_trunk[2].weight)  # requires_grad=False: untouched
     assert not torch.equal(head.weight, initial_head.weight)
     assert trunk.training and not layer.training and not head.training  # the trunk's mode as the caller had it
+    mixed = trunk_and_data()[0]
+    mixed[0].eval()  # e.g. frozen batch norms inside a module in training mode: each module keeps its own mode
+    train(trunk_and_data()[1], trunk_and_data()[3], iterations=1, batch_size=8, trunk=mixed, progress=False)
+    assert [module.training for module in mixed.modules()] == [True, False, True, True, True]
 
 
 def test_only_the_classification_losses_reach_the_trunk_unless_every_loss_is_asked_for():
@@ -138,7 +142,7 @@ def test_efficientnet_split_gives_the_tap_from_the_bottom_and_shares_the_weights
     network = EfficientNetLite0().eval()
     images = torch.randn(2, 3, 48, 48)
     bottom_layer, top = network.split(layer, blocks)
-    assert bottom_layer == bottom
+    assert bottom_layer == bottom and not top.training  # the network's mode
     with torch.no_grad():
         maps = top(network.features(images, bottom_layer)[bottom_layer])
         assert torch.equal(maps, network.features(images, layer)[layer])

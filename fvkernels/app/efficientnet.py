@@ -196,7 +196,7 @@ class EfficientNetLite0(nn.Module):
         if int(trainable_blocks) < 1 or first < 0:
             raise ValueError(f"trainable_blocks must lie in 1…{last + 1} for layer {layer!r} (the blocks up to it"
                              f"{', the head counted as one' if layer == 'head' else ''}), got {trainable_blocks}")
-        return ("stem" if first == 0 else f"block{first - 1}"), EfficientNetTop(self, first, layer)
+        return ("stem" if first == 0 else f"block{first - 1}"), EfficientNetTop(self, first, layer).train(self.training)
 
     def features(self, images: Tensor, layers: Union[str, Sequence[str]] = "head") -> Dict[str, Tensor]:
         """{name: (N, C, H, W)} maps of the requested taps; the forward stops after the last one."""

@@ -98,7 +98,7 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
                  f"{'some sets' if sets is None else f'sets {sets} (indices into the data)'}; clean or drop them")
     device = torch.device(device) if device is not None else data.acts.device
     model.to(device).train()
-    trunk_was_training = trunk is not None and trunk.training
+    trunk_modes = {} if trunk is None else {module: module.training for module in trunk.modules()}
     if trunk is not None:
         trunk.to(device).eval()
     if fv_classifier is not None:
@@ -182,8 +182,8 @@ def train(model: FVVAE, data: SetData, *, iterations: int = 5000, batch_size: in
     model.eval()
     if fv_classifier is not None:
         fv_classifier.eval()
-    if trunk is not None:
-        trunk.train(trunk_was_training)  # as the caller had it (it may be part of their model)
+    for module, training in trunk_modes.items():  # as the caller had them (the trunk may be part of their model)
+        module.training = training
     return history
 
 
