@@ -164,7 +164,8 @@ def test_a_split_at_another_tap_trains_what_an_earlier_split_froze():
 @pytest.mark.parametrize("layer,blocks,message", [
     ("block5.depthwise", 7, r"trainable_blocks must lie in 1…6 for layer 'block5.depthwise'"),
     ("block5.depthwise", 0, r"trainable_blocks must lie in 1…6"),
-    ("head", 18, r"trainable_blocks must lie in 1…17 for layer 'head' \(the blocks up to it, the head counted as one\)"),
+    ("head", 18, r"trainable_blocks must lie in 1…17 for layer 'head' \(the blocks up to it, the head counted as "
+                 r"one\)"),
     ("stem", 1, "the stem is the network's first layer"),
     ("block99", 1, "unknown feature layer 'block99'"),
 ])
