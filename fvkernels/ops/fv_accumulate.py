@@ -127,6 +127,32 @@ def _gradients(backend, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher
 fv_accumulate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.triton_op("fvkernels::fv_accumulate_triton", mutates_args=())
+def fv_accumulate_triton_op(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
+                            fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor], x_scale: Optional[Tensor],
+                            signed_sqrt: bool, with_row_sumsq: bool) -> Tuple[Tensor, Tensor]:
+    """fv_accumulate_op on the "triton" backend, as an op whose body torch.compile traces: its kernels are launched
+    through wrap_triton, so Inductor sees them as Triton kernels (and AOTInductor can package them) rather than an
+    opaque call. fv_accumulate_functional takes it while torch.compile traces a call that runs on Triton."""
+    from fvkernels.ops import triton_fv  # imports triton: only when this op runs or is traced
+
+    out, row_sumsq = _empty_outputs(z, x, with_row_sumsq)
+    triton_fv.launch(FVAccumulateArgs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, x_scale,
+                                      signed_sqrt, row_sumsq if with_row_sumsq else None), capturable=True)
+    return out, row_sumsq
+
+
+def _setup_triton_context(ctx, inputs, output):
+    _setup_context(ctx, (*inputs, "triton"), output)
+
+
+def _triton_backward(ctx, grad_out, grad_row_sumsq):
+    return _backward(ctx, grad_out, grad_row_sumsq)[:-1]  # no backend argument to answer
+
+
+fv_accumulate_triton_op.register_autograd(_triton_backward, setup_context=_setup_triton_context)
+
+
 class FVAccumulateFunction(torch.autograd.Function):
     """`fvkernels::fv_accumulate` with the same forward and backward as an autograd.Function, the form torch.func
     composes with (grad, vjp, jacrev, vmap), which the op's own autograd registration does not."""
@@ -169,7 +195,19 @@ def fv_accumulate_functional(*args) -> Tuple[Tensor, Tensor]:
     if torch.onnx.is_in_onnx_export():
         out, row_sumsq = fv_accumulate_outputs(*args[:-1])
         return out, row_sumsq if row_sumsq is not None else out.new_empty((out.shape[0], 0), dtype=torch.float32)
-    return FVAccumulateFunction.apply(*args) if transformed() else fv_accumulate_op(*args)
+    if transformed():
+        return FVAccumulateFunction.apply(*args)
+    if _compiles_on_triton(args[0], args[-1]):
+        return fv_accumulate_triton_op(*args[:-1])
+    return fv_accumulate_op(*args)
+
+
+def _compiles_on_triton(z: Tensor, backend: str) -> bool:
+    """Whether torch.compile is tracing a call that runs on the Triton backend, on a GPU. Not torch.export, whose
+    graph keeps the backend-neutral op (and the caller's backend word) so that it runs wherever it is loaded."""
+    if not (tracing() and z.is_cuda and backend in ("auto", "triton")) or torch.compiler.is_exporting():
+        return False
+    return dispatch.resolve(backend, z.device, compute_dtype(z.dtype, z.device)) == "triton"
 
 
 # The out-variant is called once per chunk of sets in inference loops. torch.library.custom_op's Python wrappers
@@ -219,7 +257,7 @@ def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
     _LIBRARY.impl(op._opname, cast_and_run, key_name, with_keyset=True)
 
 
-for _op in (fv_accumulate_op._opoverload, fv_accumulate_out_op):
+for _op in (fv_accumulate_op._opoverload, fv_accumulate_triton_op._opoverload, fv_accumulate_out_op):
     for _device_type in ("cpu", "cuda"):
         _register_autocast(_op, _device_type)
 

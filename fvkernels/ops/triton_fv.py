@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from fvkernels.ops.dispatch import triton_interpreted
 from fvkernels.ops.kernel_args import FVAccumulateArgs
@@ -164,18 +165,27 @@ def _device_shared_memory(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    z = args["z_ptr"]
-    problem = TuningProblem(
-        element_size=z.element_size(), plan=TilePlan(args["BLOCK_D"], args["D_TILES"], args["BLOCK_K"]),
-        dot_precision=args["DOT_PRECISION"],
-        z_rows_aligned=divisible_by_16(args["stride_zn"], args["stride_zt"]),
-        shared_memory=_device_shared_memory(z.device.index))
+def _launch_configs(configs, element_size: int, plan: TilePlan, dot_precision: str, z_strides, device_index: int,
+                    deterministic: bool) -> list:
+    """The configs a launch may time (viable_configs on this device; a single one is kept as triton's autotuner
+    keeps it, unpruned)."""
+    if len(configs) == 1:
+        return list(configs)
+    problem = TuningProblem(element_size=element_size, plan=plan, dot_precision=dot_precision,
+                            z_rows_aligned=divisible_by_16(*z_strides),
+                            shared_memory=_device_shared_memory(device_index))
     viable = viable_configs(configs, problem)
     # Timing picks the config, and BLOCK_T decides the summation order: under torch's deterministic mode
     # the first viable config is taken, so that every process and every rerun computes the same bits.
-    return viable[:1] if args["DETERMINISTIC"] else viable
+    return viable[:1] if deterministic else viable
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    z = args["z_ptr"]
+    return _launch_configs(configs, z.element_size(), TilePlan(args["BLOCK_D"], args["D_TILES"], args["BLOCK_K"]),
+                           args["DOT_PRECISION"], (args["stride_zn"], args["stride_zt"]), z.device.index,
+                           args["DETERMINISTIC"])
 
 
 # ---- kernels -------------------------------------------------------------------------------------------
@@ -211,9 +221,10 @@ def _store_rows(ptrs, values, mask):
 
 # Keyed also on what the pruning depends on (precision, z's row stride, deterministic mode) and on the index
 # width; tensor dtypes are added by triton. The autotuner prunes only for a key it has not seen yet.
-@triton.autotune(configs=CONFIGS, key=["C", "LATENT", "t_splits", "DOT_PRECISION", "stride_zt", "WIDE_OFFSETS",
-                                       "DETERMINISTIC"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+_TUNING_KEY = ["C", "LATENT", "t_splits", "DOT_PRECISION", "stride_zt", "WIDE_OFFSETS", "DETERMINISTIC"]
+
+
+@triton.autotune(configs=CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _fv_accumulate_kernel(
         z_ptr, x_ptr, x_scale_ptr, w_ptr, bias_ptr, inv_sigma2_ptr, fisher_ptr, lengths_ptr, dst_ptr,
@@ -379,9 +390,28 @@ def choose_t_splits(num_sets: int, set_size: int, channels: int, d_tiles: int, d
     return max(1, min(sms // programs, set_size // MIN_T_PER_SPLIT))
 
 
-def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None) -> None:
+@functools.lru_cache(maxsize=None)
+def _autotuner(configs: tuple):
+    """_fv_accumulate_kernel's JIT function tuned over `configs` only, for graph capture: Inductor times a captured
+    kernel's every config and does not call its pruning hook, so the pruning happens before the capture."""
+    return triton.autotune(configs=list(configs), key=_TUNING_KEY)(_fv_accumulate_kernel.fn)
+
+
+def _kernels(args: FVAccumulateArgs, plan: TilePlan, capturable: bool):
+    """The accumulate and reduce kernels to launch: the module's own, or (capturable) each through wrap_triton,
+    which records the launch in a graph that torch.compile/make_fx trace (in eager it returns the kernel itself)."""
+    if not capturable:
+        return _fv_accumulate_kernel, _fv_reduce_splits_kernel
+    z = args.z
+    configs = _launch_configs(CONFIGS, z.element_size(), plan, fp32_dot_precision(), z.stride()[:2], z.device.index,
+                              torch.are_deterministic_algorithms_enabled())
+    return wrap_triton(_autotuner(tuple(configs))), wrap_triton(_fv_reduce_splits_kernel)
+
+
+def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None, capturable: bool = False) -> None:
     """Runs the kernel on one call's arguments (csrc/fv_accumulate.h). t_splits overrides the split-T heuristic
-    (choose_t_splits); tests use it to reach the workspace path on small problems."""
+    (choose_t_splits); tests use it to reach the workspace path on small problems. capturable: launched through
+    wrap_triton (see _kernels), for the body of fvkernels::fv_accumulate_triton."""
     z, x, x_scale, dec_weight, out, row_sumsq = args.z, args.x, args.x_scale, args.dec_weight, args.out, args.row_sumsq
     num_sets, set_size, latent, channels = args.num_sets, args.set_size, args.latent, args.channels
     if num_sets == 0 or channels == 0:
@@ -413,9 +443,11 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None) -> None:
     def grid(meta):
         return (triton.cdiv(channels, meta["BLOCK_C"]) * plan.d_tiles * t_splits * num_sets,)
 
-    device_guard = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
+    accumulate_kernel, reduce_kernel = _kernels(args, plan, capturable)
+    # A captured launch runs where the compiled graph puts it (and a traced tensor has no device to enter).
+    device_guard = torch.cuda.device(z.device) if z.is_cuda and not capturable else contextlib.nullcontext()
     with device_guard:
-        _fv_accumulate_kernel[grid](
+        accumulate_kernel[grid](
             z, x, or_placeholder(x_scale), dec_weight, args.dec_bias, args.inv_sigma2, or_placeholder(args.fisher_rsqrt),
             or_placeholder(args.lengths), dst, or_placeholder(tile_row_sums),
             num_sets, set_size, channels, t_splits,
@@ -428,7 +460,7 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None) -> None:
             DOT_PRECISION=fp32_dot_precision(), WIDE_OFFSETS=needs_wide_offsets(z, x, x_scale, dec_weight),
             DETERMINISTIC=torch.are_deterministic_algorithms_enabled())
         if not finish_in_place:
-            _fv_reduce_splits_kernel[(triton.cdiv(channels, REDUCE_BLOCK_C) * num_sets,)](
+            reduce_kernel[(triton.cdiv(channels, REDUCE_BLOCK_C) * num_sets,)](
                 dst, out, or_placeholder(args.fisher_rsqrt), or_placeholder(row_sumsq),
                 channels, t_splits, dst.stride(0), dst.stride(1), out.stride(0),
                 ROW_LENGTH=row_length, HAS_FISHER=args.fisher_rsqrt is not None, SIGNED_SQRT=args.signed_sqrt,

@@ -138,12 +138,17 @@ def check_out_buffer(out, shape: tuple, dtype: torch.dtype, device: torch.device
                          f"{tuple(out.shape)} on {out.device}")
     if out.dim() < 2 or out.shape[0] == 0:
         return
-    if out[0].numel() > 1 and not out[0].is_contiguous():
+    # From shape and strides, not out[0]: a traced (fake) tensor of a device this build lacks cannot be indexed.
+    block_numel, contiguous = 1, True
+    for size, stride in reversed(list(zip(out.shape[1:], out.stride()[1:]))):
+        contiguous = contiguous and (size == 1 or stride == block_numel)
+        block_numel *= size
+    if block_numel > 1 and not contiguous:
         raise ValueError(f"{name}'s per-set block must be contiguous ({name}[0].is_contiguous()); pass a contiguous "
                          "tensor")
-    if out.shape[0] > 1 and out.stride(0) < out[0].numel():
+    if out.shape[0] > 1 and out.stride(0) < block_numel:
         raise ValueError(f"{name}'s sets overlap in memory (stride {out.stride(0)} along N for blocks of "
-                         f"{out[0].numel()} elements); pass a contiguous tensor")
+                         f"{block_numel} elements); pass a contiguous tensor")
 
 
 def memory_span(tensor: Tensor) -> Optional[Tuple[int, int]]:
@@ -176,9 +181,11 @@ def check_no_overlap(outputs: Dict[str, Optional[Tensor]], inputs: Dict[str, Opt
 
 
 def is_fake(tensor: Tensor) -> bool:
-    """FakeTensors (torch.compile, torch.export, opcheck) have no memory to compare."""
-    return (isinstance(tensor, torch._subclasses.fake_tensor.FakeTensor)
-            or torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+    """Traced tensors (FakeTensors of torch.compile, torch.export and opcheck; the functional wrappers a triton_op's
+    body sees while AOTAutograd traces it) have no memory to compare."""
+    return (isinstance(tensor, (torch._subclasses.fake_tensor.FakeTensor,
+                                torch._subclasses.functional_tensor.FunctionalTensor))
+            or torch._C._functorch.is_functorch_wrapped_tensor(tensor) or torch._is_functional_tensor(tensor))
 
 
 def check_out(out, shape: tuple, like: Tensor, inputs: Dict[str, Optional[Tensor]]) -> None:

@@ -1,0 +1,139 @@
+"""The Triton forward as a triton_op (fvkernels::fv_accumulate_triton): its numbers under the interpreter, and
+what torch.compile captures of it — the Triton kernels themselves, visible to Inductor, instead of an opaque op.
+
+Capture runs in a subprocess outside the interpreter (tests/capture_on_stand_in_gpu.py: fake CUDA tensors and a
+stand-in for an H100's driver); on a machine with a GPU, test_fv_accumulate.py's gpu tests compile it for real.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fvkernels.ops import dispatch
+from fvkernels.ops.fv_accumulate import fv_accumulate_triton_op
+from fvkernels.ops.reference import fv_accumulate_outputs
+
+from tests.helpers import random_problem, relative_error
+
+pytest.importorskip("triton", reason="triton is not installed")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INTERPRETED = pytest.mark.skipif(dispatch.unavailable_reason("triton", torch.device("cpu")) is not None,
+                                 reason="the Triton backend needs the interpreter on the CPU")
+
+
+def as_float64(values):
+    return [value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            for value in values]
+
+
+@INTERPRETED
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_triton_op_matches_the_float64_reference(epilogue):
+    z, x, w, b, s, f, lengths = [t if t is None or not t.is_floating_point() else t.float()
+                                 for t in random_problem(3, 37, 9, 7)]
+    x_scale = torch.rand(z.shape[:2]) + 0.5 if epilogue else None
+    inputs = (z, x, w, b, s, f if epilogue else None, lengths if epilogue else None, x_scale, epilogue, epilogue)
+    out, row_sumsq = fv_accumulate_triton_op(*inputs)
+    want_out, want_row_sumsq = fv_accumulate_outputs(*as_float64(inputs))
+    assert relative_error(out, want_out) <= 1e-5
+    assert row_sumsq.shape == (3, 9 if epilogue else 0)
+    if epilogue:
+        assert relative_error(row_sumsq, want_row_sumsq) <= 1e-5
+
+
+@INTERPRETED
+def test_triton_op_gradients_match_the_float64_reference():
+    z, x, w, b, s, f, lengths = [t if t is None or not t.is_floating_point() else t.float()
+                                 for t in random_problem(2, 21, 11, 5)]
+    x_scale = torch.rand(z.shape[:2]) + 0.5
+    differentiable = [z, x, w, b, s, x_scale]
+    weights = torch.randn(2, 11, 6, dtype=torch.float64)
+
+    def loss(z, x, w, b, s, x_scale, op):
+        out, _ = op(z, x, w, b, s, f if z.dtype == torch.float32 else f.double(), lengths, x_scale, False, False)
+        return (out.double() * weights).sum()
+
+    leaves = [t.clone().requires_grad_() for t in differentiable]
+    got = torch.autograd.grad(loss(*leaves, fv_accumulate_triton_op), leaves)
+    leaves64 = [t.double().requires_grad_() for t in differentiable]
+    want = torch.autograd.grad(loss(*leaves64, lambda *a: fv_accumulate_outputs(*a)), leaves64)
+    for name, got_grad, want_grad in zip("z x w b s x_scale".split(), got, want):
+        assert relative_error(got_grad, want_grad) <= 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def captured():
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-m", "tests.capture_on_stand_in_gpu"], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-6000:]
+    return {case["case"]: case for case in map(json.loads, completed.stdout.splitlines())}
+
+
+# What the kernels may write: the op's outputs and its own workspaces (split-T partial sums, d-tile row sums).
+KERNEL_OUTPUTS = {"dst_ptr", "row_sumsq_ptr", "out_ptr"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["plain", "epilogue", "bf16 d-tiled", "split T"])
+def test_torch_compile_sees_the_triton_kernels(captured, case):
+    result = captured[case]
+    assert result["ops"] == [], f"an opaque fvkernels op is left in the graph: {result}"
+    expected = ["_fv_accumulate_kernel"] + (["_fv_reduce_splits_kernel"] if case == "split T" else [])
+    assert result["kernels"] == expected
+    for written in result["written"]:  # the mutation analysis ran: inputs are not copied defensively
+        assert written and set(written) <= KERNEL_OUTPUTS, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["cuda backend", "export"])
+def test_other_backends_and_export_keep_the_backend_neutral_op(captured, case):
+    assert captured[case] == dict(case=case, ops=["fvkernels.fv_accumulate.default"], kernels=[], written=[])
+
+
+GPU_TRITON = pytest.mark.skipif(not torch.cuda.is_available()
+                                or dispatch.unavailable_reason("triton", torch.device("cuda")) is not None,
+                                reason="needs a CUDA device with triton")
+
+
+@pytest.mark.gpu
+@GPU_TRITON
+@pytest.mark.parametrize("variant", [(False, False), (True, True)])
+def test_gpu_triton_op_passes_opcheck(variant):
+    epilogue, with_row_sumsq = variant
+    z, x, w, b, s, f, lengths = [t if t is None or not t.is_floating_point() else t.float().requires_grad_()
+                                 for t in random_problem(3, 37, 9, 7, device="cuda")]
+    torch.library.opcheck(fv_accumulate_triton_op, [z, x, w, b, s, f if epilogue else None,
+                                                    lengths if epilogue else None, None, epilogue, with_row_sumsq])
+
+
+@pytest.mark.gpu
+@GPU_TRITON
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_gpu_inductor_compiles_the_triton_kernel_into_its_code(backend):
+    """On a GPU: torch.compile (Inductor, fullgraph) of an encoding puts _fv_accumulate_kernel into the code it
+    generates, and the compiled result and gradient equal eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    import fvkernels
+
+    z, x, w, b, s, f, lengths = [t if t is None or not t.is_floating_point() else t.float()
+                                 for t in random_problem(5, 50, 17, 7, device="cuda")]
+
+    def encode(z, x):
+        fv = fvkernels.fv_accumulate(torch.tanh(z), x, w, b, s, f, lengths, backend=backend)
+        return torch.tanh(fv.flatten(1))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(encode, fullgraph=True)
+    got, codes = run_and_get_code(compiled, z, x)
+    assert any("_fv_accumulate_kernel" in code for code in codes), "Inductor's code does not launch the kernel"
+    assert relative_error(got, encode(z, x)) <= 1e-5
+    z_grad = z.clone().requires_grad_()
+    (want,) = torch.autograd.grad(encode(z_grad, x).square().sum(), z_grad)
+    (got_grad,) = torch.autograd.grad(compiled(z_grad, x).square().sum(), z_grad)
+    assert relative_error(got_grad, want) <= 1e-4
