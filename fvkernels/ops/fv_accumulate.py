@@ -17,6 +17,7 @@ call, outside them.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -127,10 +128,17 @@ def _gradients(backend, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher
 fv_accumulate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.triton_op("fvkernels::fv_accumulate_triton", mutates_args=())
-def fv_accumulate_triton_op(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
-                            fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor], x_scale: Optional[Tensor],
-                            signed_sqrt: bool, with_row_sumsq: bool) -> Tuple[Tensor, Tensor]:
+def _setup_triton_context(ctx, inputs, output):
+    _setup_context(ctx, (*inputs, "triton"), output)
+
+
+def _triton_backward(ctx, grad_out, grad_row_sumsq):
+    return _backward(ctx, grad_out, grad_row_sumsq)[:-1]  # no backend argument to answer
+
+
+def _fv_accumulate_triton(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor, inv_sigma2: Tensor,
+                          fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor], x_scale: Optional[Tensor],
+                          signed_sqrt: bool, with_row_sumsq: bool) -> Tuple[Tensor, Tensor]:
     """fv_accumulate_op on the "triton" backend, as an op whose body torch.compile traces: its kernels are launched
     through wrap_triton, so Inductor sees them as Triton kernels (and AOTInductor can package them) rather than an
     opaque call. fv_accumulate_functional takes it while torch.compile traces a call that runs on Triton."""
@@ -142,15 +150,13 @@ def fv_accumulate_triton_op(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: 
     return out, row_sumsq
 
 
-def _setup_triton_context(ctx, inputs, output):
-    _setup_context(ctx, (*inputs, "triton"), output)
-
-
-def _triton_backward(ctx, grad_out, grad_row_sumsq):
-    return _backward(ctx, grad_out, grad_row_sumsq)[:-1]  # no backend argument to answer
-
-
-fv_accumulate_triton_op.register_autograd(_triton_backward, setup_context=_setup_triton_context)
+# Defined where triton is installed: the op is taken only for calls that run on it, and torch logs a warning at
+# every import when a triton_op is defined without triton.
+fv_accumulate_triton_op = None
+if importlib.util.find_spec("triton") is not None:
+    fv_accumulate_triton_op = torch.library.triton_op("fvkernels::fv_accumulate_triton",
+                                                      mutates_args=())(_fv_accumulate_triton)
+    fv_accumulate_triton_op.register_autograd(_triton_backward, setup_context=_setup_triton_context)
 
 
 class FVAccumulateFunction(torch.autograd.Function):
@@ -257,7 +263,9 @@ def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
     _LIBRARY.impl(op._opname, cast_and_run, key_name, with_keyset=True)
 
 
-for _op in (fv_accumulate_op._opoverload, fv_accumulate_triton_op._opoverload, fv_accumulate_out_op):
+_WITH_AUTOCAST = [fv_accumulate_op._opoverload, fv_accumulate_out_op] + (
+    [] if fv_accumulate_triton_op is None else [fv_accumulate_triton_op._opoverload])
+for _op in _WITH_AUTOCAST:
     for _device_type in ("cpu", "cuda"):
         _register_autocast(_op, _device_type)
 
