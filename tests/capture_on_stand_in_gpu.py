@@ -14,8 +14,10 @@ import sys
 import torch
 import triton
 from functorch.compile import aot_function
+from torch._dynamo.source import ConstantSource
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from triton.backends.compiler import GPUTarget
 
 from fvkernels.ops import triton_fv
@@ -44,19 +46,21 @@ class StandInDriver:
 
 CASES = [
     # name, (N, T, C, d), dtype, with fisher/lengths/x_scale, signed_sqrt, with_row_sumsq, backend, t_splits,
-    # whether torch.export (rather than torch.compile) traces
-    ("plain", (3, 37, 9, 7), torch.float32, False, False, False, "triton", None, False),
-    ("epilogue", (4, 50, 17, 7), torch.float32, True, True, True, "triton", None, False),
-    ("bf16 d-tiled", (2, 40, 64, 300), torch.bfloat16, True, True, True, "auto", None, False),
-    ("split T", (1, 1250, 64, 31), torch.float16, True, True, True, "triton", 4, False),
-    ("cuda backend", (3, 37, 9, 7), torch.float32, True, True, True, "cuda", None, False),
-    ("export", (3, 37, 9, 7), torch.float32, True, True, True, "triton", None, True),
+    # whether torch.export (rather than torch.compile) traces, whether N is symbolic (a dynamic batch)
+    ("plain", (3, 37, 9, 7), torch.float32, False, False, False, "triton", None, False, False),
+    ("epilogue", (4, 50, 17, 7), torch.float32, True, True, True, "triton", None, False, False),
+    ("bf16 d-tiled", (2, 40, 64, 300), torch.bfloat16, True, True, True, "auto", None, False, False),
+    ("split T", (1, 1250, 64, 31), torch.float16, True, True, True, "triton", 4, False, False),
+    ("dynamic batch", (3, 600, 64, 31), torch.float32, True, True, True, "triton", None, False, True),
+    ("cuda backend", (3, 37, 9, 7), torch.float32, True, True, True, "cuda", None, False, False),
+    ("export", (3, 37, 9, 7), torch.float32, True, True, True, "triton", None, True, False),
 ]
 
 
-def capture(shape, dtype, with_extras, signed_sqrt, with_row_sumsq, backend, t_splits, exporting):
+def capture(shape, dtype, with_extras, signed_sqrt, with_row_sumsq, backend, t_splits, exporting, dynamic_batch):
     num_sets, set_size, channels, latent = shape
     graphs = []
+    shape_env = ShapeEnv() if dynamic_batch else None
 
     def compiler(graph_module, inputs):
         graphs.append(graph_module)
@@ -66,7 +70,11 @@ def capture(shape, dtype, with_extras, signed_sqrt, with_row_sumsq, backend, t_s
         return fv_accumulate_module.fv_accumulate_functional(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt,
                                                              lengths, x_scale, signed_sqrt, with_row_sumsq, backend)
 
-    with FakeTensorMode():
+    with FakeTensorMode(shape_env=shape_env):
+        if dynamic_batch:
+            num_sets = shape_env.create_symintnode(shape_env.create_symbol(num_sets, ConstantSource("N"),
+                                                                           dynamic_dim=DimDynamic.DYNAMIC),
+                                                   hint=num_sets)
         inputs = [torch.empty(num_sets, set_size, latent, dtype=dtype, device="cuda"),
                   torch.empty(num_sets, set_size, channels, dtype=dtype, device="cuda"),
                   torch.empty(channels, latent, dtype=dtype, device="cuda"),
@@ -80,7 +88,7 @@ def capture(shape, dtype, with_extras, signed_sqrt, with_row_sumsq, backend, t_s
             triton_fv.choose_t_splits = lambda *args: t_splits
         torch.compiler.is_exporting = lambda: exporting
         try:  # running the captured graph needs CUDA; capturing it does not
-            aot_function(call, fw_compiler=compiler)(*inputs)
+            aot_function(call, fw_compiler=compiler, dynamic=dynamic_batch)(*inputs)
         except RuntimeError as error:
             if not graphs:
                 raise
@@ -98,7 +106,9 @@ def capture(shape, dtype, with_extras, signed_sqrt, with_row_sumsq, backend, t_s
             written.append(sorted(node.kwargs["tensors_to_clone"]))
         elif str(node.target).startswith("fvkernels."):
             ops.append(str(node.target))
-    return dict(ops=ops, kernels=kernels, written=written)
+    # What the capture assumed of the batch size: a guard on N would make torch.compile recompile per batch size.
+    batch_guards = [] if shape_env is None else [str(guard.expr) for guard in shape_env.guards]
+    return dict(ops=ops, kernels=kernels, written=written, batch_guards=batch_guards)
 
 
 def main() -> int:
@@ -108,6 +118,10 @@ def main() -> int:
     fv_accumulate_module.tracing = lambda: True  # what torch.compile's Dynamo reports while it traces the caller
     for name, *case in CASES:
         print(json.dumps(dict(case=name, **capture(*case))), flush=True)
+    # The kernels torch finds behind the op (by reading its body), whose sources key its compile caches.
+    found = torch._library.triton.get_triton_kernels_for_op("fvkernels::fv_accumulate_triton")
+    print(json.dumps(dict(case="cache keys", kernels=sorted(getattr(kernel, "fn", kernel).__name__
+                                                           for kernel in found))), flush=True)
     return 0
 
 

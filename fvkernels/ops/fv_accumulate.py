@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.fx.experimental import proxy_tensor
 
 from fvkernels.common.checks import check_finite, check_finite_tensors, tracing, transformed
 from fvkernels.common.tensors import signed_sqrt_derivative
@@ -140,13 +141,13 @@ def _fv_accumulate_triton(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Te
                           fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor], x_scale: Optional[Tensor],
                           signed_sqrt: bool, with_row_sumsq: bool) -> Tuple[Tensor, Tensor]:
     """fv_accumulate_op on the "triton" backend, as an op whose body torch.compile traces: its kernels are launched
-    through wrap_triton, so Inductor sees them as Triton kernels (and AOTInductor can package them) rather than an
-    opaque call. fv_accumulate_functional takes it while torch.compile traces a call that runs on Triton."""
-    from fvkernels.ops import triton_fv  # imports triton: only when this op runs or is traced
-
+    through wrap_triton, so Inductor receives them as Triton kernels rather than an opaque call.
+    fv_accumulate_functional takes it while torch.compile traces a call that runs on Triton."""
     out, row_sumsq = _empty_outputs(z, x, with_row_sumsq)
-    triton_fv.launch(FVAccumulateArgs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, x_scale,
-                                      signed_sqrt, row_sumsq if with_row_sumsq else None), capturable=True)
+    # Called by its plain name: torch finds the kernels behind a triton_op by reading its body's calls, and keys its
+    # compile caches on their sources.
+    launch_triton(FVAccumulateArgs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, x_scale,
+                                   signed_sqrt, row_sumsq if with_row_sumsq else None), capturable=True)
     return out, row_sumsq
 
 
@@ -154,9 +155,16 @@ def _fv_accumulate_triton(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Te
 # every import when a triton_op is defined without triton.
 fv_accumulate_triton_op = None
 if importlib.util.find_spec("triton") is not None:
+    from fvkernels.ops.triton_fv import launch as launch_triton
+
     fv_accumulate_triton_op = torch.library.triton_op("fvkernels::fv_accumulate_triton",
                                                       mutates_args=())(_fv_accumulate_triton)
     fv_accumulate_triton_op.register_autograd(_triton_backward, setup_context=_setup_triton_context)
+
+# Inductor passes a captured Triton kernel its inputs with the strides seen while tracing (its "eager input values")
+# only in newer torch releases; older ones could pad an intermediate after the capture fixed its strides in the
+# launch (pytorch#147828): there calls keep the opaque op.
+_INDUCTOR_KEEPS_KERNEL_STRIDES = hasattr(proxy_tensor, "_should_save_eager_input_vals")
 
 
 class FVAccumulateFunction(torch.autograd.Function):
@@ -211,7 +219,8 @@ def fv_accumulate_functional(*args) -> Tuple[Tensor, Tensor]:
 def _compiles_on_triton(z: Tensor, backend: str) -> bool:
     """Whether torch.compile is tracing a call that runs on the Triton backend, on a GPU. Not torch.export, whose
     graph keeps the backend-neutral op (and the caller's backend word) so that it runs wherever it is loaded."""
-    if not (tracing() and z.is_cuda and backend in ("auto", "triton")) or torch.compiler.is_exporting():
+    if (fv_accumulate_triton_op is None or not _INDUCTOR_KEEPS_KERNEL_STRIDES or dispatch.triton_interpreted()
+            or not (tracing() and z.is_cuda and backend in ("auto", "triton")) or torch.compiler.is_exporting()):
         return False
     return dispatch.resolve(backend, z.device, compute_dtype(z.dtype, z.device)) == "triton"
 

@@ -27,6 +27,7 @@ from torch.library import wrap_triton
 
 from fvkernels.ops.dispatch import triton_interpreted
 from fvkernels.ops.kernel_args import FVAccumulateArgs
+from fvkernels.ops.validation import is_fake
 
 # Output tiles are at most this many columns of d wide, by element size; a wider d is covered by a grid
 # axis of d-tiles, each recomputing P over the full d. fp32 tiles are narrower because an "ieee" tl.dot
@@ -390,20 +391,33 @@ def choose_t_splits(num_sets: int, set_size: int, channels: int, d_tiles: int, d
     return max(1, min(sms // programs, set_size // MIN_T_PER_SPLIT))
 
 
+def size_hint(size) -> int:
+    """A size as a plain int without adding a guard: a traced symbolic size's example value. For the launcher's
+    performance choices (T-splits, configs), so that a compiled graph serves every batch size; the kernel is
+    correct for any of them."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return 1 if hint is None else int(hint)
+    return int(size)
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuner(configs: tuple):
-    """_fv_accumulate_kernel's JIT function tuned over `configs` only, for graph capture: Inductor times a captured
-    kernel's every config and does not call its pruning hook, so the pruning happens before the capture."""
+    """_fv_accumulate_kernel's JIT function tuned over `configs` only, for graph capture: older torch releases do
+    not run the pruning hook on a captured kernel (and Inductor times every config it is given), so the configs are
+    pruned before the capture."""
     return triton.autotune(configs=list(configs), key=_TUNING_KEY)(_fv_accumulate_kernel.fn)
 
 
 def _kernels(args: FVAccumulateArgs, plan: TilePlan, capturable: bool):
     """The accumulate and reduce kernels to launch: the module's own, or (capturable) each through wrap_triton,
-    which records the launch in a graph that torch.compile/make_fx trace (in eager it returns the kernel itself)."""
-    if not capturable:
+    which records the launch in a graph that torch.compile traces (and returns the kernel itself when it runs).
+    Interpreted kernels are never wrapped: older torch releases refuse them."""
+    if not capturable or triton_interpreted():
         return _fv_accumulate_kernel, _fv_reduce_splits_kernel
     z = args.z
-    configs = _launch_configs(CONFIGS, z.element_size(), plan, fp32_dot_precision(), z.stride()[:2], z.device.index,
+    configs = _launch_configs(CONFIGS, z.element_size(), plan, fp32_dot_precision(),
+                              [size_hint(stride) for stride in z.stride()[:2]], z.device.index,
                               torch.are_deterministic_algorithms_enabled())
     return wrap_triton(_autotuner(tuple(configs))), wrap_triton(_fv_reduce_splits_kernel)
 
@@ -418,7 +432,7 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None, capturable
         return
     plan = tile_plan(latent, z.element_size())
     if t_splits is None:
-        t_splits = choose_t_splits(num_sets, set_size, channels, plan.d_tiles, z.device)
+        t_splits = choose_t_splits(size_hint(num_sets), size_hint(set_size), channels, plan.d_tiles, z.device)
     if t_splits < 1:
         raise ValueError(f"t_splits must be a positive number of T-splits, got {t_splits}")
     finish_in_place = t_splits == 1
@@ -444,8 +458,8 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None, capturable
         return (triton.cdiv(channels, meta["BLOCK_C"]) * plan.d_tiles * t_splits * num_sets,)
 
     accumulate_kernel, reduce_kernel = _kernels(args, plan, capturable)
-    # A captured launch runs where the compiled graph puts it (and a traced tensor has no device to enter).
-    device_guard = torch.cuda.device(z.device) if z.is_cuda and not capturable else contextlib.nullcontext()
+    # Triton launches on the current device (a traced tensor has none to enter: the compiled graph sets it).
+    device_guard = torch.cuda.device(z.device) if z.is_cuda and not is_fake(z) else contextlib.nullcontext()
     with device_guard:
         accumulate_kernel[grid](
             z, x, or_placeholder(x_scale), dec_weight, args.dec_bias, args.inv_sigma2, or_placeholder(args.fisher_rsqrt),
