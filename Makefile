@@ -33,7 +33,7 @@ install: $(VENV)/.extra-test
 demo: $(VENV)/.extra-demo data
 	$(PY) -m fvkernels demo
 
-# The committed results in docs/demo: every seed, task and row (about an hour on 2 cores).
+# The committed results in docs/demo: every seed, task and row (69 minutes on 2 cores).
 DEMO_FULL := --seeds 0,1,2 --tasks aligned,translated --lambdas 1,100,10000,100000 --trunk-losses discriminative,all \
 	--out docs/demo
 demo-full: $(VENV)/.extra-demo data
