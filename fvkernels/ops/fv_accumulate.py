@@ -161,10 +161,10 @@ if importlib.util.find_spec("triton") is not None:
                                                       mutates_args=())(_fv_accumulate_triton)
     fv_accumulate_triton_op.register_autograd(_triton_backward, setup_context=_setup_triton_context)
 
-# Inductor passes a captured Triton kernel its inputs with the strides seen while tracing (its "eager input values")
-# only in newer torch releases; older ones could pad an intermediate after the capture fixed its strides in the
-# launch (pytorch#147828): there calls keep the opaque op.
-_INDUCTOR_KEEPS_KERNEL_STRIDES = hasattr(proxy_tensor, "_should_save_eager_input_vals")
+# Whether torch.compile may capture the Triton kernels: triton is installed, and Inductor passes a captured kernel its
+# inputs with the strides seen while tracing (its "eager input values", newer torch releases); older ones could pad
+# an intermediate after the capture fixed its strides in the launch (pytorch#147828): there calls keep the opaque op.
+_TRITON_CAPTURE = fv_accumulate_triton_op is not None and hasattr(proxy_tensor, "_should_save_eager_input_vals")
 
 
 class FVAccumulateFunction(torch.autograd.Function):
@@ -219,8 +219,9 @@ def fv_accumulate_functional(*args) -> Tuple[Tensor, Tensor]:
 def _compiles_on_triton(z: Tensor, backend: str) -> bool:
     """Whether torch.compile is tracing a call that runs on the Triton backend, on a GPU. Not torch.export, whose
     graph keeps the backend-neutral op (and the caller's backend word) so that it runs wherever it is loaded."""
-    if (fv_accumulate_triton_op is None or not _INDUCTOR_KEEPS_KERNEL_STRIDES or dispatch.triton_interpreted()
-            or not (tracing() and z.is_cuda and backend in ("auto", "triton")) or torch.compiler.is_exporting()):
+    if not (tracing() and _TRITON_CAPTURE and z.is_cuda and backend in ("auto", "triton")):  # eager: one call
+        return False
+    if dispatch.triton_interpreted() or torch.compiler.is_exporting():
         return False
     return dispatch.resolve(backend, z.device, compute_dtype(z.dtype, z.device)) == "triton"
 

@@ -409,16 +409,14 @@ def _autotuner(configs: tuple):
     return triton.autotune(configs=list(configs), key=_TUNING_KEY)(_fv_accumulate_kernel.fn)
 
 
-def _kernels(args: FVAccumulateArgs, plan: TilePlan, capturable: bool):
+def _kernels(z: torch.Tensor, plan: TilePlan, dot_precision: str, deterministic: bool, capturable: bool):
     """The accumulate and reduce kernels to launch: the module's own, or (capturable) each through wrap_triton,
     which records the launch in a graph that torch.compile traces (and returns the kernel itself when it runs).
     Interpreted kernels are never wrapped: older torch releases refuse them."""
     if not capturable or triton_interpreted():
         return _fv_accumulate_kernel, _fv_reduce_splits_kernel
-    z = args.z
-    configs = _launch_configs(CONFIGS, z.element_size(), plan, fp32_dot_precision(),
-                              [size_hint(stride) for stride in z.stride()[:2]], z.device.index,
-                              torch.are_deterministic_algorithms_enabled())
+    configs = _launch_configs(CONFIGS, z.element_size(), plan, dot_precision,
+                              [size_hint(stride) for stride in z.stride()[:2]], z.device.index, deterministic)
     return wrap_triton(_autotuner(tuple(configs))), wrap_triton(_fv_reduce_splits_kernel)
 
 
@@ -457,7 +455,8 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None, capturable
     def grid(meta):
         return (triton.cdiv(channels, meta["BLOCK_C"]) * plan.d_tiles * t_splits * num_sets,)
 
-    accumulate_kernel, reduce_kernel = _kernels(args, plan, capturable)
+    dot_precision, deterministic = fp32_dot_precision(), torch.are_deterministic_algorithms_enabled()
+    accumulate_kernel, reduce_kernel = _kernels(z, plan, dot_precision, deterministic, capturable)
     # Triton launches on the current device (a traced tensor has none to enter: the compiled graph sets it).
     device_guard = torch.cuda.device(z.device) if z.is_cuda and not is_fake(z) else contextlib.nullcontext()
     with device_guard:
@@ -471,8 +470,8 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None, capturable
             HAS_X_SCALE=x_scale is not None, HAS_LENGTHS=args.lengths is not None,
             HAS_FISHER=args.fisher_rsqrt is not None, SIGNED_SQRT=args.signed_sqrt,
             HAS_ROW_SUMSQ=tile_row_sums is not None, FINISH=finish_in_place,
-            DOT_PRECISION=fp32_dot_precision(), WIDE_OFFSETS=needs_wide_offsets(z, x, x_scale, dec_weight),
-            DETERMINISTIC=torch.are_deterministic_algorithms_enabled())
+            DOT_PRECISION=dot_precision, WIDE_OFFSETS=needs_wide_offsets(z, x, x_scale, dec_weight),
+            DETERMINISTIC=deterministic)
         if not finish_in_place:
             reduce_kernel[(triton.cdiv(channels, REDUCE_BLOCK_C) * num_sets,)](
                 dst, out, or_placeholder(args.fisher_rsqrt), or_placeholder(row_sumsq),
