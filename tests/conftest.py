@@ -23,3 +23,15 @@ def isa(request, monkeypatch):
     monkeypatch.setenv("FVK_CPU_ISA", request.param)
     assert _extension.extension().cpu_kernel_isa() == request.param
     return request.param
+
+
+@pytest.fixture
+def poisoned_gradients(monkeypatch):
+    """Every buffer a backward launcher allocates with new_empty starts as NaN, so an element the kernel fails to
+    write shows."""
+    empty = torch.Tensor.new_empty
+
+    def poisoned(self, *shape, **options):
+        return empty(self, *shape, **options).fill_(float("nan"))
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)

@@ -125,7 +125,8 @@ def test_independent_of_thread_count():
 
 @pytest.mark.parametrize("dtype,isa_name", [(torch.float16, None), (torch.bfloat16, "avx2")])
 def test_half_dtypes_the_kernel_has_no_build_for_are_refused(dtype, isa_name, monkeypatch):
-    """float16 always; bfloat16 where the bfloat16 kernel cannot run (here: the ISA limited to AVX2)."""
+    """float16 always; bfloat16 where the bfloat16 kernels cannot run (here: the ISA limited to AVX2); forward and
+    backward alike."""
     if isa_name is not None:
         monkeypatch.setenv("FVK_CPU_ISA", isa_name)
         if isa_name not in runnable_isas():
@@ -134,8 +135,15 @@ def test_half_dtypes_the_kernel_has_no_build_for_are_refused(dtype, isa_name, mo
     out = torch.empty(2, 3, 5, dtype=dtype)
     struct = _extension.kernel_struct(FVAccumulateArgs(
         *[t.to(dtype) if t.is_floating_point() else t for t in problem[:6]], problem[6], out))
-    with pytest.raises(ValueError, match="float32 or float64, or bfloat16 for the forward on a CPU with AVX512-BF16"):
+    refusal = "dtype must be float32 or float64, or bfloat16 on a CPU with AVX512-BF16"
+    with pytest.raises(ValueError, match=refusal):
         _extension.extension().fv_accumulate_cpu(struct, 1)
+    grad_out = torch.zeros(2, 3, 5, dtype=dtype)
+    backward, _ = _extension.backward_struct(FVAccumulateArgs(
+        *[t.to(dtype) if t.is_floating_point() else t for t in problem[:6]], problem[6], grad_out), grad_out,
+        (True,) * 6)
+    with pytest.raises(ValueError, match=refusal):
+        _extension.extension().fv_accumulate_backward_cpu(backward, 1)
 
 
 def test_half_inputs_are_widened_by_the_launcher():

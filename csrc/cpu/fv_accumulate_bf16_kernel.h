@@ -14,14 +14,12 @@
 // to bf16 once, as torch's bf16 composite rounds it).
 #pragma once
 
-#include <immintrin.h>
-
-#include "cpu_microkernel.h"
+#include "bf16_microkernel.h"
 
 namespace fvk {
 namespace {
 
-class Bf16Kernel {
+class Bf16Kernel : Bf16Microkernel {
  public:
   static void run(const FVAccumulateArgs& args, int num_threads) {
     if (args.num_sets == 0 || args.channels == 0) return;
@@ -30,52 +28,10 @@ class Bf16Kernel {
   }
 
  private:
-  using Bf16 = uint16_t;
-  static constexpr int kLanes = 16;                 // fp32 lanes of a vector
-  static constexpr int kPanelWidth = 2 * kLanes;    // columns of one microkernel tile
-  static constexpr int kMaxRows = 12;               // 12 × 2 accumulators + 2 B vectors + 1 broadcast of 32 zmm
-  static constexpr int64_t kMaxBlockRows = 128;     // even: rows pair up
-
-  static float to_float(Bf16 v) {
-    const uint32_t bits = uint32_t(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
-  static Bf16 to_bf16(float f) {  // round to nearest even, as vcvtneps2bf16 (NaN stays NaN)
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return Bf16((bits >> 16) | 0x40);
-    return Bf16((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-  }
-
-  // acc[i][j] = Σ_p pair(a[i·a_row + p·a_step]) · b[p][j·16 .. j·16 + 15][2]: the one microkernel of both GEMMs.
-  // a holds bf16 pairs as 32-bit words; b holds, per pair p, 32 columns of bf16 pairs (two vectors).
-  template <int Rows, typename RowStride>
-  static FVK_ALWAYS_INLINE void multiply(__m512 (&acc)[Rows][2], int64_t pairs, const uint32_t* a, RowStride a_row,
-                                         int64_t a_step, const Bf16* b) {
-    unrolled<Rows>([&](auto i) { acc[i][0] = acc[i][1] = _mm512_setzero_ps(); });
-    for (int64_t p = 0; p < pairs; ++p, a += a_step, b += 2 * kPanelWidth) {
-      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
-      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kPanelWidth);
-      unrolled<Rows>([&](auto i) {
-        const __m512bh a_i = (__m512bh)_mm512_set1_epi32(int(a[i * a_row]));
-        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a_i, b0);
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a_i, b1);
-      });
-    }
-  }
-
-  // 32 bf16 of two rows of 16 columns, interleaved: (row0[c], row1[c]) pairs for c = 0…15.
-  static FVK_ALWAYS_INLINE __m512i interleave_rows(__m512 row0, __m512 row1) {
-    const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(row1, row0);  // [row0 (16), row1 (16)]
-    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    return _mm512_permutexvar_epi16(order, halves);
-  }
+  static constexpr int64_t kMaxBlockRows = 128;  // even: rows pair up
 
   struct Scratch {
-    Bf16* z_rows;       // [row][z_row_width()]: z rows, zero-padded
+    Bf16* z_rows;       // [row][latent_padded]: z rows, zero-padded
     Bf16* z_pairs;      // [latent_padded / 32][row / 2][32][2]: z paired along t (B of the outer GEMM)
     float* x_hat;       // [row][channel_block]
     Bf16* residual;     // [row / 2][channel_block][2]: R paired along t (A of the outer GEMM)
@@ -113,7 +69,7 @@ class Bf16Kernel {
   }
 
   std::array<int64_t, 7> scratch_bytes() const {
-    return {block_rows_ * z_row_width() * int64_t(sizeof(Bf16)),
+    return {block_rows_ * latent_padded_ * int64_t(sizeof(Bf16)),
             latent_padded_ * block_rows_ * int64_t(sizeof(Bf16)),
             block_rows_ * channel_block_ * int64_t(sizeof(float)),
             block_rows_ * channel_block_ * int64_t(sizeof(Bf16)),
@@ -121,9 +77,6 @@ class Bf16Kernel {
             channel_block_ * int64_t(sizeof(float)),
             kMaxRows * latent_padded_ * int64_t(sizeof(float))};
   }
-
-  // Row stride of z_rows: whole pairs for the decoder GEMM, whole panels for the pair packing.
-  int64_t z_row_width() const { return std::max(latent_pairs_ * 2, latent_padded_); }
 
   Scratch thread_scratch(int thread) const {
     char* parts[7];
@@ -144,7 +97,9 @@ class Bf16Kernel {
 #pragma omp parallel num_threads(num_threads_)
     {
 #pragma omp for schedule(static) nowait
-      for (int64_t c = 0; c < channels_padded_; ++c) pack_weight_channel(c);
+      for (int64_t c = 0; c < channels_padded_; ++c)
+        pack_row_pairs(static_cast<const Bf16*>(args_.dec_weight), args_.w_stride[0], args_.w_stride[1], args_.channels,
+                       latent_, latent_pairs_, c, weight_.get());
       const int64_t fisher_rows = fisher_ == nullptr ? 0 : args_.channels;
 #pragma omp for schedule(static)  // its closing barrier also waits for the weights
       for (int64_t c = 0; c < fisher_rows; ++c) {
@@ -154,16 +109,6 @@ class Bf16Kernel {
       const Scratch scratch = thread_scratch(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < items; ++item) run_item(item / blocks_per_set_, item % blocks_per_set_, scratch);
-    }
-  }
-
-  // weight_[c / 32][p][c % 32][j] = W[c, 2p + j], zero past C and d.
-  void pack_weight_channel(int64_t c) const {
-    const Bf16* w = static_cast<const Bf16*>(args_.dec_weight);
-    Bf16* panel = weight_.get() + (c / kPanelWidth) * latent_pairs_ * 2 * kPanelWidth + (c % kPanelWidth) * 2;
-    for (int64_t k = 0; k < latent_pairs_ * 2; ++k) {
-      const bool real = c < args_.channels && k < latent_;
-      panel[(k / 2) * 2 * kPanelWidth + (k % 2)] = real ? w[c * args_.w_stride[0] + k * args_.w_stride[1]] : Bf16(0);
     }
   }
 
@@ -185,65 +130,10 @@ class Bf16Kernel {
       const int64_t first_row = b * block_rows_;
       const int64_t rows = std::min(block_rows_, length - first_row);
       const int64_t rows_padded = round_up(rows, 2);
-      pack_z(n, first_row, rows, rows_padded, s);
-      copy_x_hat(n, first_row, rows, first_channel, channels, channels_padded, s.x_hat);
+      pack_z(args_, n, first_row, rows, latent_padded_, latent_padded_, s.z_rows, s.z_pairs);
+      copy_x(args_, true, n, first_row, rows, first_channel, channels, channels_padded, s.x_hat);
       decoder_gemm(first_channel, channels_padded, rows, rows_padded, s);
       outer_gemm(first_channel, channels, channels_padded, rows_padded / 2, b == 0, b + 1 == blocks, out, row_sumsq, s);
-    }
-  }
-
-  // z rows as bf16 pairs along d (A of the decoder GEMM), and paired along t per 32-column panel of d (B of the
-  // outer GEMM); the padding row of an odd block and the padding columns are zero.
-  void pack_z(int64_t n, int64_t first_row, int64_t rows, int64_t rows_padded, const Scratch& s) const {
-    const Bf16* z = static_cast<const Bf16*>(args_.z) + n * args_.z_stride[0] + first_row * args_.z_stride[1];
-    const int64_t padded_width = z_row_width();
-    for (int64_t t = 0; t < rows_padded; ++t) {
-      Bf16* row = s.z_rows + t * padded_width;
-      const Bf16* source = z + t * args_.z_stride[1];
-      if (t < rows && args_.z_stride[2] == 1) {
-        std::copy_n(source, latent_, row);
-      } else {
-        for (int64_t k = 0; k < latent_; ++k) row[k] = t < rows ? source[k * args_.z_stride[2]] : Bf16(0);
-      }
-      std::fill(row + latent_, row + padded_width, Bf16(0));
-    }
-    const int64_t pairs = rows_padded / 2;
-    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-    for (int64_t panel = 0; panel < latent_padded_ / kPanelWidth; ++panel) {
-      Bf16* destination = s.z_pairs + panel * pairs * 2 * kPanelWidth;
-      for (int64_t q = 0; q < pairs; ++q) {
-        const __m512i even = _mm512_loadu_si512(s.z_rows + 2 * q * padded_width + panel * kPanelWidth);
-        const __m512i odd = _mm512_loadu_si512(s.z_rows + (2 * q + 1) * padded_width + panel * kPanelWidth);
-        _mm512_storeu_si512(destination + q * 2 * kPanelWidth, _mm512_permutex2var_epi16(even, low, odd));
-        _mm512_storeu_si512(destination + q * 2 * kPanelWidth + kPanelWidth, _mm512_permutex2var_epi16(even, high, odd));
-      }
-    }
-  }
-
-  void copy_x_hat(int64_t n, int64_t first_row, int64_t rows, int64_t first_channel, int64_t channels,
-                  int64_t channels_padded, float* x_hat) const {
-    const Bf16* x = static_cast<const Bf16*>(args_.x) + n * args_.x_stride[0] + first_row * args_.x_stride[1] +
-                    first_channel * args_.x_stride[2];
-    const Bf16* x_scale = static_cast<const Bf16*>(args_.x_scale);
-    for (int64_t t = 0; t < rows; ++t) {
-      const float scale = x_scale == nullptr ? 1.0f : to_float(x_scale[n * args_.x_scale_stride[0] +
-                                                                       (first_row + t) * args_.x_scale_stride[1]]);
-      float* row = x_hat + t * channels_padded;
-      const Bf16* source = x + t * args_.x_stride[1];
-      if (args_.x_stride[2] == 1) {
-        const __m512 scales = _mm512_set1_ps(scale);
-        for (int64_t c = 0; c < channels_padded; c += kLanes) {
-          const __mmask16 lanes = channels - c >= kLanes ? __mmask16(0xffff)
-                                  : __mmask16((1u << std::max<int64_t>(channels - c, 0)) - 1);
-          const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, source + c));
-          _mm512_storeu_ps(row + c, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), scales));
-        }
-      } else {
-        for (int64_t c = 0; c < channels; ++c) row[c] = to_float(source[c * args_.x_stride[2]]) * scale;
-        std::fill(row + channels, row + channels_padded, 0.0f);
-      }
     }
   }
 
@@ -288,7 +178,7 @@ class Bf16Kernel {
                     const Scratch& s) const {
     static constexpr auto tiles = decoder_tiles(std::make_integer_sequence<int, kMaxRows / 2>{});
     const BalancedSplit panels(rows_padded / 2, kMaxRows / 2);  // in row pairs
-    const int64_t row_width = z_row_width();
+    const int64_t row_width = latent_padded_;
     for (int64_t c = 0; c < channels_padded; c += kPanelWidth) {
       const Bf16* weight = weight_.get() + (first_channel + c) * latent_pairs_ * 2;
       for (int64_t part = 0; part < panels.parts; ++part) {

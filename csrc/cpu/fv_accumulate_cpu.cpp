@@ -91,10 +91,10 @@ void require(bool condition, const std::string& message) {
 
 // with_out: the forward's out must be given (the backward takes the forward's inputs only).
 void check_args(const FVAccumulateArgs& a, bool with_out) {
-  require(a.dtype == DType::Float32 || a.dtype == DType::Float64 || (with_out && a.dtype == DType::BFloat16 &&
-                                                                    bf16_kernel_available()),
-          "dtype must be float32 or float64, or bfloat16 for the forward on a CPU with AVX512-BF16 (the CPU "
-          "kernels compute in these; widen other inputs to float32 first, as fvkernels.ops.cpp does)");
+  require(a.dtype == DType::Float32 || a.dtype == DType::Float64 ||
+              (a.dtype == DType::BFloat16 && bf16_kernel_available()),
+          "dtype must be float32 or float64, or bfloat16 on a CPU with AVX512-BF16 (the CPU kernels compute in "
+          "these; widen other inputs to float32 first, as fvkernels.ops.cpp does)");
   require(a.num_sets >= 0 && a.set_size >= 0 && a.channels >= 0 && a.latent >= 0,
           "num_sets, set_size, channels and latent must be >= 0, got " + std::to_string(a.num_sets) + ", " +
               std::to_string(a.set_size) + ", " + std::to_string(a.channels) + ", " + std::to_string(a.latent));
@@ -136,6 +136,9 @@ void fv_accumulate_backward_cpu(const FVAccumulateBackwardArgs& args, int num_th
           "grad_out_stride_n must be >= channels * (latent + 1)");
   require(args.forward.num_sets == 0 || args.forward.channels == 0 || args.grad_out != nullptr,
           "grad_out must not be null");
+#ifdef FVK_X86_KERNELS
+  if (args.forward.dtype == DType::BFloat16) return isa::fv_accumulate_backward_bf16_avx512bf16(args, num_threads);
+#endif
   switch (selected_isa()) {
 #ifdef FVK_X86_KERNELS
     case Isa::Avx512: isa::fv_accumulate_backward_avx512(args, num_threads); break;

@@ -16,7 +16,7 @@ void fv_accumulate_cpu(const FVAccumulateArgs& args, int num_threads);
 // without it fv_accumulate_cpu refuses bfloat16.
 bool bf16_kernel_available();
 
-// Its fused backward (csrc/fv_accumulate.h), same dtypes and ISA choice; deterministic for a given
+// Its fused backward (csrc/fv_accumulate.h), same dtypes (bfloat16 included) and ISA choice; deterministic for a given
 // num_threads (the weight, bias and inv_sigma2 gradients are summed per thread, then in thread order).
 void fv_accumulate_backward_cpu(const FVAccumulateBackwardArgs& args, int num_threads);
 

@@ -10,8 +10,9 @@ namespace fvk::isa {
 // dispatcher's TU.
 void fv_accumulate_avx2(const FVAccumulateArgs& args, int num_threads);
 void fv_accumulate_avx512(const FVAccumulateArgs& args, int num_threads);
-// BFloat16 inputs and out (fp32 accumulation); call only when the CPU has AVX512-BF16.
+// BFloat16 inputs, out and gradients (fp32 accumulation); call only when the CPU has AVX512-BF16.
 void fv_accumulate_bf16_avx512bf16(const FVAccumulateArgs& args, int num_threads);
+void fv_accumulate_backward_bf16_avx512bf16(const FVAccumulateBackwardArgs& args, int num_threads);
 void fv_accumulate_backward_avx2(const FVAccumulateBackwardArgs& args, int num_threads);
 void fv_accumulate_backward_avx512(const FVAccumulateBackwardArgs& args, int num_threads);
 

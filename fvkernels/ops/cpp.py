@@ -10,11 +10,15 @@ from fvkernels.ops._extension import backward_struct, extension, kernel_struct
 from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 
+def computed_wider(dtype: torch.dtype) -> bool:
+    """Whether the CPU kernels take this dtype only widened to float32: they compute in float32 and float64, and in
+    bfloat16 on CPUs with AVX512-BF16 (forward and backward); other half inputs are widened (small next to the
+    GEMMs)."""
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not extension().cpu_bf16_kernel_available())
+
+
 def launch(args: FVAccumulateArgs) -> None:
-    if args.z.dtype == torch.float16 or (args.z.dtype == torch.bfloat16
-                                         and not extension().cpu_bf16_kernel_available()):
-        # The CPU kernels compute in float32 or float64, and in bfloat16 on CPUs with AVX512-BF16; other half
-        # inputs are widened here (small next to the GEMMs).
+    if computed_wider(args.z.dtype):
         wide = {name: tensor.float() for name, tensor in args.float_inputs().items()}
         out_wide = torch.empty(args.out.shape, dtype=torch.float32)
         launch(args.replace(out=out_wide, **wide))
@@ -24,10 +28,11 @@ def launch(args: FVAccumulateArgs) -> None:
 
 
 def backward(args: FVAccumulateArgs, grad_out: Tensor, needs: Sequence[bool]) -> List[Optional[Tensor]]:
-    """The fused CPU backward (csrc/cpu/fv_accumulate_backward_kernel.h): gradients w.r.t. (z, x, dec_weight,
+    """The fused CPU backward (csrc/cpu/fv_accumulate_backward_kernel.h; fv_accumulate_bf16_backward_kernel.h for
+    bfloat16): gradients w.r.t. (z, x, dec_weight,
     dec_bias, inv_sigma2, x_scale) of the op before its signed square root, each None where `needs` says no.
     args is the forward call (its out unused); grad_out is ∂L/∂out, (N, C, d+1)."""
-    if args.z.dtype in (torch.float16, torch.bfloat16):  # computed in float32, like the forward
+    if computed_wider(args.z.dtype):
         wide = {name: tensor.float() for name, tensor in args.float_inputs().items()}
         grad_out = grad_out.float()
         grads = backward(args.replace(out=grad_out, **wide), grad_out, needs)
