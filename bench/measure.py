@@ -2,7 +2,14 @@
 and agreement with the baseline."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -62,7 +69,35 @@ def measure_ceilings(device: str, full: bool) -> dict:
     source = torch.ones(copy_bytes // 4, device=device)
     target = torch.empty_like(source)
     ceilings["copy_gbps"] = 2 * copy_bytes / best_seconds(lambda: target.copy_(source), device) / 1e9
+    if device == "cpu":
+        ceilings.update(instruction_peaks())
     return ceilings
+
+
+PEAK_SOURCE = Path(__file__).resolve().parent / "cpu_peak.cpp"
+
+
+def instruction_peaks() -> dict:
+    """The CPU's arithmetic peak on torch's thread count (GFLOP/s): fp32 FMA chains ("fma_gflops_float32") and, where
+    the CPU has AVX512-BF16, vdpbf16ps chains ("dot_gflops_bfloat16"), from bench/cpu_peak.cpp compiled here once per
+    source. A library GEMM may sit well below them; nothing can sit above. Empty where it cannot be built (no C++
+    compiler, not x86-64)."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return {}
+    source = PEAK_SOURCE.read_bytes()
+    binary = Path(tempfile.gettempdir()) / f"fvkernels-cpu-peak-{hashlib.sha256(source).hexdigest()[:16]}"
+    try:
+        if not binary.exists():
+            partial = binary.with_name(f"{binary.name}.{os.getpid()}")
+            subprocess.run([compiler, "-O2", "-fopenmp", str(PEAK_SOURCE), "-o", str(partial)], check=True,
+                           capture_output=True, timeout=120)
+            partial.replace(binary)
+        probe = subprocess.run([str(binary)], check=True, capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return json.loads(probe.stdout)
 
 
 def peak_extra_bytes(fn: Callable[[], Tensor], device: str, allocates_output: bool = True) -> Optional[int]:

@@ -56,6 +56,15 @@ class Row:
         bound = max(self.info["flops"] / (gemm * 1e9), self.info["bytes"] / (ceilings["copy_gbps"] * 1e9))
         return bound / self.median_s
 
+    def peak_fraction(self, ceilings: dict) -> Optional[float]:
+        """GFLOP/s over the CPU's instruction peak of the dtype (bench/cpu_peak.cpp), where measured."""
+        peak = ceilings.get(INSTRUCTION_PEAKS.get(self.dtype, ""))
+        return None if self.gflops is None or peak is None else self.gflops / peak
+
+
+# The instruction peak each dtype's arithmetic is bounded by (measure.instruction_peaks).
+INSTRUCTION_PEAKS = {"float32": "fma_gflops_float32", "bfloat16": "dot_gflops_bfloat16"}
+
 
 class Run:
     """One or more runs' JSON read as one: a CPU run and a GPU run (bench/gpu_check.py) make one report. Rows of a
@@ -203,19 +212,27 @@ def _run_header(run: Run, note: Optional[str]) -> List[str]:
 
 
 def _ceilings_table(run: Run) -> List[str]:
-    rows = []
+    rows, ratios = [], []
     for device, ceilings in sorted(run.extra["ceilings"].items()):
         size = ceilings["gemm_size"]
         rows.append([device, f"{ceilings['gemm_gflops_float32']:.0f} GFLOP/s ({size}³)",
                      _number(ceilings.get("gemm_gflops_bfloat16"), ".0f") + " GFLOP/s",
+                     _number(ceilings.get("fma_gflops_float32"), ".0f") + " GFLOP/s",
+                     _number(ceilings.get("dot_gflops_bfloat16"), ".0f") + " GFLOP/s",
                      f"{ceilings['copy_gbps']:.1f} GB/s ({ceilings['copy_bytes'] >> 20} MiB)"])
-    return _table(["device", "sgemm fp32", "bf16 GEMM", "copy (read + write)"], rows)
+        if "gemm_gflops_bfloat16" in ceilings and "dot_gflops_bfloat16" in ceilings:
+            ratios.append(f"- {device}: bf16 ÷ fp32 is {ceilings['gemm_gflops_bfloat16'] / ceilings['gemm_gflops_float32']:.2f}"
+                          f" between torch's GEMMs and {ceilings['dot_gflops_bfloat16'] / ceilings['fma_gflops_float32']:.2f}"
+                          " between the instruction peaks (what bf16 arithmetic can gain over fp32 on this CPU)")
+    table = _table(["device", "sgemm fp32 (torch)", "bf16 GEMM (torch)", "fp32 FMA peak", "bf16 dot peak",
+                    "copy (read + write)"], rows)
+    return table + ([""] + ratios if ratios else [])
 
 
 def _group_table(run: Run, rows: List[Row]) -> List[str]:
     memory = any("peak_extra_bytes" in row.info for row in rows)
     header = ["provider", "dtype", "median ms", "ms per set", "sets per s", "GFLOP/s", f"× {BASELINE} eager",
-              "of roofline", "first call s", "rounds"]
+              "of roofline", "of peak", "first call s", "rounds"]
     if memory:
         header += ["peak extra MB", "of output"]
     body = []
@@ -223,7 +240,8 @@ def _group_table(run: Run, rows: List[Row]) -> List[str]:
         ceilings = run.extra["ceilings"][row.device]
         line = [row.provider, row.dtype, f"{row.median_s * 1e3:.2f}", f"{row.median_s * 1e3 / row.info['sets']:.3f}",
                 f"{row.info['sets'] / row.median_s:.1f}", _number(row.gflops, ".1f"), _number(run.speedup(row, BASELINE), ".2f"),
-                _number(row.roofline_fraction(ceilings), ".0%"), f"{row.info['first_call_s']:.2f}", str(row.rounds)]
+                _number(row.roofline_fraction(ceilings), ".0%"), _number(row.peak_fraction(ceilings), ".0%"),
+                f"{row.info['first_call_s']:.2f}", str(row.rounds)]
         if memory:
             extra_bytes = row.info.get("peak_extra_bytes")
             line += [_number(None if extra_bytes is None else extra_bytes / 2 ** 20, ".1f"),
@@ -249,6 +267,8 @@ def markdown(run: Run, target_lines: List[List[str]], note: Optional[str]) -> st
               "A training step counts three times the forward's FLOPs (two GEMMs forward, four backward).",
               "- Bytes: every input read once plus the output written once.",
               "- Of roofline: max(FLOPs / GEMM rate of the dtype, bytes / copy bandwidth) over the measured time.",
+              "- Of peak (CPU): GFLOP/s over the instruction peak of the dtype (bench/cpu_peak.cpp: chains of fp32 "
+              "FMAs, of bf16 vdpbf16ps), a bound no kernel can pass, where torch's GEMM can sit well below it.",
               "- Peak extra memory: what fv_vae_encode (or the baseline) allocates beyond its input and output "
               "(torch.profiler on CPU, the CUDA allocator's peak on GPU).", ""]
     return "\n".join(lines)

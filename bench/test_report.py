@@ -60,3 +60,18 @@ def test_the_gpu_check_skips_cleanly_without_a_gpu():
                             env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert result.returncode == 0, result.stderr
     assert "no CUDA device on this machine; nothing to check" in result.stdout
+
+
+def test_the_instruction_peaks_are_measured_where_the_probe_builds():
+    import platform
+    import shutil
+
+    from bench.measure import instruction_peaks
+    if platform.machine() not in ("x86_64", "AMD64") or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("the probe (bench/cpu_peak.cpp) needs a C++ compiler and an x86-64 CPU")
+    peaks = instruction_peaks()
+    assert peaks["fma_gflops_float32"] > 0
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert ("dot_gflops_bfloat16" in peaks) == (" avx512_bf16" in flags and " avx512f" in flags)
+    if "dot_gflops_bfloat16" in peaks:  # a bf16 pair product is two multiply-adds per lane: it never loses
+        assert peaks["dot_gflops_bfloat16"] > peaks["fma_gflops_float32"]
