@@ -281,3 +281,59 @@ def test_torch_func_over_the_pipeline():
     leaf = acts[0].clone().requires_grad_()
     (expected_grad,) = torch.autograd.grad(loss(leaf), leaf)
     assert relative_error(torch.func.grad(loss)(acts[0]), expected_grad) <= 1e-10
+
+
+# ---- the encoder's inference GEMMs (oneDNN's fused linear where torch has it) -----------------------------------
+
+def encoder_by_the_book(x, encoder, x_scale=None):
+    hidden = x.double() if x_scale is None else x.double() * x_scale.double().unsqueeze(-1)
+    for weight, bias, relu in encoder:
+        hidden = hidden @ weight.double().t() + bias.double()
+        hidden = hidden.relu() if relu else hidden
+    return hidden
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("channel_major", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_the_encoder_without_autograd_matches_float64(dtype, tolerance, channel_major, scaled):
+    """Every layer kind (ReLU or not, the scale folded in after the first GEMM), strided NCHW views, into out."""
+    params = random_params(19, 7, hidden=(13, 11)).to(torch.float32)
+    params.encoder[1] = (params.encoder[1][0], params.encoder[1][1], False)
+    encoder = [(w.to(dtype), b.to(dtype), relu) for w, b, relu in params.encoder]
+    x = torch.rand(3, 19, 10).transpose(1, 2) if channel_major else torch.rand(3, 10, 19)
+    x = x.to(dtype)
+    scale = torch.rand(3, 10).to(dtype) + 0.5 if scaled else None
+    out = torch.full((3, 10, 7), float("nan"), dtype=dtype)
+    with torch.no_grad():
+        got = encode.encoder_forward(x, encoder, scale, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert relative_error(out, encoder_by_the_book(x, encoder, scale)) <= tolerance
+
+
+def test_the_encoder_takes_the_fused_linear_only_where_it_applies(monkeypatch):
+    calls = []
+    fused = encode._fused_linear
+    monkeypatch.setattr(encode, "_fused_linear", lambda *args: calls.append(args[0].dtype) or fused(*args))
+    params = random_params(9, 5, hidden=(6,))
+    x = torch.rand(2, 4, 9)
+    with torch.no_grad():
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            encode.encoder_forward(x.to(dtype), [(w.to(dtype), b.to(dtype), r) for w, b, r in params.encoder])
+    encode.encoder_forward(x.float(), [(w.float(), b.float(), r) for w, b, r in params.encoder])  # autograd on
+    expected = [torch.float32] * 2 + [torch.bfloat16] * 2 if encode._fused_linear_works() else []
+    assert calls == expected
+
+
+def test_a_fused_linear_that_fails_its_check_leaves_the_work_to_matmul(monkeypatch):
+    encode._fused_linear_works.cache_clear()
+    monkeypatch.setattr(encode, "_fused_linear", lambda *args: (_ for _ in ()).throw(RuntimeError("not here")))
+    try:
+        assert not encode._fused_linear_works()
+        params = random_params(9, 5, hidden=(6,)).to(torch.float32)
+        x = torch.rand(2, 4, 9)
+        with torch.no_grad():
+            got = encode.encoder_forward(x, params.encoder)
+        assert relative_error(got, encoder_by_the_book(x, params.encoder)) <= 1e-5
+    finally:
+        encode._fused_linear_works.cache_clear()

@@ -78,7 +78,8 @@ def test_export_with_a_dynamic_batch_survives_save_and_load():
     with torch.no_grad():
         for size in (5, 1, 8):
             images = torch.rand(size, 3, 4, 4)
-            assert relative_error(loaded.module()(images), model(images)) <= 1e-6
+            # float32 summation orders: the eager layer's encoder GEMMs may run in oneDNN, the program's in matmul
+            assert relative_error(loaded.module()(images), model(images)) <= 1e-5
 
 
 def test_exported_checks_still_refuse_bad_values():
