@@ -152,3 +152,18 @@ def test_half_inputs_are_widened_by_the_launcher():
     rounded = [None if t is None or not t.is_floating_point() else t.bfloat16().double() for t in problem]
     rounded[6] = problem[6]
     assert relative_error(out, expected_output(*rounded)) <= 1e-2
+
+
+@pytest.mark.parametrize("huge_pages", ["1", "0"])
+def test_a_large_fresh_output_is_written_whole_with_or_without_huge_pages(huge_pages, monkeypatch):
+    """Outputs of 4 MiB and more get the huge-page advice (FVK_HUGE_PAGES=0 withholds it) before the kernel first
+    touches them: every entry written, the same values either way. An odd byte offset keeps the advised range
+    strictly inside the buffer."""
+    monkeypatch.setenv("FVK_HUGE_PAGES", huge_pages)
+    z, x, w, b, s, f, lengths = random_problem(40, 9, 160, 191, dtype=torch.float32)
+    storage = torch.empty(40 * 160 * 192 + 3)  # fresh: no page touched before the kernel
+    out = storage[3:].view(40, 160, 192)
+    cpp.launch(FVAccumulateArgs(z, x, w, b, s, f, lengths, out))
+    assert out.numel() * out.element_size() >= 4 << 20
+    assert relative_error(out, expected_output(z.double(), x.double(), w.double(), b.double(), s.double(),
+                                               f.double(), lengths)) <= 1e-5
