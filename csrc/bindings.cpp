@@ -92,6 +92,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("fv_accumulate_backward_cpu", &fvk::fv_accumulate_backward_cpu, py::arg("args"), py::arg("num_threads") = 0,
         py::call_guard<py::gil_scoped_release>());
   m.def("cpu_kernel_isa", &fvk::cpu_kernel_isa);
+  m.def(
+      "advise_huge_pages",
+      [](std::uintptr_t address, int64_t bytes) { fvk::advise_huge_pages(reinterpret_cast<void*>(address), bytes); },
+      py::arg("address"), py::arg("bytes"));
   m.def("cpu_bf16_kernel_available", &fvk::bf16_kernel_available);
 
 #ifdef FVK_WITH_CUDA

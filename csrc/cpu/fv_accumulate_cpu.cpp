@@ -121,27 +121,6 @@ int64_t element_bytes(DType dtype) {
   return dtype == DType::Float64 ? 8 : dtype == DType::Float32 ? 4 : 2;
 }
 
-// Large outputs are mostly fresh allocations that the kernel touches first. With transparent huge pages in
-// "madvise" mode (a common default) every 4 KiB page of them faults separately, which costs more than the
-// arithmetic at small T (N = 256 sets of T = 50: 53 ms with 4 KiB pages, 30 ms with 2 MiB ones). So the 2 MiB-
-// aligned interior of each output asks for huge pages, as torch's THP_MEM_ALLOC_ENABLE does for its whole
-// allocator; pages already faulted in stay as they are, a refusal (file-backed memory, THP off) changes nothing,
-// and FVK_HUGE_PAGES=0 turns the advice off.
-void advise_huge_pages(void* pointer, int64_t bytes) {
-#ifdef __linux__
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  if (pointer == nullptr || bytes < int64_t(2 * kHugePage)) return;
-  const char* setting = std::getenv("FVK_HUGE_PAGES");
-  if (setting != nullptr && std::string(setting) == "0") return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(pointer) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(pointer) + uintptr_t(bytes)) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)pointer;
-  (void)bytes;
-#endif
-}
-
 }  // namespace
 
 void fv_accumulate_cpu(const FVAccumulateArgs& args, int num_threads) {
@@ -181,6 +160,27 @@ void fv_accumulate_backward_cpu(const FVAccumulateBackwardArgs& args, int num_th
 #endif
     default: run_fused_backward<Generic>(args, num_threads); break;
   }
+}
+
+// Large outputs are mostly fresh allocations that the kernel touches first. With transparent huge pages in
+// "madvise" mode (a common default) every 4 KiB page of them faults separately, which costs more than the
+// arithmetic at small T (N = 256 sets of T = 50: 53 ms with 4 KiB pages, 30 ms with 2 MiB ones). So the 2 MiB-
+// aligned interior of each output asks for huge pages, as torch's THP_MEM_ALLOC_ENABLE does for its whole
+// allocator; pages already faulted in stay as they are, a refusal (file-backed memory, THP off) changes nothing,
+// and FVK_HUGE_PAGES=0 turns the advice off.
+void advise_huge_pages(void* pointer, int64_t bytes) {
+#ifdef __linux__
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  if (pointer == nullptr || bytes < int64_t(2 * kHugePage)) return;
+  const char* setting = std::getenv("FVK_HUGE_PAGES");
+  if (setting != nullptr && std::string(setting) == "0") return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(pointer) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(pointer) + uintptr_t(bytes)) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)pointer;
+  (void)bytes;
+#endif
 }
 
 std::string cpu_kernel_isa() { return isa_name(selected_isa()); }

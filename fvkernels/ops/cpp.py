@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fvkernels.ops._extension import backward_struct, extension, kernel_struct
+from fvkernels.ops._extension import IMPORT_ERROR, backward_struct, extension, kernel_struct
 from fvkernels.ops.kernel_args import FVAccumulateArgs
 
 
@@ -41,3 +41,10 @@ def backward(args: FVAccumulateArgs, grad_out: Tensor, needs: Sequence[bool]) ->
     struct, grads = backward_struct(args, grad_out, needs)
     extension().fv_accumulate_backward_cpu(struct, torch.get_num_threads())
     return grads
+
+
+def advise_huge_pages(tensor: Tensor) -> None:
+    """Asks for transparent huge pages on a large fresh CPU tensor before a kernel first writes it (csrc/cpu:
+    advise_huge_pages; the kernels do so for the outputs they are handed, this is for buffers filled in parts)."""
+    if IMPORT_ERROR is None and tensor.device.type == "cpu":
+        extension().advise_huge_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fvkernels.common.checks import all_finite, check_finite, check_finite_tensors, flag, tracing, transformed
 from fvkernels.common.tensors import NORM_FLOOR, l2_normalize, length_mask
-from fvkernels.ops import dispatch
+from fvkernels.ops import cpp, dispatch
 from fvkernels.ops.fv_accumulate import fv_accumulate_functional, fv_accumulate_out_op
 from fvkernels.ops.validation import autocasting, check_lengths, check_out, compute_dtype
 from fvkernels.pipeline.params import EncoderLayer, FVVAEParams
@@ -288,7 +288,9 @@ def _encode_whole(acts, params, lengths, normalize, backend, num_sets):
 def _encode_chunked(acts, params, lengths, normalize, backend, num_sets, set_size, out):
     """Chunks of sets through the out-variant op, with one chunk's intermediates alive at a time."""
     channels, latent = params.channels, params.latent_dim
-    out = acts.new_empty((num_sets, params.dim)) if out is None else out
+    if out is None:
+        out = acts.new_empty((num_sets, params.dim))
+        cpp.advise_huge_pages(out)  # filled chunk by chunk, each too small for the kernel's own advice
     out_sets = out.view(num_sets, channels, latent + 1)
     row_sumsq = (torch.empty((num_sets, channels), dtype=torch.float32, device=acts.device)
                  if _takes_row_sums(acts.dtype) else None)
