@@ -337,3 +337,17 @@ def test_a_fused_linear_that_fails_its_check_leaves_the_work_to_matmul(monkeypat
         assert relative_error(got, encoder_by_the_book(x, params.encoder)) <= 1e-5
     finally:
         encode._fused_linear_works.cache_clear()
+
+
+@pytest.mark.parametrize("num_sets", [0, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_spatial_pyramid_matches_nchw_pooling_in_any_layout(num_sets, channels_last):
+    maps = torch.rand(num_sets, 6, 7, 7, dtype=torch.float64)
+    if channels_last:
+        maps = maps.contiguous(memory_format=torch.channels_last)
+    by_level = torch.cat([F.max_pool2d(maps.contiguous(), k, s).flatten(2) for k, s in ((2, 1), (3, 2), (4, 3), (7, 6))],
+                         2).transpose(1, 2)
+    cells = encode.official_spp(maps)
+    assert cells.shape == (num_sets, 50, 6) and cells.is_contiguous() and torch.equal(cells, by_level)
+    if num_sets:
+        assert torch.autograd.gradcheck(encode.official_spp, (maps.clone().requires_grad_(),))

