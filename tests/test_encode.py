@@ -351,3 +351,21 @@ def test_the_spatial_pyramid_matches_nchw_pooling_in_any_layout(num_sets, channe
     assert cells.shape == (num_sets, 50, 6) and cells.is_contiguous() and torch.equal(cells, by_level)
     if num_sets:
         assert torch.autograd.gradcheck(encode.official_spp, (maps.clone().requires_grad_(),))
+
+
+def test_the_derived_fisher_scaling_is_kept_only_while_it_is_current():
+    params = random_params(6, 3).to(torch.float32)
+    first = params.fisher_rsqrt
+    assert params.fisher_rsqrt is first  # an encoding loop derives it once
+    assert torch.equal(first, params.fisher.clamp_min(1e-12).rsqrt())
+    params.fisher.mul_(4)  # in place: a new version
+    assert torch.allclose(params.fisher_rsqrt, first / 2)
+    params.fisher = params.fisher * 4  # another tensor
+    assert torch.allclose(params.fisher_rsqrt, first / 4)
+    params.fisher.requires_grad_()
+    assert params.fisher_rsqrt.grad_fn is not None  # differentiable where autograd records
+    with torch.inference_mode():
+        inference = random_params(6, 3).to(torch.float32)
+        assert torch.equal(inference.fisher_rsqrt, inference.fisher.clamp_min(1e-12).rsqrt())
+    moved = params.to(torch.float64)
+    assert moved.fisher_rsqrt.dtype == torch.float64

@@ -1,14 +1,14 @@
 """The parameters of a trained FV-VAE (DESIGN §2): what the pipeline needs, checked once when they are made."""
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, replace
+from dataclasses import InitVar, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fvkernels.common.checks import check_finite_tensors, flag, real_number, require
+from fvkernels.common.checks import check_finite_tensors, flag, real_number, require, tracing, transformed
 from fvkernels.common.tensors import floor_for
 
 PRENORMS = ("descriptor", "map", None)
@@ -43,6 +43,8 @@ class FVVAEParams:
     norm_scale: float = 1.0
     spp: Optional[str] = None
     validate: InitVar[bool] = True
+    # (fisher, its version, fisher_rsqrt): see fisher_rsqrt
+    _derived_fisher: Optional[Tuple[Tensor, int, Tensor]] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self, validate: bool) -> None:
         self.encoder = [self._encoder_layer(index, layer) for index, layer in enumerate(self.encoder)]
@@ -64,10 +66,22 @@ class FVVAEParams:
 
     @property
     def fisher_rsqrt(self) -> Optional[Tensor]:
-        """1/sqrt(max(F, floor)) (DESIGN §1.6), derived from `fisher` on use so that it never goes stale."""
-        if self.fisher is None:
+        """1/sqrt(max(F, floor)) (DESIGN §1.6), derived from `fisher` on use so that it never goes stale, and kept
+        while `fisher` is the same tensor at the same version (an in-place change bumps it) outside autograd,
+        tracing and transforms: an encoding loop derives it once instead of allocating it (one set's output) at
+        every call."""
+        fisher = self.fisher
+        if fisher is None:
             return None
-        return self.fisher.clamp_min(floor_for(self.fisher.dtype, FISHER_FLOOR)).rsqrt()
+        keep = (not tracing() and not transformed() and not (fisher.requires_grad and torch.is_grad_enabled())
+                and not fisher.is_inference())
+        kept = self._derived_fisher
+        if keep and kept is not None and kept[0] is fisher and kept[1] == fisher._version:
+            return kept[2]
+        derived = fisher.clamp_min(floor_for(fisher.dtype, FISHER_FLOOR)).rsqrt()
+        if keep:
+            self._derived_fisher = (fisher, fisher._version, derived)
+        return derived
 
     def _check_structure(self) -> None:
         if self.prenorm not in PRENORMS:
