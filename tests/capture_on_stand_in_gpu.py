@@ -3,8 +3,8 @@
 Run as `python -m tests.capture_on_stand_in_gpu` outside the Triton interpreter (whose kernels cannot be
 captured): triton's driver is replaced by a stand-in for an H100 (its compile target and shared memory), the
 only things graph capture asks of it, and the launcher's SM count is fixed. Prints one JSON object per case:
-which ops and which Triton kernels the captured forward graph holds, and which kernel arguments it treats as
-written (tests/test_triton_capture.py judges them).
+which ops and which Triton kernels the captured forward graph (and the Triton backward op's graph) holds, and
+which kernel arguments it treats as written (tests/test_triton_capture.py judges them).
 """
 import importlib
 import json
@@ -96,6 +96,58 @@ def capture(shape, dtype, with_extras, signed_sqrt, with_row_sumsq, backend, t_s
         finally:
             triton_fv.choose_t_splits, torch.compiler.is_exporting = chosen_t_splits, is_exporting
     (graph,) = graphs
+    # What the capture assumed of the batch size: a guard on N would make torch.compile recompile per batch size.
+    batch_guards = [] if shape_env is None else [str(guard.expr) for guard in shape_env.guards]
+    return dict(**graph_contents(graph), batch_guards=batch_guards)
+
+
+BACKWARD_CASES = [
+    # name, (N, T, C, d), dtype, whether N is symbolic
+    ("backward", (3, 37, 9, 7), torch.float32, False),
+    ("backward bf16 dynamic batch", (3, 600, 64, 31), torch.bfloat16, True),
+]
+
+
+def capture_backward(shape, dtype, dynamic_batch):
+    """The graph of the Triton backward op (fvkernels::fv_accumulate_backward_triton, what the Triton forward's
+    autograd calls) as AOTAutograd captures it: which ops and Triton kernels it holds, and its guards on the batch
+    size. The op is traced directly: a training step's backward would run autograd's engine on the fake CUDA
+    tensors, which a torch built without CUDA cannot."""
+    num_sets, set_size, channels, latent = shape
+    graphs = []
+    shape_env = ShapeEnv() if dynamic_batch else None
+
+    def compiler(graph_module, inputs):
+        graphs.append(graph_module)
+        return graph_module
+
+    def call(*tensors):
+        return fv_accumulate_module.fv_accumulate_backward_triton_op(*tensors, [True] * 6)
+
+    with FakeTensorMode(shape_env=shape_env):
+        if dynamic_batch:
+            num_sets = shape_env.create_symintnode(shape_env.create_symbol(num_sets, ConstantSource("N"),
+                                                                           dynamic_dim=DimDynamic.DYNAMIC),
+                                                   hint=num_sets)
+        options = dict(dtype=dtype, device="cuda")
+        inputs = [torch.empty(num_sets, channels, latent + 1, **options), torch.empty(num_sets, set_size, latent, **options),
+                  torch.empty(num_sets, set_size, channels, **options), torch.empty(channels, latent, **options),
+                  torch.empty(channels, **options), torch.empty(channels, **options),
+                  torch.empty(channels, latent + 1, **options), torch.empty(num_sets, dtype=torch.int64, device="cuda"),
+                  torch.empty(num_sets, set_size, **options)]
+        try:  # running the captured graph needs CUDA; capturing it does not
+            aot_function(call, fw_compiler=compiler, dynamic=dynamic_batch)(*inputs)
+        except RuntimeError as error:
+            if not graphs:
+                raise
+            assert "cuda" in str(error).lower(), error
+    (graph,) = graphs
+    return dict(**graph_contents(graph), batch_guards=[] if shape_env is None else [str(guard.expr)
+                                                                                   for guard in shape_env.guards])
+
+
+def graph_contents(graph) -> dict:
+    """The fvkernels ops and the Triton kernels a captured graph calls, and the arguments each kernel writes."""
     ops, kernels, written = [], [], []
     for node in graph.graph.nodes:
         if node.op != "call_function":
@@ -106,9 +158,7 @@ def capture(shape, dtype, with_extras, signed_sqrt, with_row_sumsq, backend, t_s
             written.append(sorted(node.kwargs["tensors_to_clone"]))
         elif str(node.target).startswith("fvkernels."):
             ops.append(str(node.target))
-    # What the capture assumed of the batch size: a guard on N would make torch.compile recompile per batch size.
-    batch_guards = [] if shape_env is None else [str(guard.expr) for guard in shape_env.guards]
-    return dict(ops=ops, kernels=kernels, written=written, batch_guards=batch_guards)
+    return dict(ops=ops, kernels=kernels, written=written)
 
 
 def main() -> int:
@@ -118,10 +168,14 @@ def main() -> int:
     fv_accumulate_module.tracing = lambda: True  # what torch.compile's Dynamo reports while it traces the caller
     for name, *case in CASES:
         print(json.dumps(dict(case=name, **capture(*case))), flush=True)
-    # The kernels torch finds behind the op (by reading its body), whose sources key its compile caches.
-    found = torch._library.triton.get_triton_kernels_for_op("fvkernels::fv_accumulate_triton")
-    print(json.dumps(dict(case="cache keys", kernels=sorted(getattr(kernel, "fn", kernel).__name__
-                                                           for kernel in found))), flush=True)
+    for name, *case in BACKWARD_CASES:
+        print(json.dumps(dict(case=name, **capture_backward(*case))), flush=True)
+    # The kernels torch finds behind each op (by reading its body), whose sources key its compile caches.
+    for case, op in (("cache keys", "fvkernels::fv_accumulate_triton"),
+                     ("backward cache keys", "fvkernels::fv_accumulate_backward_triton")):
+        found = torch._library.triton.get_triton_kernels_for_op(op)
+        print(json.dumps(dict(case=case, kernels=sorted(getattr(kernel, "fn", kernel).__name__ for kernel in found))),
+              flush=True)
     return 0
 
 

@@ -1,9 +1,11 @@
-"""The Triton forward as a triton_op (fvkernels::fv_accumulate_triton): its numbers under the interpreter, and
-what torch.compile captures of it — the Triton kernels themselves, visible to Inductor, instead of an opaque op.
+"""The Triton forward and backward as triton_ops (fvkernels::fv_accumulate_triton and its backward,
+fvkernels::fv_accumulate_backward_triton): their numbers under the interpreter, and what torch.compile captures of
+them — the Triton kernels themselves, visible to Inductor, instead of an opaque op.
 
 Capture runs in a subprocess outside the interpreter (tests/capture_on_stand_in_gpu.py: fake CUDA tensors and a
 stand-in for an H100's driver); on a machine with a GPU, test_fv_accumulate.py's gpu tests compile it for real.
 """
+import importlib
 import json
 import os
 import subprocess
@@ -20,6 +22,7 @@ from fvkernels.ops.reference import fv_accumulate_outputs
 from tests.helpers import random_problem, relative_error
 
 pytest.importorskip("triton", reason="triton is not installed")
+fv_accumulate_module = importlib.import_module("fvkernels.ops.fv_accumulate")  # not the function fvkernels.ops exports
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED = pytest.mark.skipif(dispatch.unavailable_reason("triton", torch.device("cpu")) is not None,
                                  reason="the Triton backend needs the interpreter on the CPU")
@@ -65,6 +68,19 @@ def test_triton_op_gradients_match_the_float64_reference():
         assert relative_error(got_grad, want_grad) <= 1e-5, name
 
 
+@INTERPRETED
+def test_the_triton_op_differentiates_through_the_triton_backward_op(monkeypatch):
+    calls = []
+    backward_op = fv_accumulate_module.fv_accumulate_backward_triton_op
+    monkeypatch.setattr(fv_accumulate_module, "fv_accumulate_backward_triton_op",
+                        lambda *args: calls.append(args[-1]) or backward_op(*args))
+    z, x, w, b, s, f, lengths = [t if t is None or not t.is_floating_point() else t.float().requires_grad_()
+                                 for t in random_problem(2, 9, 5, 3)]
+    out, _ = fv_accumulate_triton_op(z, x, w, b, s, f.detach(), lengths, None, True, False)
+    out.sum().backward()
+    assert calls == [[True, True, True, True, True, False]]
+
+
 @pytest.fixture(scope="module")
 def captured():
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
@@ -92,10 +108,22 @@ def test_torch_compile_sees_the_triton_kernels(captured, case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["backward", "backward bf16 dynamic batch"])
+def test_torch_compile_sees_the_triton_backward_kernels(captured, case):
+    result = captured[case]
+    assert result["ops"] == [], f"an opaque fvkernels op is left in the graph: {result}"
+    assert result["kernels"] == ["_fv_backward_rows_kernel", "_fv_backward_params_kernel"]
+    # each kernel writes only its gradients: no input is copied defensively before it
+    assert result["written"] == [["grad_scale_ptr", "grad_x_ptr", "grad_z_ptr"], ["grad_b_ptr", "grad_s_ptr", "grad_w_ptr"]]
+    assert result["batch_guards"] == [], "the launcher's choices would recompile per batch size"
+
+
+@pytest.mark.slow
 def test_compile_caches_are_keyed_on_the_kernels_sources(captured):
-    """torch finds the kernels behind the op by reading its body; without them, a cache hit after an upgrade of
+    """torch finds the kernels behind each op by reading its body; without them, a cache hit after an upgrade of
     fvkernels would reuse code compiled from the old kernels."""
     assert captured["cache keys"]["kernels"] == ["_fv_accumulate_kernel", "_fv_reduce_splits_kernel"]
+    assert captured["backward cache keys"]["kernels"] == ["_fv_backward_params_kernel", "_fv_backward_rows_kernel"]
 
 
 @pytest.mark.slow
@@ -126,7 +154,8 @@ def test_gpu_triton_op_passes_opcheck(variant):
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_gpu_inductor_compiles_the_triton_kernel_into_its_code(backend):
     """On a GPU: torch.compile (Inductor, fullgraph) of an encoding puts _fv_accumulate_kernel into the code it
-    generates, and the compiled result and gradient equal eager's."""
+    generates, and _fv_backward_rows_kernel into its backward's (with the "auto" backend the fused backward's d
+    limit holds: d = 7), and the compiled result and gradient equal eager's."""
     from torch._inductor.utils import run_and_get_code
 
     import fvkernels
@@ -145,5 +174,8 @@ def test_gpu_inductor_compiles_the_triton_kernel_into_its_code(backend):
     assert relative_error(got, encode(z, x)) <= 1e-5
     z_grad = z.clone().requires_grad_()
     (want,) = torch.autograd.grad(encode(z_grad, x).square().sum(), z_grad)
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(lambda: torch.autograd.grad(compiled(z_grad, x).square().sum(), z_grad))
+    assert any("_fv_backward_rows_kernel" in code for code in codes), "Inductor's code does not launch the backward"
     (got_grad,) = torch.autograd.grad(compiled(z_grad, x).square().sum(), z_grad)
     assert relative_error(got_grad, want) <= 1e-4

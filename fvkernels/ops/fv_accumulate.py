@@ -17,6 +17,7 @@ call, outside them.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -88,6 +89,7 @@ def _setup_context(ctx, inputs, output):
     z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, signed_sqrt, with_row_sumsq, backend = inputs
     ctx.signed_sqrt = signed_sqrt
     ctx.backend = backend
+    ctx.fused_backward = functools.partial(_backend_backward, backend=backend)
     stored = output[0] if signed_sqrt or with_row_sumsq else None  # what the epilogue's derivatives need
     ctx.save_for_backward(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, stored)
 
@@ -100,15 +102,21 @@ def _backward(ctx, grad_out, grad_row_sumsq):
         grad_out = grad_out * signed_sqrt_derivative(stored)
     needs = ctx.needs_input_grad
     needs = needs[:6] + needs[7:8]  # (z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, x_scale)
-    grads = _gradients(ctx.backend, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale,
-                       needs)
+    grads = _gradients(ctx.backend, ctx.fused_backward, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt,
+                       lengths, x_scale, needs)
     return (*grads[:6], None, grads[6], None, None, None)
 
 
-def _gradients(backend, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale, needs):
+def _backend_backward(*args, backend: str):
+    return fv_accumulate_backward_op(*args, backend)
+
+
+def _gradients(backend, fused_backward, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths,
+               x_scale, needs):
     """The backward's gradients (as reference.fv_accumulate_backward returns them) from the backend's fused kernel
-    where it has one; from the reference's torch code for a double backward (which differentiates it), for the
-    Fisher's own gradient (the kernels do not form G unscaled), and for backends without one."""
+    (through the op fused_backward) where it has one; from the reference's torch code for a double backward (which
+    differentiates it), for the Fisher's own gradient (the kernels do not form G unscaled), and for backends
+    without one."""
     kernel_needs = [bool(need) for need in needs[:5] + needs[6:]]
     if (torch.is_grad_enabled() or not dispatch.has_fused_backward(dispatch.resolve(backend, z.device, z.dtype))
             or z.shape[0] == 0 or x.shape[2] == 0):
@@ -116,8 +124,8 @@ def _gradients(backend, grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher
                                       x_scale, needs)
     fused = [None] * len(kernel_needs)
     if any(kernel_needs):  # the caller's word, resolved where the op runs, as the forward does
-        fused = fv_accumulate_backward_op(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt,
-                                          lengths, x_scale, kernel_needs, backend)
+        fused = fused_backward(grad_out, z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale,
+                               kernel_needs)
         fused = [grad if need else None for grad, need in zip(fused, kernel_needs)]
     grad_fisher = None
     if needs[5] and fisher_rsqrt is not None:
@@ -131,6 +139,7 @@ fv_accumulate_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _setup_triton_context(ctx, inputs, output):
     _setup_context(ctx, (*inputs, "triton"), output)
+    ctx.fused_backward = fv_accumulate_backward_triton_op
 
 
 def _triton_backward(ctx, grad_out, grad_row_sumsq):
@@ -151,15 +160,29 @@ def _fv_accumulate_triton(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Te
     return out, row_sumsq
 
 
-# Defined where triton is installed: the op is taken only for calls that run on it, and torch logs a warning at
+def _fv_accumulate_backward_triton(grad_out: Tensor, z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor,
+                                   inv_sigma2: Tensor, fisher_rsqrt: Optional[Tensor], lengths: Optional[Tensor],
+                                   x_scale: Optional[Tensor], needs: List[bool]) -> List[Tensor]:
+    """fv_accumulate_backward_op on the "triton" backend as an op whose body torch.compile traces (the backward of
+    fv_accumulate_triton_op): Inductor receives the backward's Triton kernels too."""
+    args = FVAccumulateArgs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, grad_out.contiguous(),
+                            x_scale)
+    grads = backward_triton(args, grad_out, needs, capturable=True)  # by its plain name, as launch_triton above
+    return [z.new_empty(0) if grad is None else grad for grad in grads]
+
+
+# Defined where triton is installed: the ops are taken only for calls that run on it, and torch logs a warning at
 # every import when a triton_op is defined without triton.
-fv_accumulate_triton_op = None
+fv_accumulate_triton_op = fv_accumulate_backward_triton_op = None
 if importlib.util.find_spec("triton") is not None:
+    from fvkernels.ops.triton_fv import backward as backward_triton
     from fvkernels.ops.triton_fv import launch as launch_triton
 
     fv_accumulate_triton_op = torch.library.triton_op("fvkernels::fv_accumulate_triton",
                                                       mutates_args=())(_fv_accumulate_triton)
     fv_accumulate_triton_op.register_autograd(_triton_backward, setup_context=_setup_triton_context)
+    fv_accumulate_backward_triton_op = torch.library.triton_op("fvkernels::fv_accumulate_backward_triton",
+                                                               mutates_args=())(_fv_accumulate_backward_triton)
 
 # Whether torch.compile may capture the Triton kernels: triton is installed, and Inductor passes a captured kernel its
 # inputs with the strides seen while tracing (its "eager input values", newer torch releases); older ones could pad

@@ -546,7 +546,7 @@ def _decoder_gradient_tiles(z, n, c_block, rows, row_mask, x_ptr, x_scale_ptr, w
     difference = pre - x * scale[:, None]
     residual = tl.where(active, difference * inv_sigma2, 0.0)
     q = tl.where(active, a * inv_sigma2, 0.0)
-    return active, residual, q, a, difference, x, scale, w, channels, channel_mask
+    return active, residual, q, a, difference, x, scale, w
 
 
 @triton.jit
@@ -585,10 +585,13 @@ def _fv_backward_rows_kernel(
     grad_z = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     grad_scale = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for c_block in range(0, tl.cdiv(C, BLOCK_C)):
+        # Computed here, not taken from the helper: the index of a store that derives from a call's results counts,
+        # for torch.compile's analysis, as writing every pointer the call was given (inputs then get copied).
         channels = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
-        h, h_bias = _load_h(grad_out_ptr, fisher_ptr, n, channels, channels < C, stride_gn, LATENT, BLOCK_D,
+        channel_mask = channels < C
+        h, h_bias = _load_h(grad_out_ptr, fisher_ptr, n, channels, channel_mask, stride_gn, LATENT, BLOCK_D,
                             HAS_FISHER)
-        active, residual, q, a, difference, x, scale, w, channels, channel_mask = _decoder_gradient_tiles(
+        active, residual, q, a, difference, x, scale, w = _decoder_gradient_tiles(
             z, n, c_block, rows, row_mask, x_ptr, x_scale_ptr, w_ptr, b_ptr, s_ptr, h.to(z.dtype), h_bias, C,
             stride_xn, stride_xt, stride_xc, stride_sn, stride_st, stride_wc, stride_wk, length, LATENT, BLOCK_D,
             BLOCK_C, HAS_X_SCALE, DOT_PRECISION)
@@ -639,7 +642,7 @@ def _fv_backward_params_kernel(
             row_mask = rows < T
             z = _load_tile(z_ptr + n.to(tl.int64) * stride_zn, rows, ks, stride_zt, stride_zk, row_mask, ks < LATENT,
                            False)
-            active, residual, q, a, difference, x, scale, w, _, _ = _decoder_gradient_tiles(
+            active, residual, q, a, difference, x, scale, w = _decoder_gradient_tiles(
                 z, n, c_block, rows, row_mask, x_ptr, x_scale_ptr, w_ptr, b_ptr, s_ptr, h.to(z.dtype), h_bias, C,
                 stride_xn, stride_xt, stride_xc, stride_sn, stride_st, stride_wc, stride_wk, length, LATENT,
                 BLOCK_D, BLOCK_C, HAS_X_SCALE, DOT_PRECISION)
@@ -662,10 +665,19 @@ def set_groups(num_sets: int, channel_blocks: int, device: torch.device) -> int:
     return max(1, min(num_sets, sm_count(device) // channel_blocks))
 
 
-def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:
+def _backward_kernels(capturable: bool):
+    """The backward's two kernels: the module's own, or (capturable) each through wrap_triton, as _kernels."""
+    if not capturable or triton_interpreted():
+        return _fv_backward_rows_kernel, _fv_backward_params_kernel
+    return wrap_triton(_fv_backward_rows_kernel), wrap_triton(_fv_backward_params_kernel)
+
+
+def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs, *, capturable: bool = False) -> list:
     """The fused Triton backward (the kernels above): gradients w.r.t. (z, x, dec_weight, dec_bias, inv_sigma2,
     x_scale) before the signed square root, each None where `needs` says no; a d wider than MAX_BACKWARD_D (for
-    the element size) takes the reference's torch code."""
+    the element size) takes the reference's torch code. capturable: launched through wrap_triton, for the body of
+    fvkernels::fv_accumulate_backward_triton (the choices from example sizes, as launch's, so that a captured graph
+    holds for every batch size)."""
     from fvkernels.ops.reference import fv_accumulate_backward
 
     z, x, x_scale, dec_weight = args.z, args.x, args.x_scale, args.dec_weight
@@ -696,10 +708,11 @@ def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:
     inputs = (z, x, or_placeholder(x_scale), dec_weight, args.dec_bias, args.inv_sigma2,
               or_placeholder(args.fisher_rsqrt), or_placeholder(args.lengths), grad_out)
     strides = (*z.stride(), *x.stride(), *x_scale_strides, *dec_weight.stride(), grad_out.stride(0))
-    device_guard = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
+    rows_kernel, params_kernel = _backward_kernels(capturable)
+    device_guard = torch.cuda.device(z.device) if z.is_cuda and not is_fake(z) else contextlib.nullcontext()
     with device_guard:
         if set_size > 0 and (need_z or need_x or need_scale):
-            _fv_backward_rows_kernel[(num_sets * triton.cdiv(set_size, tiles.block_t),)](
+            rows_kernel[(num_sets * triton.cdiv(set_size, tiles.block_t),)](
                 *inputs, or_placeholder(grad_z), or_placeholder(grad_x), or_placeholder(grad_scale), set_size,
                 channels, *strides, NEED_Z=need_z, NEED_X=need_x, NEED_SCALE=need_scale, **common)
         elif set_size == 0:
@@ -709,12 +722,12 @@ def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:
         grad_w = grad_b = grad_s = None
         if need_w or need_b or need_s:
             channel_blocks = triton.cdiv(channels, tiles.block_c)
-            groups = set_groups(num_sets, channel_blocks, z.device)
+            groups = set_groups(size_hint(num_sets), channel_blocks, z.device)
             partial_w = torch.empty((groups, channels, latent) if need_w else (1,), dtype=torch.float32,
                                     device=z.device)
             partial_b = torch.empty((groups, channels), dtype=torch.float32, device=z.device)
             partial_s = torch.empty((groups, channels), dtype=torch.float32, device=z.device)
-            _fv_backward_params_kernel[(channel_blocks * groups,)](
+            params_kernel[(channel_blocks * groups,)](
                 *inputs, partial_w, partial_b, partial_s, num_sets, set_size, channels,
                 triton.cdiv(num_sets, groups), *strides, channels * latent, channels, NEED_W=need_w, **common)
             # the groups' partial sums, added in a fixed order
