@@ -2,9 +2,9 @@
 and agreement with the baseline."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -79,22 +79,21 @@ PEAK_SOURCE = Path(__file__).resolve().parent / "cpu_peak.cpp"
 
 def instruction_peaks() -> dict:
     """The CPU's arithmetic peak on torch's thread count (GFLOP/s): fp32 FMA chains ("fma_gflops_float32") and, where
-    the CPU has AVX512-BF16, vdpbf16ps chains ("dot_gflops_bfloat16"), from bench/cpu_peak.cpp compiled here once per
-    source. A library GEMM may sit well below them; nothing can sit above. Empty where it cannot be built (no C++
-    compiler, not x86-64)."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
+    the CPU has AVX512-BF16, vdpbf16ps chains ("dot_gflops_bfloat16"), from bench/cpu_peak.cpp compiled here. A
+    library GEMM may sit well below them; nothing can sit above. Empty where it cannot be built (no C++ compiler,
+    not x86-64)."""
+    compiler = shlex.split(os.environ["CXX"]) if os.environ.get("CXX") else [shutil.which("c++") or shutil.which("g++")]
+    if compiler[0] is None:
         return {}
-    source = PEAK_SOURCE.read_bytes()
-    binary = Path(tempfile.gettempdir()) / f"fvkernels-cpu-peak-{hashlib.sha256(source).hexdigest()[:16]}"
     try:
-        if not binary.exists():
-            partial = binary.with_name(f"{binary.name}.{os.getpid()}")
-            subprocess.run([compiler, "-O2", "-fopenmp", str(PEAK_SOURCE), "-o", str(partial)], check=True,
+        # Built in a private folder each time (about a second): nothing another user left in a shared temp folder
+        # is ever run.
+        with tempfile.TemporaryDirectory(prefix="fvkernels-cpu-peak-") as folder:
+            binary = Path(folder) / "cpu_peak"
+            subprocess.run([*compiler, "-O2", "-fopenmp", str(PEAK_SOURCE), "-o", str(binary)], check=True,
                            capture_output=True, timeout=120)
-            partial.replace(binary)
-        probe = subprocess.run([str(binary)], check=True, capture_output=True, text=True, timeout=120,
-                               env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+            probe = subprocess.run([str(binary)], check=True, capture_output=True, text=True, timeout=120,
+                                   env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     except (OSError, subprocess.SubprocessError):
         return {}
     return json.loads(probe.stdout)

@@ -321,15 +321,21 @@ def test_the_encoder_takes_the_fused_linear_only_where_it_applies(monkeypatch):
         for dtype in (torch.float64, torch.float32, torch.bfloat16):
             encode.encoder_forward(x.to(dtype), [(w.to(dtype), b.to(dtype), r) for w, b, r in params.encoder])
     encode.encoder_forward(x.float(), [(w.float(), b.float(), r) for w, b, r in params.encoder])  # autograd on
-    expected = [torch.float32] * 2 + [torch.bfloat16] * 2 if encode._fused_linear_works() else []
+    expected = ([torch.float32] * 2 if encode._fused_linear_works(torch.float32) else []) + (
+        [torch.bfloat16] * 2 if encode._fused_linear_works(torch.bfloat16) else [])
     assert calls == expected
+    calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's casts, which the op ignores
+        assert encode.encoder_forward(x.float(), [(w.float(), b.float(), r) for w, b, r in params.encoder]).dtype \
+            == torch.bfloat16
+    assert calls == []
 
 
 def test_a_fused_linear_that_fails_its_check_leaves_the_work_to_matmul(monkeypatch):
     encode._fused_linear_works.cache_clear()
     monkeypatch.setattr(encode, "_fused_linear", lambda *args: (_ for _ in ()).throw(RuntimeError("not here")))
     try:
-        assert not encode._fused_linear_works()
+        assert not encode._fused_linear_works(torch.float32) and not encode._fused_linear_works(torch.bfloat16)
         params = random_params(9, 5, hidden=(6,)).to(torch.float32)
         x = torch.rand(2, 4, 9)
         with torch.no_grad():
@@ -345,8 +351,8 @@ def test_the_spatial_pyramid_matches_nchw_pooling_in_any_layout(num_sets, channe
     maps = torch.rand(num_sets, 6, 7, 7, dtype=torch.float64)
     if channels_last:
         maps = maps.contiguous(memory_format=torch.channels_last)
-    by_level = torch.cat([F.max_pool2d(maps.contiguous(), k, s).flatten(2) for k, s in ((2, 1), (3, 2), (4, 3), (7, 6))],
-                         2).transpose(1, 2)
+    levels = ((2, 1), (3, 2), (4, 3), (7, 6))
+    by_level = torch.cat([F.max_pool2d(maps.contiguous(), k, s).flatten(2) for k, s in levels], 2).transpose(1, 2)
     cells = encode.official_spp(maps)
     assert cells.shape == (num_sets, 50, 6) and cells.is_contiguous() and torch.equal(cells, by_level)
     if num_sets:
@@ -369,3 +375,42 @@ def test_the_derived_fisher_scaling_is_kept_only_while_it_is_current():
         assert torch.equal(inference.fisher_rsqrt, inference.fisher.clamp_min(1e-12).rsqrt())
     moved = params.to(torch.float64)
     assert moved.fisher_rsqrt.dtype == torch.float64
+
+
+def test_the_fused_linear_check_is_not_decided_by_the_callers_settings():
+    """Checked on its own dtypes outside autocast: a first call under autocast or another default dtype must not
+    switch the fast path off for the process."""
+    encode._fused_linear_works.cache_clear()
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_other_settings = encode._fused_linear_works(torch.float32)
+        torch.set_default_dtype(previous)
+        encode._fused_linear_works.cache_clear()
+        assert under_other_settings == encode._fused_linear_works(torch.float32)
+    finally:
+        torch.set_default_dtype(previous)
+        encode._fused_linear_works.cache_clear()
+
+
+def test_a_dtype_the_fused_linear_refuses_leaves_bfloat16_encoding_to_matmul(monkeypatch):
+    """oneDNN has no bf16 inner product on CPUs without AVX-512: the per-dtype check finds that, and bf16 encoding
+    without autograd still works (emulated by refusing bf16)."""
+    fused = encode._fused_linear
+
+    def refuses_bf16(hidden, *args):
+        if hidden.dtype == torch.bfloat16:
+            raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation")
+        return fused(hidden, *args)
+
+    encode._fused_linear_works.cache_clear()
+    monkeypatch.setattr(encode, "_fused_linear", refuses_bf16)
+    try:
+        params = random_params(12, 5, hidden=(8,)).to(torch.bfloat16)
+        with torch.no_grad():
+            fv = fv_vae_encode(torch.rand(3, 12, 4, 4).bfloat16(), params)
+        assert fv.dtype == torch.bfloat16 and torch.isfinite(fv.float()).all()
+        assert not encode._fused_linear_works(torch.bfloat16)
+    finally:
+        encode._fused_linear_works.cache_clear()

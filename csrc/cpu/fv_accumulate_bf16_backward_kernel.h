@@ -12,7 +12,8 @@
 // GEMM operands are bf16 (h = gout·fisher_rsqrt, R and Q rounded once each, as torch's bf16 composite rounds
 // them); accumulation and the epilogue are fp32. grad_weight, grad_bias and grad_inv_sigma2 are summed per thread
 // in fp32, added up in thread order (items are split statically: deterministic for a given thread count) and
-// rounded once. A gradient that is not asked for (null) costs nothing: its GEMM or epilogue term is skipped.
+// rounded once. A gradient that is not asked for (null) skips its GEMM (steps 3, 4) or its epilogue store; steps 1
+// and 2 run whenever any gradient is asked for.
 #pragma once
 
 #include "bf16_microkernel.h"

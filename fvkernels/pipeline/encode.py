@@ -183,12 +183,13 @@ def encoder_forward(x: Tensor, encoder: Sequence[EncoderLayer], x_scale: Optiona
 
 def _fused_linear_applies(hidden: Tensor, weight: Tensor) -> bool:
     """Whether an inference layer goes through oneDNN's fused linear (GEMM, bias and ReLU in one call): eager CPU
-    float32/bfloat16 on a torch that has it. Its fp32 GEMM can run at twice the rate of torch.matmul's BLAS (an
-    AMD EPYC with AVX-512: 430 against 213 GFLOP/s, MKL taking a narrower code path there); in bf16 both are
-    oneDNN, and the fusion saves the passes over the activations."""
+    float32/bfloat16 outside torch.autocast (whose casts the op does not follow), on a torch and CPU where that op
+    passed its check for the dtype. Its fp32 GEMM can run at twice the rate of torch.matmul's BLAS (an AMD EPYC with
+    AVX-512: 430 against 213 GFLOP/s, MKL taking a narrower code path there); in bf16 both are oneDNN, and the
+    fusion saves the passes over the activations."""
     return (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.bfloat16)
             and weight.dtype == hidden.dtype and hidden.shape[-1] > 0 and not tracing() and not transformed()
-            and _fused_linear_works())
+            and not torch.is_autocast_enabled("cpu") and _fused_linear_works(hidden.dtype))
 
 
 def _fused_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool) -> Tensor:
@@ -197,19 +198,25 @@ def _fused_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], relu: 
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_linear_works() -> bool:
-    """Whether this torch has oneDNN's fused linear (a private op that inductor uses) and it computes what
-    torch.matmul does, checked once on a small case: where it is missing or differs, matmul does the work."""
+def _fused_linear_works(dtype: torch.dtype) -> bool:
+    """Whether this torch has oneDNN's fused linear (a private op that inductor uses) and it computes in `dtype` what
+    a float64 matmul does, checked once per dtype on a small case: where it is missing, refuses the dtype (oneDNN
+    has no bf16 inner product on CPUs without AVX-512) or differs, matmul does the work. The check sets its own
+    dtypes and runs outside autocast, so the caller's settings at the first call cannot decide it."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     generator = torch.Generator().manual_seed(0)
-    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((2, 3, 5), (4, 5), (4,)))
+    x, weight, bias = (torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+                       for shape in ((2, 3, 5), (4, 5), (4,)))
     try:
-        fused = _fused_linear(x.transpose(0, 1), weight, bias, True)
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            fused = _fused_linear(x.transpose(0, 1), weight, bias, True)
     except (RuntimeError, TypeError):
         return False
-    return fused.shape == (3, 2, 4) and torch.allclose(fused, (x.transpose(0, 1) @ weight.t() + bias).relu(),
-                                                       rtol=1e-4, atol=1e-5)
+    expected = (x.double().transpose(0, 1) @ weight.double().t() + bias.double()).relu()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    return (fused.shape == (3, 2, 4) and fused.dtype == dtype
+            and torch.allclose(fused.double(), expected, rtol=tolerance, atol=tolerance))
 
 
 def prenormalised_sets(acts: Tensor, params: FVVAEParams, lengths=None) -> Tuple[Tensor, Optional[Tensor]]:
