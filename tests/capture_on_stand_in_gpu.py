@@ -59,46 +59,28 @@ CASES = [
 
 def capture(shape, dtype, with_extras, signed_sqrt, with_row_sumsq, backend, t_splits, exporting, dynamic_batch):
     num_sets, set_size, channels, latent = shape
-    graphs = []
-    shape_env = ShapeEnv() if dynamic_batch else None
-
-    def compiler(graph_module, inputs):
-        graphs.append(graph_module)
-        return graph_module
 
     def call(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, x_scale):
         return fv_accumulate_module.fv_accumulate_functional(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt,
                                                              lengths, x_scale, signed_sqrt, with_row_sumsq, backend)
 
-    with FakeTensorMode(shape_env=shape_env):
-        if dynamic_batch:
-            num_sets = shape_env.create_symintnode(shape_env.create_symbol(num_sets, ConstantSource("N"),
-                                                                           dynamic_dim=DimDynamic.DYNAMIC),
-                                                   hint=num_sets)
-        inputs = [torch.empty(num_sets, set_size, latent, dtype=dtype, device="cuda"),
-                  torch.empty(num_sets, set_size, channels, dtype=dtype, device="cuda"),
-                  torch.empty(channels, latent, dtype=dtype, device="cuda"),
-                  torch.empty(channels, dtype=dtype, device="cuda"),
-                  torch.empty(channels, dtype=dtype, device="cuda"),
-                  torch.empty(channels, latent + 1, dtype=dtype, device="cuda") if with_extras else None,
-                  torch.empty(num_sets, dtype=torch.int64, device="cuda") if with_extras else None,
-                  torch.empty(num_sets, set_size, dtype=dtype, device="cuda") if with_extras else None]
-        chosen_t_splits, is_exporting = triton_fv.choose_t_splits, torch.compiler.is_exporting
-        if t_splits is not None:
-            triton_fv.choose_t_splits = lambda *args: t_splits
-        torch.compiler.is_exporting = lambda: exporting
-        try:  # running the captured graph needs CUDA; capturing it does not
-            aot_function(call, fw_compiler=compiler, dynamic=dynamic_batch)(*inputs)
-        except RuntimeError as error:
-            if not graphs:
-                raise
-            assert "cuda" in str(error).lower(), error
-        finally:
-            triton_fv.choose_t_splits, torch.compiler.is_exporting = chosen_t_splits, is_exporting
-    (graph,) = graphs
-    # What the capture assumed of the batch size: a guard on N would make torch.compile recompile per batch size.
-    batch_guards = [] if shape_env is None else [str(guard.expr) for guard in shape_env.guards]
-    return dict(**graph_contents(graph), batch_guards=batch_guards)
+    def inputs(num_sets):
+        options = dict(dtype=dtype, device="cuda")
+        return [torch.empty(num_sets, set_size, latent, **options), torch.empty(num_sets, set_size, channels, **options),
+                torch.empty(channels, latent, **options), torch.empty(channels, **options),
+                torch.empty(channels, **options),
+                torch.empty(channels, latent + 1, **options) if with_extras else None,
+                torch.empty(num_sets, dtype=torch.int64, device="cuda") if with_extras else None,
+                torch.empty(num_sets, set_size, **options) if with_extras else None]
+
+    chosen_t_splits, is_exporting = triton_fv.choose_t_splits, torch.compiler.is_exporting
+    if t_splits is not None:
+        triton_fv.choose_t_splits = lambda *args: t_splits
+    torch.compiler.is_exporting = lambda: exporting
+    try:
+        return captured_graph(call, inputs, num_sets, dynamic_batch)
+    finally:
+        triton_fv.choose_t_splits, torch.compiler.is_exporting = chosen_t_splits, is_exporting
 
 
 BACKWARD_CASES = [
@@ -110,40 +92,48 @@ BACKWARD_CASES = [
 
 def capture_backward(shape, dtype, dynamic_batch):
     """The graph of the Triton backward op (fvkernels::fv_accumulate_backward_triton, what the Triton forward's
-    autograd calls) as AOTAutograd captures it: which ops and Triton kernels it holds, and its guards on the batch
-    size. The op is traced directly: a training step's backward would run autograd's engine on the fake CUDA
-    tensors, which a torch built without CUDA cannot."""
+    autograd calls) as AOTAutograd captures it. The op is traced directly: a training step's backward would run
+    autograd's engine on the fake CUDA tensors, which a torch built without CUDA cannot."""
     num_sets, set_size, channels, latent = shape
-    graphs = []
-    shape_env = ShapeEnv() if dynamic_batch else None
-
-    def compiler(graph_module, inputs):
-        graphs.append(graph_module)
-        return graph_module
 
     def call(*tensors):
         return fv_accumulate_module.fv_accumulate_backward_triton_op(*tensors, [True] * 6)
+
+    def inputs(num_sets):
+        options = dict(dtype=dtype, device="cuda")
+        return [torch.empty(num_sets, channels, latent + 1, **options), torch.empty(num_sets, set_size, latent, **options),
+                torch.empty(num_sets, set_size, channels, **options), torch.empty(channels, latent, **options),
+                torch.empty(channels, **options), torch.empty(channels, **options),
+                torch.empty(channels, latent + 1, **options), torch.empty(num_sets, dtype=torch.int64, device="cuda"),
+                torch.empty(num_sets, set_size, **options)]
+
+    return captured_graph(call, inputs, num_sets, dynamic_batch)
+
+
+def captured_graph(call, inputs, num_sets: int, dynamic_batch: bool) -> dict:
+    """What AOTAutograd captures of call(*inputs(N)) on fake CUDA tensors (N symbolic for a dynamic batch): the
+    graph's contents, and its guards on N — a guard would make torch.compile recompile per batch size."""
+    graphs = []
+    shape_env = ShapeEnv() if dynamic_batch else None
+
+    def compiler(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module
 
     with FakeTensorMode(shape_env=shape_env):
         if dynamic_batch:
             num_sets = shape_env.create_symintnode(shape_env.create_symbol(num_sets, ConstantSource("N"),
                                                                            dynamic_dim=DimDynamic.DYNAMIC),
                                                    hint=num_sets)
-        options = dict(dtype=dtype, device="cuda")
-        inputs = [torch.empty(num_sets, channels, latent + 1, **options), torch.empty(num_sets, set_size, latent, **options),
-                  torch.empty(num_sets, set_size, channels, **options), torch.empty(channels, latent, **options),
-                  torch.empty(channels, **options), torch.empty(channels, **options),
-                  torch.empty(channels, latent + 1, **options), torch.empty(num_sets, dtype=torch.int64, device="cuda"),
-                  torch.empty(num_sets, set_size, **options)]
         try:  # running the captured graph needs CUDA; capturing it does not
-            aot_function(call, fw_compiler=compiler, dynamic=dynamic_batch)(*inputs)
+            aot_function(call, fw_compiler=compiler, dynamic=dynamic_batch)(*inputs(num_sets))
         except RuntimeError as error:
             if not graphs:
                 raise
             assert "cuda" in str(error).lower(), error
     (graph,) = graphs
-    return dict(**graph_contents(graph), batch_guards=[] if shape_env is None else [str(guard.expr)
-                                                                                   for guard in shape_env.guards])
+    batch_guards = [] if shape_env is None else [str(guard.expr) for guard in shape_env.guards]
+    return dict(**graph_contents(graph), batch_guards=batch_guards)
 
 
 def graph_contents(graph) -> dict:

@@ -97,6 +97,31 @@ AlignedArray<T> aligned_array(int64_t count) {
   return AlignedArray<T>(static_cast<T*>(::operator new(bytes, std::align_val_t(kAlignment))));
 }
 
+// The backward kernels' zero gradients (Element: the gradients' storage type; 0 is all-zero bits in each). With
+// no sets or no channels every gradient asked for is zero:
+template <typename Element>
+void zero_all_gradients(const FVAccumulateBackwardArgs& args) {
+  const FVAccumulateArgs& f = args.forward;
+  const std::pair<void*, int64_t> gradients[] = {
+      {args.grad_z, f.num_sets * f.set_size * f.latent}, {args.grad_x_scale, f.num_sets * f.set_size},
+      {args.grad_weight, f.channels * f.latent}, {args.grad_bias, f.channels}, {args.grad_inv_sigma2, f.channels}};
+  for (const auto& [pointer, count] : gradients)
+    if (pointer != nullptr) std::fill_n(static_cast<Element*>(pointer), count, Element(0));
+}
+
+// and the per-descriptor gradients of set n's rows [begin, end), those past its length.
+template <typename Element>
+void zero_gradient_rows(const FVAccumulateBackwardArgs& args, int64_t n, int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  const FVAccumulateArgs& f = args.forward;
+  const int64_t rows = end - begin, first = n * f.set_size + begin;
+  if (args.grad_z != nullptr) std::fill_n(static_cast<Element*>(args.grad_z) + first * f.latent, rows * f.latent,
+                                          Element(0));
+  if (args.grad_x != nullptr) std::fill_n(static_cast<Element*>(args.grad_x) + first * f.channels,
+                                          rows * f.channels, Element(0));
+  if (args.grad_x_scale != nullptr) std::fill_n(static_cast<Element*>(args.grad_x_scale) + first, rows, Element(0));
+}
+
 // Isa: vector_bytes (register width); max_rows (accumulator rows of the microkernel, bounded by the
 // register file: max_rows × 2 accumulators + 2 B vectors must fit); stream(Scalar*, vector), a
 // non-temporal store to a vector-aligned address; fence(), ordering those stores.

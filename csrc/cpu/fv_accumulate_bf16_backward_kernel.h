@@ -25,14 +25,7 @@ class Bf16Backward : Bf16Microkernel {
  public:
   static void run(const FVAccumulateBackwardArgs& args, int num_threads) {
     const FVAccumulateArgs& f = args.forward;
-    if (f.num_sets == 0 || f.channels == 0) {  // no sets or no channels: every gradient asked for is zero
-      const std::pair<void*, int64_t> gradients[] = {
-          {args.grad_z, f.num_sets * f.set_size * f.latent}, {args.grad_x_scale, f.num_sets * f.set_size},
-          {args.grad_weight, f.channels * f.latent}, {args.grad_bias, f.channels}, {args.grad_inv_sigma2, f.channels}};
-      for (const auto& [pointer, count] : gradients)
-        if (pointer != nullptr) std::fill_n(static_cast<Bf16*>(pointer), count, Bf16(0));
-      return;
-    }
+    if (f.num_sets == 0 || f.channels == 0) return zero_all_gradients<Bf16>(args);
     const Bf16Backward kernel(args, num_threads);
     kernel.execute();
   }
@@ -212,7 +205,7 @@ class Bf16Backward : Bf16Microkernel {
     const int64_t end_row = std::min(blocks.begin(block + 1), f_.set_size);
     const int64_t length = f_.lengths == nullptr ? f_.set_size : f_.lengths[n];
     const int64_t rows = std::max<int64_t>(0, std::min(end_row, length) - first_row);
-    zero_rows(n, first_row + rows, end_row);  // past the set's length: no gradient
+    zero_gradient_rows<Bf16>(args_, n, first_row + rows, end_row);  // past the set's length: no gradient
     if (rows == 0) return;
     pack_z(f_, n, first_row, rows, latent_padded_, latent_padded_, s.z_rows, s.z_pairs);
     copy_x(f_, false, n, first_row, rows, 0, f_.channels, channels_padded_, s.x);
@@ -225,18 +218,6 @@ class Bf16Backward : Bf16Microkernel {
     gradient_gemm(n, first_row, rows, s);
     if (args_.grad_z != nullptr) grad_z_gemm(n, first_row, rows, s);
     if (args_.grad_weight != nullptr) grad_weight_gemm(round_up(rows, 2) / 2, s);
-  }
-
-  void zero_rows(int64_t n, int64_t begin, int64_t end) const {
-    if (begin >= end) return;
-    const int64_t rows = end - begin;
-    if (args_.grad_z != nullptr)
-      std::fill_n(static_cast<Bf16*>(args_.grad_z) + (n * f_.set_size + begin) * latent_, rows * latent_, Bf16(0));
-    if (args_.grad_x != nullptr)
-      std::fill_n(static_cast<Bf16*>(args_.grad_x) + (n * f_.set_size + begin) * f_.channels, rows * f_.channels,
-                  Bf16(0));
-    if (args_.grad_x_scale != nullptr)
-      std::fill_n(static_cast<Bf16*>(args_.grad_x_scale) + n * f_.set_size + begin, rows, Bf16(0));
   }
 
   // ---- 1. P = Z·Wᵀ + b ------------------------------------------------------------------------------
