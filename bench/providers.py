@@ -68,6 +68,8 @@ PROVIDERS = (
     Provider("torch.compile", "cuda", COMPILE),
     Provider("triton", "cuda", "triton"),
     Provider("cuda", "cuda", "cuda"),
+    Provider("triton-bf16", "cuda", "triton", torch.bfloat16),
+    Provider("cuda-bf16", "cuda", "cuda", torch.bfloat16),
 )
 # The classic peer, for the whole pipeline only: it encodes descriptors with a GMM, not FV-VAE latents.
 VLFEAT_PROVIDER = Provider("vlfeat", "cpu", VLFEAT)
