@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fvkernels.ops import dispatch
-from fvkernels.ops.fv_accumulate import fv_accumulate_triton_op
+from fvkernels.ops.fv_accumulate import _TRITON_CAPTURE, fv_accumulate_triton_op
 from fvkernels.ops.reference import fv_accumulate_outputs
 
 from tests.helpers import random_problem, relative_error
@@ -167,15 +167,19 @@ def test_gpu_inductor_compiles_the_triton_kernel_into_its_code(backend):
         fv = fvkernels.fv_accumulate(torch.tanh(z), x, w, b, s, f, lengths, backend=backend)
         return torch.tanh(fv.flatten(1))
 
+    # Where torch may pad an intermediate after a capture fixed its strides (no eager input values: torch 2.11 and
+    # older, pytorch#147828) the compiled code calls the backend-neutral op instead, which launches the kernels.
+    forward_marker, backward_marker = (("_fv_accumulate_kernel", "_fv_backward_rows_kernel") if _TRITON_CAPTURE
+                                       else ("fvkernels.fv_accumulate.default", "fvkernels.fv_accumulate_backward"))
     torch._dynamo.reset()
     compiled = torch.compile(encode, fullgraph=True)
     got, codes = run_and_get_code(compiled, z, x)
-    assert any("_fv_accumulate_kernel" in code for code in codes), "Inductor's code does not launch the kernel"
+    assert any(forward_marker in code for code in codes), f"Inductor's code does not call {forward_marker}"
     assert relative_error(got, encode(z, x)) <= 1e-5
     z_grad = z.clone().requires_grad_()
     (want,) = torch.autograd.grad(encode(z_grad, x).square().sum(), z_grad)
     torch._dynamo.reset()
     _, codes = run_and_get_code(lambda: torch.autograd.grad(compiled(z_grad, x).square().sum(), z_grad))
-    assert any("_fv_backward_rows_kernel" in code for code in codes), "Inductor's code does not launch the backward"
+    assert any(backward_marker in code for code in codes), f"Inductor's backward code does not call {backward_marker}"
     (got_grad,) = torch.autograd.grad(compiled(z_grad, x).square().sum(), z_grad)
     assert relative_error(got_grad, want) <= 1e-4

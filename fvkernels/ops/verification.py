@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from fvkernels.common.checks import tracing
 from fvkernels.ops import dispatch
 from fvkernels.ops.kernel_args import FVAccumulateArgs
 from fvkernels.ops.reference import fv_accumulate_outputs
@@ -107,7 +108,8 @@ def trusted_for_auto(backend: str, device: torch.device, dtype: torch.dtype) -> 
     kernel not checked before is not used."""
     if backend not in CHECKED_BEFORE_AUTO_USE or os.environ.get(TRUST_VARIABLE, "0") not in ("", "0"):
         return True
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    # Dynamo cannot trace the capture query (a torch.* call returning a bool); a traced call is not being captured.
+    if device.type == "cuda" and not tracing() and torch.cuda.is_current_stream_capturing():
         return _VERDICTS.get((backend, str(device), dtype), False)
     return _checked(backend, str(device), dtype)
 
