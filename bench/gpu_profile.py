@@ -6,7 +6,7 @@
 For every case and GPU provider of bench/providers.py: median wall time per call (synchronised), device time per
 call and its three largest kernels, and for fv_accumulate also the kernel alone (dispatch.launch into a kept buffer,
 no argument checks, timed with CUDA events). The Triton float32 kernel is also timed with each tl.dot precision
-("ieee", the default; "tf32x3"; "tf32") next to its error against float64. bench/gpu_check.py runs it; without a CUDA
+("ieee"; "tf32x3", the default; "tf32") next to its error against float64. bench/gpu_check.py runs it; without a CUDA
 device it says so and exits 0.
 """
 from __future__ import annotations
@@ -85,14 +85,14 @@ def device_kernels(fn: Callable[[], object], calls: int) -> Dict[str, float]:
 
 
 @contextmanager
-def fp32_dot_precision(precision: str):
-    """The Triton kernels' float32 tl.dot precision for the duration (a constexpr of the launch)."""
-    chosen = triton_fv.fp32_dot_precision
-    triton_fv.fp32_dot_precision = lambda: precision
+def forward_fp32_precision(precision: str):
+    """The Triton forward kernel's float32 tl.dot precision for the duration (a constexpr of the launch)."""
+    chosen = triton_fv.FORWARD_FP32_PRECISION
+    triton_fv.FORWARD_FP32_PRECISION = precision
     try:
         yield
     finally:
-        triton_fv.fp32_dot_precision = chosen
+        triton_fv.FORWARD_FP32_PRECISION = chosen
 
 
 def kernel_alone(provider, inputs) -> Callable[[], object]:
@@ -107,6 +107,7 @@ def kernel_alone(provider, inputs) -> Callable[[], object]:
 def profile_case(case, calls: int) -> List[str]:
     lines = [f"\n## {case.group}",
              "| provider | wall ms | device ms | kernel alone ms | largest kernels (ms per call) |", "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for provider in PROFILED:
         # torch.compile's is left out: its compilation would take most of the few minutes this is run in
         if (provider.device != "cuda" or provider.reuse_output or provider.implementation == COMPILE
@@ -150,9 +151,10 @@ def precision_lines(case, calls: int) -> List[str]:
                            and p.dtype == torch.float32)
     lines = [f"\n## Triton float32, tl.dot precision: {case.group}",
              "| precision | kernel alone ms | error vs float64 |", "|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for precision in PRECISIONS:
         try:
-            with fp32_dot_precision(precision):
+            with forward_fp32_precision(precision):
                 milliseconds = event_ms(kernel_alone(triton_provider, inputs), calls)
                 got = fv_accumulate_fn(triton_provider, True)(*inputs)
             lines.append(f"| {precision} | {milliseconds:.3f} | {relative_error(got.double(), expected):.2e} |")
@@ -171,12 +173,10 @@ def main(argv=None) -> int:
         print("gpu_profile: no CUDA device on this machine; nothing to profile")
         return 0
     print(f"# GPU profile on {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    lines = []
-    for key in args.cases:
-        lines += profile_case(CASES[key], args.calls)
+    for key in args.cases:  # each table printed as it is measured
+        profile_case(CASES[key], args.calls)
     if dispatch.unavailable_reason("triton", torch.device("cuda")) is None:
-        lines += precision_lines(CASES["images"], args.calls)
-    print("\n".join(lines))
+        precision_lines(CASES["images"], args.calls)
     return 0
 
 

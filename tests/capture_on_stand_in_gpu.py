@@ -155,6 +155,7 @@ def main() -> int:
     os.environ[TRUST_VARIABLE] = "1"  # "auto" takes Triton without running its check (which needs the device)
     triton.runtime.driver.set_active(StandInDriver())
     triton_fv.sm_count = lambda device: H100_SM_COUNT
+    triton_fv.device_arch = lambda device: 90
     fv_accumulate_module.tracing = lambda: True  # what torch.compile's Dynamo reports while it traces the caller
     for name, *case in CASES:
         print(json.dumps(dict(case=name, **capture(*case))), flush=True)

@@ -175,12 +175,13 @@ def test_dot_precision_follows_torch_tf32_api(setting):
     saved = owner.fp32_precision
     try:
         owner.fp32_precision = "tf32"
-        assert triton_fv.fp32_dot_precision() == "tf32"
+        assert triton_fv.fp32_dot_precision("tf32x3") == "tf32"
         owner.fp32_precision = "ieee"
-        assert triton_fv.fp32_dot_precision() == "ieee"
+        assert triton_fv.fp32_dot_precision("tf32x3") == "tf32x3"
     finally:
         owner.fp32_precision = saved
-    assert triton_fv.fp32_dot_precision() == "ieee"
+    assert triton_fv.fp32_dot_precision(triton_fv.FORWARD_FP32_PRECISION) == "tf32x3"
+    assert triton_fv.fp32_dot_precision(triton_fv.BACKWARD_FP32_PRECISION) == "ieee"
 
 
 def test_deterministic_mode_pins_the_config(monkeypatch):

@@ -102,11 +102,18 @@ FLAG_VARIANTS = {
     # a T-split writing raw sums to the workspace (the reduction kernel finishes)
     "split": dict(HAS_X_SCALE=True, HAS_LENGTHS=True, HAS_FISHER=False, SIGNED_SQRT=False, FINISH=False),
 }
+
+
+def fp32_precision(arch: int) -> str:
+    """The fp32 forward's tl.dot precision on arch where TF32 is not allowed (16-bit operands ignore it)."""
+    return triton_fv.FORWARD_FP32_PRECISION if arch >= triton_fv.FORWARD_FP32_PRECISION_MIN_ARCH else "ieee"
+
+
 # Compiled for the first viable config only, on the first arch: they share the main loop with "all"
-# (fp16 with bf16, tf32 with ieee); only the prologue, epilogue or operand types differ.
+# (fp16 with bf16, tf32 and ieee with tf32x3); only the prologue, epilogue or operand types differ.
 EXTRA_VARIANTS = (("bf16", "plain", "ieee"), ("bf16", "split", "ieee"), ("bf16", "all+nchw", "ieee"),
-                  ("fp16", "all", "ieee"), ("fp32", "all+tf32", "tf32"), ("bf16", "all+wide", "ieee"),
-                  ("fp32", "all+wide", "ieee"))
+                  ("fp16", "all", "ieee"), ("fp32", "all+tf32", "tf32"), ("fp32", "all+ieee", "ieee"),
+                  ("bf16", "all+wide", "ieee"), ("fp32", "all+wide", "tf32x3"))
 
 
 def tuning_problem(arch: int, dtype: str, latent: int, precision: str, problem: Problem):
@@ -153,21 +160,22 @@ def backward_job(kernel: str, arch: int, dtype: str, latent: int) -> Job:
     tiles = triton_fv.backward_tiles(ELEMENT_TYPES[dtype], latent)
     constexprs = dict(LATENT=latent, BLOCK_D=triton.next_power_of_2(max(latent, 16)),
                       BLOCK_T=tiles.block_t, BLOCK_C=tiles.block_c, HAS_X_SCALE=True,
-                      HAS_LENGTHS=True, HAS_FISHER=True, DOT_PRECISION="ieee")
+                      HAS_LENGTHS=True, HAS_FISHER=True,
+                      DOT_PRECISION=triton_fv.BACKWARD_FP32_PRECISION)
     constexprs.update(dict(NEED_Z=True, NEED_X=True, NEED_SCALE=True) if kernel == "backward_rows"
                       else dict(NEED_W=True))
     return Job(kernel, arch, dtype, latent, "all", tuple(constexprs.items()), tiles.num_warps, tiles.num_stages)
 
 
 def all_jobs(arches) -> list:
-    """Every viable config of the bf16 and fp32 (ieee) main loops per arch and d; the other variants on
+    """Every viable config of the bf16 and fp32 (fp32_precision) main loops per arch and d; the other variants on
     the first arch; the split reduction per arch, dtype and d; the backward kernels per arch, dtype and d."""
     jobs = []
     for arch in arches:
         for latent in LATENTS:
-            for dtype in ("bf16", "fp32"):
-                jobs += [accumulate_job(arch, dtype, latent, config, "all", "ieee")
-                         for config in configs_for(arch, dtype, latent, "ieee")]
+            for dtype, precision in (("bf16", "ieee"), ("fp32", fp32_precision(arch))):
+                jobs += [accumulate_job(arch, dtype, latent, config, "all", precision)
+                         for config in configs_for(arch, dtype, latent, precision)]
             if arch == arches[0]:
                 jobs += [accumulate_job(arch, dtype, latent, configs_for(arch, dtype, latent, precision)[0],
                                         variant, precision) for dtype, variant, precision in EXTRA_VARIANTS]

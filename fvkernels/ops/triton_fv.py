@@ -140,8 +140,21 @@ def fma_operand_load(config, problem: TuningProblem) -> int:
     return max(block_c * block_t // threads * plan.block_k, block_c * plan.block_d // threads * block_t)
 
 
+def split_operand_registers(config, problem: TuningProblem) -> int:
+    """For "tf32x3" dots: 32-bit registers per thread for both products' operand tiles, each held as a high and a
+    low TF32 part (Rᵀ and Z for G += Rᵀ·Z; the W and Z chunks for Pᵀ = W·Zᵀ). With it the model admits none of
+    the configs whose tf32x3 compile spills past triton_aot's limit on sm_90 (d = 255, 256, 512)."""
+    block_c, block_t = config.kwargs["BLOCK_C"], config.kwargs["BLOCK_T"]
+    plan = problem.plan
+    operands = block_t * plan.block_d + block_c * block_t + (block_c + block_t) * plan.block_k
+    return 2 * operands // (32 * config.num_warps)
+
+
 def fits(config, problem: TuningProblem) -> bool:
-    if tile_registers(config, problem) > MAX_TILE_REGISTERS:
+    registers = tile_registers(config, problem)
+    if problem.dot_precision == "tf32x3":
+        registers += split_operand_registers(config, problem)
+    if registers > MAX_TILE_REGISTERS:
         return False
     on_fma_units = problem.element_size == 4 and problem.dot_precision == "ieee"
     if on_fma_units and fma_operand_load(config, problem) > MAX_FMA_OPERAND_LOAD:
@@ -347,17 +360,39 @@ def _fv_reduce_splits_kernel(
 
 # ---- host launcher -------------------------------------------------------------------------------------
 
-def fp32_dot_precision() -> str:
-    """How tl.dot treats fp32 operands (fp16/bf16 ones ignore it): "ieee" keeps the ≤ 1e-5 contract
-    against float64; "tf32" (10-bit mantissa, ~1e-3) only when the user allowed TF32 matmuls in torch.
-    "tf32x3" compiles without spills for the narrower configs but is unmeasured on hardware, so not used."""
+# How tl.dot treats fp32 operands where the user has not allowed TF32 (fp16/bf16 operands ignore it), both within
+# the ≤ 1e-5 contract against float64. The forward's "tf32x3" (each operand split into two TF32 parts, three tensor
+# core products) measured on an H200 (T=784 × 16, C=512, d=256): 0.48 ms and error 3.5e-7, against "ieee" (FMA
+# units) 2.22 ms and 4.2e-7, and "tf32" 0.28 ms and 5.9e-3. Before Hopper (no wgmma: mma.sync keeps the split
+# operands in registers, and every wide config spills on sm_80) and in the backward's kernels, whose tf32x3 form has
+# not run on a GPU, "ieee".
+FORWARD_FP32_PRECISION = "tf32x3"
+BACKWARD_FP32_PRECISION = "ieee"
+FORWARD_FP32_PRECISION_MIN_ARCH = 90
+
+
+def device_arch(device: torch.device) -> int:
+    """The compute capability of a CUDA device as one number (90 for an H100)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def forward_fp32_precision(device: torch.device) -> str:
+    """The forward kernel's fp32 tl.dot precision on device where the user has not allowed TF32."""
+    if device.type != "cuda" or triton_interpreted():
+        return "ieee"  # the interpreter computes every dot in numpy's float32 anyway
+    return FORWARD_FP32_PRECISION if device_arch(device) >= FORWARD_FP32_PRECISION_MIN_ARCH else "ieee"
+
+
+def fp32_dot_precision(full: str) -> str:
+    """"tf32" (10-bit mantissa, ~1e-3) when the user allowed TF32 matmuls in torch; otherwise `full`."""
     matmul = torch.backends.cuda.matmul
     # torch ≥ 2.9 has fp32_precision (which also reflects the legacy flag and the global setting); reading
     # the legacy allow_tf32 there raises once anyone has used the new API.
     precision = getattr(matmul, "fp32_precision", None)
     if precision is None:
-        return "tf32" if matmul.allow_tf32 else "ieee"
-    return "tf32" if precision == "tf32" else "ieee"
+        return "tf32" if matmul.allow_tf32 else full
+    return "tf32" if precision == "tf32" else full
 
 
 def needs_wide_offsets(z, x, x_scale, dec_weight) -> bool:
@@ -455,7 +490,8 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None, capturable
     def grid(meta):
         return (triton.cdiv(channels, meta["BLOCK_C"]) * plan.d_tiles * t_splits * num_sets,)
 
-    dot_precision, deterministic = fp32_dot_precision(), torch.are_deterministic_algorithms_enabled()
+    dot_precision = fp32_dot_precision(forward_fp32_precision(z.device))
+    deterministic = torch.are_deterministic_algorithms_enabled()
     accumulate_kernel, reduce_kernel = _kernels(z, plan, dot_precision, deterministic, capturable)
     # Triton launches on the current device (a traced tensor has none to enter: the compiled graph sets it).
     device_guard = torch.cuda.device(z.device) if z.is_cuda and not is_fake(z) else contextlib.nullcontext()
@@ -703,7 +739,8 @@ def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs, *, capturabl
     tiles = backward_tiles(z.element_size(), latent)
     common = dict(LATENT=latent, BLOCK_D=triton.next_power_of_2(max(latent, 16)), BLOCK_T=tiles.block_t,
                   BLOCK_C=tiles.block_c, HAS_X_SCALE=x_scale is not None, HAS_LENGTHS=args.lengths is not None,
-                  HAS_FISHER=args.fisher_rsqrt is not None, DOT_PRECISION=fp32_dot_precision(),
+                  HAS_FISHER=args.fisher_rsqrt is not None,
+                  DOT_PRECISION=fp32_dot_precision(BACKWARD_FP32_PRECISION),
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     inputs = (z, x, or_placeholder(x_scale), dec_weight, args.dec_bias, args.inv_sigma2,
               or_placeholder(args.fisher_rsqrt), or_placeholder(args.lengths), grad_out)
