@@ -96,6 +96,16 @@ def test_chunked_inference_equals_one_chunk(monkeypatch, shape, prenorm, spp, ra
     assert relative_error(chunked * chunked.abs(), whole * whole.abs()) <= 1e-6
 
 
+def test_a_gpu_batch_is_encoded_in_one_chunk_a_cpu_batch_in_bounded_ones():
+    """The images benchmark (T=784 × 16, C=512, d=256): on a GPU, where each chunk and row block costs host time, one
+    chunk and one row block; on the CPU, chunks whose intermediates stay near a fifth of the output."""
+    params = random_params(512, 256, hidden=(512,)).to(torch.float32)
+    plan = {device: encode._workspace_plan(params, 16, 784, 4, False, False, torch.device(device))
+            for device in ("cpu", "cuda")}
+    assert plan["cuda"][0] == 16 and plan["cuda"][1] >= 16 * 784
+    assert plan["cpu"][0] < 16
+
+
 def test_empty_sets_give_zero_vectors():
     params = random_params(6, 3).to(torch.float32)
     out = fv_vae_encode(torch.rand(3, 4, 6), params, lengths=[0, 4, 0])
