@@ -81,6 +81,16 @@ def test_auto_backend_on_cpu():
     assert set(fvkernels.available_backends()) >= {"torch"}
 
 
+@pytest.mark.skipif(dispatch.unavailable_reason("triton", torch.device("cuda")) is not None, reason="needs triton")
+def test_auto_on_a_gpu_takes_triton_for_16_bit_inputs_and_the_composite_for_wider(monkeypatch):
+    """The measured order (dispatch.AUTO_ORDER): cuBLAS beat every float32 GPU kernel on an H200, Triton's 16-bit
+    kernel beat the composite; the CUDA kernel is taken only when named. (Resolution alone: no GPU needed.)"""
+    monkeypatch.setenv("FVK_TRUST_GPU_KERNELS", "1")
+    gpu = torch.device("cuda")
+    assert [dispatch.resolve("auto", gpu, dtype) for dtype in (torch.bfloat16, torch.float16)] == ["triton"] * 2
+    assert [dispatch.resolve("auto", gpu, dtype) for dtype in (torch.float32, torch.float64)] == ["torch"] * 2
+
+
 def test_g_is_gradient_of_reconstruction_loss():
     """DESIGN §1.5: G = ∇_[W, b] Σ_t L_rec(x̂_t), L_rec = ‖(x̂ − ReLU(Wz + b))/σx‖²/2."""
     z, x, w, b, s, _, lengths = random_problem(3, 20, 9, 5)
@@ -264,9 +274,10 @@ def test_gpu_backends(backend, dtype, channels, latent, set_size, epilogue):
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_backends(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_gradients_match_reference(backend):
+def test_gpu_gradients_match_reference(backend, monkeypatch):
     if backend not in gpu_backends():
         pytest.skip(f"{backend} not available on this GPU machine")
+    monkeypatch.setenv("FVK_CUDA_FUSED_BACKWARD", "1")  # the CUDA backward kernels, not the default torch code
     problem = random_problem(3, 40, 33, 20, device="cuda")
     grad_out = torch.randn(3, 33, 21, dtype=torch.float64, device="cuda")
 
