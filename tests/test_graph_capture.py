@@ -1,5 +1,6 @@
 """The layer inside whole-model graph capture: torch.compile (Inductor) in eval and in training, without a
 recompilation per batch size, and torch.export with a dynamic batch dimension through save and load."""
+import copy
 import io
 
 import pytest
@@ -48,9 +49,14 @@ def test_eval_model_compiles_once_for_every_batch_size():
 
 
 def test_training_step_compiles_into_one_graph_and_matches_eager():
+    """Judged against float64: the signed square root and the L2 normalisation amplify float32 rounding, so eager's
+    own gradients lie up to ~1.3e-4 from float64 (on an AVX2 build); the compiled ones may lie twice as far + 1e-4."""
     model = model_with_layer().train()
     images = torch.rand(6, 3, 4, 4)
     readout = torch.randn(6, model[2].dim)  # a loss that depends on the direction of the unit-norm vectors
+    exact = copy.deepcopy(model).double()
+    (exact(images.double()) * readout.double()).sum().backward()
+    exact_grads = {name: p.grad for name, p in exact.named_parameters()}
     compiled = torch.compile(model, fullgraph=True)
     (compiled(images) * readout).sum().backward()
     compiled_grads = {name: p.grad for name, p in model.named_parameters()}
@@ -59,9 +65,10 @@ def test_training_step_compiles_into_one_graph_and_matches_eager():
     eager_grads = {name: p.grad for name, p in model.named_parameters()}
     # the forward reaches every parameter but σz, which only the training losses use
     assert {name for name, grad in eager_grads.items() if grad is None} == {"2.log_sigma_z"}
-    for name, want in eager_grads.items():
+    for name, want in exact_grads.items():
         if want is not None:
-            assert relative_error(compiled_grads[name], want) <= 1e-4, name
+            eager_error = relative_error(eager_grads[name], want)
+            assert relative_error(compiled_grads[name], want) <= 2 * eager_error + 1e-4, name
 
 
 def test_export_with_a_dynamic_batch_survives_save_and_load():
