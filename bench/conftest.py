@@ -125,7 +125,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark has written the JSON and printed its tables
 def pytest_terminal_summary(terminalreporter, config):
     json_path = config.option.benchmark_json
-    json_path = getattr(json_path, "name", json_path)  # pytest-benchmark ≥ 5 opens the file itself
+    if hasattr(json_path, "write"):  # some pytest-benchmark releases open the file themselves (5.2), others not
+        json_path = json_path.name
     if not config.getoption("--benchmark") or json_path is None or not os.path.exists(json_path):
         return
     json_path = Path(json_path).resolve()

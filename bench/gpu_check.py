@@ -72,9 +72,11 @@ def run_step(name: str, command: list, limit: int, **options) -> int:
     process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, **options)
     try:
         status = process.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
+    except BaseException as stopped:  # the limit, or Ctrl-C (which the step's own session does not receive)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        if not isinstance(stopped, subprocess.TimeoutExpired):
+            raise
         print(f"=== {name}: stopped after {limit} s", flush=True)
         return 124
     print(f"=== {name}: exit {status} after {time.monotonic() - start:.0f} s", flush=True)

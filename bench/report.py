@@ -309,14 +309,22 @@ def write_report(json_paths: Sequence[Path], out_dir: Path, note: Optional[str] 
         f"wrote {out_dir / RESULTS_MD} and {out_dir / PLOT_PNG} from {', '.join(map(str, json_paths))}"]
 
 
+def newest_runs(folder: Path) -> List[Path]:
+    """The newest CPU run and the newest GPU run (bench/gpu_check.py names its JSON *-gpu.json) in folder: what
+    RESULTS.md reports together."""
+    runs = sorted(folder.glob("*.json"))  # named by UTC time
+    return [path for path in runs if not path.stem.endswith("-gpu")][-1:] + [
+        path for path in runs if path.stem.endswith("-gpu")][-1:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="*", type=Path,
-                        help="runs' JSON, reported as one (default: the newest in bench/results/)")
+                        help="runs' JSON, reported as one (default: the newest CPU and GPU runs in bench/results/)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR, help="where RESULTS.md and the plot go")
     parser.add_argument("--note", help="a line about the run (what was available, how busy the machine was)")
     args = parser.parse_args()
-    json_paths = args.json or [max((BENCH_DIR / "results").glob("*.json"))]
+    json_paths = args.json or newest_runs(BENCH_DIR / "results")
     for line in write_report(json_paths, args.out_dir, args.note):
         print(line)
 

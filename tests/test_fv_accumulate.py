@@ -273,11 +273,12 @@ def test_gpu_backends(backend, dtype, channels, latent, set_size, epilogue):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_backends(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_gradients_match_reference(backend, monkeypatch):
+@pytest.mark.parametrize("backend,fused_cuda_backward", [("triton", False), ("cuda", False), ("cuda", True)])
+def test_gpu_gradients_match_reference(backend, fused_cuda_backward, monkeypatch):
+    """fused_cuda_backward: the CUDA backward kernels (FVK_CUDA_FUSED_BACKWARD=1) instead of the default torch code."""
     if backend not in gpu_backends():
         pytest.skip(f"{backend} not available on this GPU machine")
-    monkeypatch.setenv("FVK_CUDA_FUSED_BACKWARD", "1")  # the CUDA backward kernels, not the default torch code
+    monkeypatch.setenv("FVK_CUDA_FUSED_BACKWARD", "1" if fused_cuda_backward else "0")
     problem = random_problem(3, 40, 33, 20, device="cuda")
     grad_out = torch.randn(3, 33, 21, dtype=torch.float64, device="cuda")
 

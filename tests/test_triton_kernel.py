@@ -184,6 +184,19 @@ def test_dot_precision_follows_torch_tf32_api(setting):
     assert triton_fv.fp32_dot_precision(triton_fv.BACKWARD_FP32_PRECISION) == "ieee"
 
 
+@pytest.mark.parametrize("latent", [64, 256])
+def test_tf32x3_prunes_only_fp32_configs(latent):
+    """tf32x3's split operands cost registers in fp32 dots only: 16-bit problems keep every config they had."""
+    def viable(element_size, precision):
+        problem = triton_fv.TuningProblem(element_size, triton_fv.tile_plan(latent, element_size), precision,
+                                          z_rows_aligned=True, shared_memory=227 * 1024)
+        return triton_fv.viable_configs(triton_fv.GPU_CONFIGS, problem)
+    assert viable(2, "tf32x3") == viable(2, "ieee")
+    assert set(map(str, viable(4, "tf32x3"))) < set(map(str, triton_fv.GPU_CONFIGS))
+    bf16 = torch.zeros(1, 1, latent, dtype=torch.bfloat16)
+    assert triton_fv.forward_dot_precision(bf16) == "ieee"
+
+
 def test_deterministic_mode_pins_the_config(monkeypatch):
     """Under torch.use_deterministic_algorithms the autotuner gets one candidate (no timing-dependent choice),
     under its own key, so that a shape tuned before deterministic mode was switched on does not keep its pick."""

@@ -107,13 +107,14 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     floating = [unbatched(t) for t in tensors if t is not None and t.is_floating_point() and t.numel()]
     if not floating:
         return True
-    # L1 norms: on a GPU one fused kernel for all tensors of a dtype (torch._foreach_norm), a handful of launches
-    # in all; float16's, whose range a sum leaves easily, as float32 sums.
-    norms = []
-    for dtype in dict.fromkeys(t.dtype for t in floating):
-        group = [t for t in floating if t.dtype == dtype]
-        norms += ([t.sum(dtype=torch.float32) for t in group] if dtype == torch.float16
-                  else torch._foreach_norm(group, 1))
+    # On a GPU one fused kernel per dtype for the tensors' L1 norms (torch._foreach_norm), a handful of launches in
+    # all; on the CPU, for float16 (whose range a norm leaves easily) and past 2^31 elements (where torch 2.6's
+    # foreach norms faulted, pytorch#169930), a sum per tensor, which the CPU computes faster.
+    fused = [t for t in floating if t.is_cuda and t.dtype != torch.float16 and t.numel() < 2 ** 31]
+    fused_ids = {id(t) for t in fused}
+    norms = [t.sum(dtype=_accumulation_dtype(t)) for t in floating if id(t) not in fused_ids]
+    for dtype in dict.fromkeys(t.dtype for t in fused):
+        norms += torch._foreach_norm([t for t in fused if t.dtype == dtype], 1)
     if len({norm.dtype for norm in norms}) > 1:
         norms = [norm.double() for norm in norms]
     if bool(torch.isfinite(torch.stack(norms)).all()):

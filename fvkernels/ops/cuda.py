@@ -34,7 +34,7 @@ def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:
     None where `needs` says no: the fused CUDA kernels where FVK_CUDA_FUSED_BACKWARD=1 asks for them and they take
     the problem on this device (d up to 256, enough shared memory), the reference's torch code otherwise."""
     device = args.z.device
-    fused = os.environ.get(FUSED_BACKWARD_VARIABLE, "0") not in ("", "0")
+    fused = os.environ.get(FUSED_BACKWARD_VARIABLE) == "1"
     with torch.cuda.device(device):
         if not (fused and extension().fv_accumulate_backward_cuda_supported(kernel_struct(args))):
             from fvkernels.ops.reference import fv_accumulate_backward

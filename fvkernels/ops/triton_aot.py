@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import multiprocessing
 import os
@@ -106,14 +107,15 @@ FLAG_VARIANTS = {
 
 def fp32_precision(arch: int) -> str:
     """The fp32 forward's tl.dot precision on arch where TF32 is not allowed (16-bit operands ignore it)."""
-    return triton_fv.FORWARD_FP32_PRECISION if arch >= triton_fv.FORWARD_FP32_PRECISION_MIN_ARCH else "ieee"
+    return triton_fv.FORWARD_FP32_PRECISION if arch in triton_fv.FORWARD_FP32_PRECISION_ARCHS else "ieee"
 
 
 # Compiled for the first viable config only, on the first arch: they share the main loop with "all"
-# (fp16 with bf16, tf32 and ieee with tf32x3); only the prologue, epilogue or operand types differ.
+# (fp16 with bf16, tf32 and ieee with the fp32 main loop); only the prologue, epilogue or operand types differ. A
+# precision of None is the arch's fp32 default (fp32_precision).
 EXTRA_VARIANTS = (("bf16", "plain", "ieee"), ("bf16", "split", "ieee"), ("bf16", "all+nchw", "ieee"),
                   ("fp16", "all", "ieee"), ("fp32", "all+tf32", "tf32"), ("fp32", "all+ieee", "ieee"),
-                  ("bf16", "all+wide", "ieee"), ("fp32", "all+wide", "tf32x3"))
+                  ("bf16", "all+wide", "ieee"), ("fp32", "all+wide", None))
 
 
 def tuning_problem(arch: int, dtype: str, latent: int, precision: str, problem: Problem):
@@ -177,12 +179,19 @@ def all_jobs(arches) -> list:
                 jobs += [accumulate_job(arch, dtype, latent, config, "all", precision)
                          for config in configs_for(arch, dtype, latent, precision)]
             if arch == arches[0]:
+                extras = [(dtype, variant, precision or fp32_precision(arch))
+                          for dtype, variant, precision in EXTRA_VARIANTS]
                 jobs += [accumulate_job(arch, dtype, latent, configs_for(arch, dtype, latent, precision)[0],
-                                        variant, precision) for dtype, variant, precision in EXTRA_VARIANTS]
+                                        variant, precision) for dtype, variant, precision in extras]
             jobs += [reduce_job(arch, dtype, latent) for dtype in ELEMENT_TYPES]
         jobs += [backward_job(kernel, arch, dtype, latent) for kernel in ("backward_rows", "backward_params")
                  for dtype in ("bf16", "fp32") for latent in BACKWARD_LATENTS[dtype]]
-    return jobs
+    # An extra variant can be a main loop under another label (fp32 "all+ieee" where the arch's main loop is ieee):
+    # compiled once, as a second compile would come from the cache with no ptxas report.
+    unique = {}
+    for job in jobs:
+        unique.setdefault(dataclasses.replace(job, variant=""), job)
+    return list(unique.values())
 
 
 # ---- compiling one job ---------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def split_operand_registers(config, problem: TuningProblem) -> int:
 
 def fits(config, problem: TuningProblem) -> bool:
     registers = tile_registers(config, problem)
-    if problem.dot_precision == "tf32x3":
+    if problem.element_size == 4 and problem.dot_precision == "tf32x3":  # 16-bit operands ignore the precision
         registers += split_operand_registers(config, problem)
     if registers > MAX_TILE_REGISTERS:
         return False
@@ -363,12 +363,12 @@ def _fv_reduce_splits_kernel(
 # How tl.dot treats fp32 operands where the user has not allowed TF32 (fp16/bf16 operands ignore it), both within
 # the ≤ 1e-5 contract against float64. The forward's "tf32x3" (each operand split into two TF32 parts, three tensor
 # core products) measured on an H200 (T=784 × 16, C=512, d=256): 0.48 ms and error 3.5e-7, against "ieee" (FMA
-# units) 2.22 ms and 4.2e-7, and "tf32" 0.28 ms and 5.9e-3. Before Hopper (no wgmma: mma.sync keeps the split
-# operands in registers, and every wide config spills on sm_80) and in the backward's kernels, whose tf32x3 form has
-# not run on a GPU, "ieee".
+# units) 2.22 ms and 4.2e-7, and "tf32" 0.28 ms and 5.9e-3. Elsewhere "ieee": on other architectures (without
+# Hopper's wgmma, mma.sync keeps the split operands in registers, and every wide config spills on sm_80; Blackwell's
+# are unmeasured) and in the backward's kernels, whose tf32x3 form has not run on a GPU.
 FORWARD_FP32_PRECISION = "tf32x3"
 BACKWARD_FP32_PRECISION = "ieee"
-FORWARD_FP32_PRECISION_MIN_ARCH = 90
+FORWARD_FP32_PRECISION_ARCHS = range(90, 100)  # Hopper: sm_90, sm_90a
 
 
 def device_arch(device: torch.device) -> int:
@@ -377,11 +377,14 @@ def device_arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def forward_fp32_precision(device: torch.device) -> str:
-    """The forward kernel's fp32 tl.dot precision on device where the user has not allowed TF32."""
-    if device.type != "cuda" or triton_interpreted():
-        return "ieee"  # the interpreter computes every dot in numpy's float32 anyway
-    return FORWARD_FP32_PRECISION if device_arch(device) >= FORWARD_FP32_PRECISION_MIN_ARCH else "ieee"
+def forward_dot_precision(z: torch.Tensor) -> str:
+    """The forward kernel's tl.dot precision for z's dtype and device: for fp32 operands FORWARD_FP32_PRECISION on
+    Hopper, "ieee" elsewhere, "tf32" wherever the user allowed TF32; 16-bit operands ignore it ("ieee")."""
+    if z.dtype != torch.float32 or z.device.type != "cuda" or triton_interpreted():
+        full = "ieee"  # the interpreter computes every dot in numpy's float32 anyway
+    else:
+        full = FORWARD_FP32_PRECISION if device_arch(z.device) in FORWARD_FP32_PRECISION_ARCHS else "ieee"
+    return fp32_dot_precision(full)
 
 
 def fp32_dot_precision(full: str) -> str:
@@ -490,7 +493,7 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None, capturable
     def grid(meta):
         return (triton.cdiv(channels, meta["BLOCK_C"]) * plan.d_tiles * t_splits * num_sets,)
 
-    dot_precision = fp32_dot_precision(forward_fp32_precision(z.device))
+    dot_precision = forward_dot_precision(z)
     deterministic = torch.are_deterministic_algorithms_enabled()
     accumulate_kernel, reduce_kernel = _kernels(z, plan, dot_precision, deterministic, capturable)
     # Triton launches on the current device (a traced tensor has none to enter: the compiled graph sets it).
