@@ -100,11 +100,11 @@ def _accumulation_dtype(tensor: Tensor) -> torch.dtype:
     return tensor.dtype if tensor.dtype == torch.bfloat16 else torch.promote_types(tensor.dtype, torch.float32)
 
 
-@torch.no_grad()
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every floating entry of every tensor is finite, eagerly, with one read from the device for all of
     them: a finite sum proves its terms finite (a sum that overflows is re-checked entry by entry)."""
-    floating = [unbatched(t) for t in tensors if t is not None and t.is_floating_point() and t.numel()]
+    # detached one by one: cheaper than entering torch.no_grad (~20 µs a call on this project's CPU)
+    floating = [unbatched(t).detach() for t in tensors if t is not None and t.is_floating_point() and t.numel()]
     if not floating:
         return True
     # On a GPU one fused kernel per dtype for the tensors' L1 norms (torch._foreach_norm), a handful of launches in

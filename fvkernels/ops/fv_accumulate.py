@@ -48,7 +48,7 @@ def fv_accumulate_op(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Tensor,
     out, row_sumsq = _empty_outputs(z, x, with_row_sumsq)
     dispatch.launch(dispatch.resolve(backend, z.device, z.dtype), FVAccumulateArgs(
         z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, x_scale, signed_sqrt,
-        row_sumsq if with_row_sumsq else None))
+        row_sumsq if with_row_sumsq else None, fresh_outputs=True))
     return out, row_sumsq
 
 
@@ -156,7 +156,8 @@ def _fv_accumulate_triton(z: Tensor, x: Tensor, dec_weight: Tensor, dec_bias: Te
     # Called by its plain name: torch finds the kernels behind a triton_op by reading its body's calls, and keys its
     # compile caches on their sources.
     launch_triton(FVAccumulateArgs(z, x, dec_weight, dec_bias, inv_sigma2, fisher_rsqrt, lengths, out, x_scale,
-                                   signed_sqrt, row_sumsq if with_row_sumsq else None), capturable=True)
+                                   signed_sqrt, row_sumsq if with_row_sumsq else None, fresh_outputs=True),
+                  capturable=True)
     return out, row_sumsq
 
 
