@@ -31,8 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
-# Seconds each step may take. Measured on an H200 (2026-12-04): build 27 s, tests 92 s, selftest 60 s (Triton's
-# autotuning of each checked shape), profile about 90 s, benchmarks 141 s: about 7 minutes in all.
+# Seconds each step may take. Measured on an H200 (2026-12-04): build 27 s, tests 92 s, selftest 60 s (Triton then
+# autotuned each checked shape; the checks now take the first viable config), profile about 90 s, benchmarks 141 s:
+# about 7 minutes in all.
 BUILD_LIMIT, TEST_LIMIT, SELFTEST_LIMIT, PROFILE_LIMIT, BENCH_LIMIT, REPORT_LIMIT = 150, 150, 120, 150, 240, 30
 
 

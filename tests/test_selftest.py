@@ -110,3 +110,19 @@ def test_the_check_is_made_in_the_dtype_the_kernel_computes_in(monkeypatch):
     with torch.autocast("cpu", dtype=torch.float16):  # the op computes in float32 then (float16 overflows)
         fvkernels.fv_accumulate(*problem)
     assert list(verification._VERDICTS) == [("triton", "cpu", torch.float32)]
+
+
+@needs_interpreted_triton
+def test_checks_launch_triton_untuned(monkeypatch):
+    """A check's small problems take the first viable config instead of timing every one (autotuning them took most
+    of the self-test's 16–24 s per dtype on an H200); ordinary launches still tune."""
+    from fvkernels.ops import triton_fv
+
+    seen = []
+    kernels = triton_fv._kernels
+    monkeypatch.setattr(triton_fv, "_kernels", lambda z, plan, precision, deterministic, capturable:
+                        seen.append(deterministic) or kernels(z, plan, precision, deterministic, capturable))
+    verification.kernel_errors("triton", CPU, torch.float32)
+    z, x, w, b, s = torch.rand(1, 3, 2), torch.rand(1, 3, 4), torch.rand(4, 2), torch.rand(4), torch.rand(4)
+    fvkernels.fv_accumulate(z, x, w, b, s, backend="triton")
+    assert seen == [True, False]

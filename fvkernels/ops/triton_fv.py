@@ -16,6 +16,7 @@ adds up, and when T is split the reduction kernel computes it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -429,6 +430,22 @@ def choose_t_splits(num_sets: int, set_size: int, channels: int, d_tiles: int, d
     return max(1, min(sms // programs, set_size // MIN_T_PER_SPLIT))
 
 
+_UNTUNED = contextvars.ContextVar("fvkernels_triton_untuned", default=False)
+
+
+@contextlib.contextmanager
+def untuned():
+    """Launches inside take the first viable config, as under torch's deterministic mode, instead of timing every
+    config: for checks of correctness (fvkernels.ops.verification), whose small problems are not worth tuning. On an
+    H200 the self-test's three problems per dtype took 16–24 s with autotuning, most of it compiling and timing
+    configs."""
+    token = _UNTUNED.set(True)
+    try:
+        yield
+    finally:
+        _UNTUNED.reset(token)
+
+
 def size_hint(size) -> int:
     """A size as a plain int without adding a guard: a traced symbolic size's example value. For the launcher's
     performance choices (T-splits, configs), so that a compiled graph serves every batch size; the kernel is
@@ -494,7 +511,7 @@ def launch(args: FVAccumulateArgs, *, t_splits: Optional[int] = None, capturable
         return (triton.cdiv(channels, meta["BLOCK_C"]) * plan.d_tiles * t_splits * num_sets,)
 
     dot_precision = forward_dot_precision(z)
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic = torch.are_deterministic_algorithms_enabled() or _UNTUNED.get()
     accumulate_kernel, reduce_kernel = _kernels(z, plan, dot_precision, deterministic, capturable)
     # Triton launches on the current device (a traced tensor has none to enter: the compiled graph sets it).
     device_guard = torch.cuda.device(z.device) if z.is_cuda and not is_fake(z) else contextlib.nullcontext()

@@ -9,6 +9,7 @@ plus 1e-3 (flash-attention's rule).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -59,6 +60,15 @@ def _signed_square(values: Tensor) -> Tensor:
     return values * values.abs()
 
 
+def _untuned(backend: str):
+    """The Triton launcher's first-viable-config mode for a check (triton_fv.untuned); nothing for other backends."""
+    if backend != "triton":
+        return contextlib.nullcontext()
+    from fvkernels.ops.triton_fv import untuned  # imports triton, which the other backends do not need
+
+    return untuned()
+
+
 def kernel_errors(backend: str, device: torch.device, dtype: torch.dtype, shape=CHECK_SHAPES[0]) -> Tuple[float, float]:
     """Norm-wise relative errors (max |ours − reference| / max |reference|) of the backend's output and of its
     float32 row sums of squares, on one problem of `shape` (N, T, C, d), against the float64 reference."""
@@ -69,8 +79,9 @@ def kernel_errors(backend: str, device: torch.device, dtype: torch.dtype, shape=
     row_sumsq = torch.full((num_sets, channels), float("nan"), dtype=torch.float32, device=device)
     cast = {name: value.to(dtype) for name, value in tensors.items()}
     x_scale = cast.pop("x_scale")
-    dispatch.launch(backend, FVAccumulateArgs(**cast, lengths=lengths, out=out, x_scale=x_scale, signed_sqrt=True,
-                                              row_sumsq=row_sumsq))
+    with _untuned(backend):
+        dispatch.launch(backend, FVAccumulateArgs(**cast, lengths=lengths, out=out, x_scale=x_scale,
+                                                  signed_sqrt=True, row_sumsq=row_sumsq))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     def error(got, want):
