@@ -114,7 +114,6 @@ def main() -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     gpu_json = RESULTS_DIR / f"{stamp}-gpu.json"
     RESULTS_DIR.mkdir(exist_ok=True)
-    cpu_runs = sorted(path for path in RESULTS_DIR.glob("*.json") if not path.stem.endswith("-gpu"))
     steps = [
         ("GPU tests", [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                        "--durations=10", *test_processes()], TEST_LIMIT),
@@ -122,7 +121,8 @@ def main() -> int:
         ("GPU profile", [sys.executable, str(ROOT / "bench" / "gpu_profile.py")], PROFILE_LIMIT),
         ("GPU benchmarks", [sys.executable, "-m", "pytest", "bench", "--benchmark", "-k", "cuda", "-p",
                             "no:cacheprovider", "--benchmark-max-time=0.5", f"--benchmark-json={gpu_json}"], BENCH_LIMIT),
-        ("report", [sys.executable, str(ROOT / "bench" / "report.py"), *map(str, cpu_runs[-1:]), str(gpu_json),
+        # report.py's default: the newest CPU run and the newest GPU run, this one
+        ("report", [sys.executable, str(ROOT / "bench" / "report.py"),
                     "--note", f"GPU run by bench/gpu_check.py on {device}"], REPORT_LIMIT),
     ]
     for name, command, limit in steps:

@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 
@@ -104,7 +104,7 @@ def kernel_alone(provider, inputs) -> Callable[[], object]:
     return lambda: dispatch.launch(provider.implementation, args)
 
 
-def profile_case(case, calls: int) -> List[str]:
+def profile_case(case, calls: int) -> None:
     lines = [f"\n## {case.group}",
              "| provider | wall ms | device ms | kernel alone ms | largest kernels (ms per call) |", "|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -139,10 +139,9 @@ def profile_case(case, calls: int) -> List[str]:
         except Exception as error:  # one provider's failure is a finding; the others are still measured
             lines.append(f"| {name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:150]} | | | |")
         print(lines[-1], flush=True)
-    return lines
 
 
-def precision_lines(case, calls: int) -> List[str]:
+def precision_lines(case, calls: int) -> None:
     """The Triton float32 kernel alone with each tl.dot precision, and its error against float64."""
     inputs = fv_accumulate_inputs(case, "cuda", torch.float32)
     expected = fv_accumulate_reference(*[t.double() if t is not None and t.is_floating_point() else t
@@ -161,7 +160,6 @@ def precision_lines(case, calls: int) -> List[str]:
         except Exception as error:
             lines.append(f"| {precision} | failed: {type(error).__name__}: {str(error).splitlines()[0][:150]} | |")
         print(lines[-1], flush=True)
-    return lines
 
 
 def main(argv=None) -> int:

@@ -309,12 +309,15 @@ def write_report(json_paths: Sequence[Path], out_dir: Path, note: Optional[str] 
         f"wrote {out_dir / RESULTS_MD} and {out_dir / PLOT_PNG} from {', '.join(map(str, json_paths))}"]
 
 
+def saved_runs(folder: Path, gpu: bool) -> List[Path]:
+    """The CPU runs (gpu=False) or the GPU runs (bench/gpu_check.py names their JSON *-gpu.json) saved in folder,
+    oldest first."""
+    return sorted(path for path in folder.glob("*.json") if path.stem.endswith("-gpu") == gpu)  # named by UTC time
+
+
 def newest_runs(folder: Path) -> List[Path]:
-    """The newest CPU run and the newest GPU run (bench/gpu_check.py names its JSON *-gpu.json) in folder: what
-    RESULTS.md reports together."""
-    runs = sorted(folder.glob("*.json"))  # named by UTC time
-    return [path for path in runs if not path.stem.endswith("-gpu")][-1:] + [
-        path for path in runs if path.stem.endswith("-gpu")][-1:]
+    """The newest CPU run and the newest GPU run in folder: what RESULTS.md reports together."""
+    return saved_runs(folder, gpu=False)[-1:] + saved_runs(folder, gpu=True)[-1:]
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import PLOT_PNG, RESULTS_MD, TARGETS, write_report
+from bench.report import PLOT_PNG, RESULTS_MD, TARGETS, saved_runs, write_report
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -25,7 +25,7 @@ def test_report_renders_the_newest_run(tmp_path):
 def test_a_cpu_run_and_a_gpu_run_make_one_report(tmp_path):
     import json
 
-    runs = sorted(path for path in RESULTS_DIR.glob("*.json") if not path.stem.endswith("-gpu"))  # as gpu_check
+    runs = saved_runs(RESULTS_DIR, gpu=False)
     if not runs:
         pytest.skip("no CPU run saved in bench/results/ yet (`pytest bench/ --benchmark` saves one)")
     cpu = json.loads(runs[-1].read_text())

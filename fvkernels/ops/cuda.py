@@ -16,6 +16,11 @@ from fvkernels.ops.kernel_args import FVAccumulateArgs
 FUSED_BACKWARD_VARIABLE = "FVK_CUDA_FUSED_BACKWARD"
 
 
+def backward_enabled() -> bool:
+    """Whether the backward below runs (dispatch.has_fused_backward): only where FVK_CUDA_FUSED_BACKWARD=1."""
+    return os.environ.get(FUSED_BACKWARD_VARIABLE) == "1"
+
+
 def launch(args: FVAccumulateArgs) -> None:
     struct = kernel_struct(args)
     device = args.z.device
@@ -30,13 +35,12 @@ def launch(args: FVAccumulateArgs) -> None:
 
 
 def backward(args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:
-    """The gradients w.r.t. (z, x, dec_weight, dec_bias, inv_sigma2, x_scale) before the signed square root, each
-    None where `needs` says no: the fused CUDA kernels where FVK_CUDA_FUSED_BACKWARD=1 asks for them and they take
-    the problem on this device (d up to 256, enough shared memory), the reference's torch code otherwise."""
+    """The fused CUDA backward (see backward_enabled): gradients w.r.t. (z, x, dec_weight, dec_bias, inv_sigma2,
+    x_scale) before the signed square root, each None where `needs` says no; where the kernels do not take the
+    problem on this device (d past 256, or more shared memory than it has) the reference's torch code."""
     device = args.z.device
-    fused = os.environ.get(FUSED_BACKWARD_VARIABLE) == "1"
     with torch.cuda.device(device):
-        if not (fused and extension().fv_accumulate_backward_cuda_supported(kernel_struct(args))):
+        if not extension().fv_accumulate_backward_cuda_supported(kernel_struct(args)):
             from fvkernels.ops.reference import fv_accumulate_backward
 
             grads = fv_accumulate_backward(grad_out, args.z, args.x, args.dec_weight, args.dec_bias, args.inv_sigma2,

@@ -117,9 +117,11 @@ def launch(backend: str, args: FVAccumulateArgs) -> None:
 
 
 def has_fused_backward(backend: str) -> bool:
-    """Whether `backend` has its own backward kernel; the others take the reference's GEMM-shaped torch code
+    """Whether `backend` runs its own backward kernel (a launcher with `backward`, and, where it defines
+    `backward_enabled`, enabled now); the others take the reference's GEMM-shaped torch code
     (reference.fv_accumulate_backward), which torch.compile can see into."""
-    return hasattr(importlib.import_module(_LAUNCHER_MODULES[backend]), "backward")
+    launcher = importlib.import_module(_LAUNCHER_MODULES[backend])
+    return hasattr(launcher, "backward") and getattr(launcher, "backward_enabled", lambda: True)()
 
 
 def launch_backward(backend: str, args: FVAccumulateArgs, grad_out: torch.Tensor, needs) -> list:

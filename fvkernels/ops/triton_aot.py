@@ -105,14 +105,9 @@ FLAG_VARIANTS = {
 }
 
 
-def fp32_precision(arch: int) -> str:
-    """The fp32 forward's tl.dot precision on arch where TF32 is not allowed (16-bit operands ignore it)."""
-    return triton_fv.FORWARD_FP32_PRECISION if arch in triton_fv.FORWARD_FP32_PRECISION_ARCHS else "ieee"
-
-
 # Compiled for the first viable config only, on the first arch: they share the main loop with "all"
 # (fp16 with bf16, tf32 and ieee with the fp32 main loop); only the prologue, epilogue or operand types differ. A
-# precision of None is the arch's fp32 default (fp32_precision).
+# precision of None is the arch's fp32 default (triton_fv.forward_fp32_precision).
 EXTRA_VARIANTS = (("bf16", "plain", "ieee"), ("bf16", "split", "ieee"), ("bf16", "all+nchw", "ieee"),
                   ("fp16", "all", "ieee"), ("fp32", "all+tf32", "tf32"), ("fp32", "all+ieee", "ieee"),
                   ("bf16", "all+wide", "ieee"), ("fp32", "all+wide", None))
@@ -170,16 +165,17 @@ def backward_job(kernel: str, arch: int, dtype: str, latent: int) -> Job:
 
 
 def all_jobs(arches) -> list:
-    """Every viable config of the bf16 and fp32 (fp32_precision) main loops per arch and d; the other variants on
-    the first arch; the split reduction per arch, dtype and d; the backward kernels per arch, dtype and d."""
+    """Every viable config of the bf16 and fp32 (triton_fv.forward_fp32_precision) main loops per arch and d; the
+    other variants on the first arch; the split reduction per arch, dtype and d; the backward kernels per arch, dtype
+    and d."""
     jobs = []
     for arch in arches:
         for latent in LATENTS:
-            for dtype, precision in (("bf16", "ieee"), ("fp32", fp32_precision(arch))):
+            for dtype, precision in (("bf16", "ieee"), ("fp32", triton_fv.forward_fp32_precision(arch))):
                 jobs += [accumulate_job(arch, dtype, latent, config, "all", precision)
                          for config in configs_for(arch, dtype, latent, precision)]
             if arch == arches[0]:
-                extras = [(dtype, variant, precision or fp32_precision(arch))
+                extras = [(dtype, variant, precision or triton_fv.forward_fp32_precision(arch))
                           for dtype, variant, precision in EXTRA_VARIANTS]
                 jobs += [accumulate_job(arch, dtype, latent, configs_for(arch, dtype, latent, precision)[0],
                                         variant, precision) for dtype, variant, precision in extras]

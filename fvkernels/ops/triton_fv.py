@@ -378,13 +378,18 @@ def device_arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
+def forward_fp32_precision(arch: int) -> str:
+    """The forward kernel's fp32 tl.dot precision on a compute capability where TF32 is not allowed."""
+    return FORWARD_FP32_PRECISION if arch in FORWARD_FP32_PRECISION_ARCHS else "ieee"
+
+
 def forward_dot_precision(z: torch.Tensor) -> str:
-    """The forward kernel's tl.dot precision for z's dtype and device: for fp32 operands FORWARD_FP32_PRECISION on
-    Hopper, "ieee" elsewhere, "tf32" wherever the user allowed TF32; 16-bit operands ignore it ("ieee")."""
+    """The forward kernel's tl.dot precision for z's dtype and device: for fp32 operands forward_fp32_precision,
+    "tf32" wherever the user allowed TF32; 16-bit operands ignore it ("ieee")."""
     if z.dtype != torch.float32 or z.device.type != "cuda" or triton_interpreted():
         full = "ieee"  # the interpreter computes every dot in numpy's float32 anyway
     else:
-        full = FORWARD_FP32_PRECISION if device_arch(z.device) in FORWARD_FP32_PRECISION_ARCHS else "ieee"
+        full = forward_fp32_precision(device_arch(z.device))
     return fp32_dot_precision(full)
 
 
